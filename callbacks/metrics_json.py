@@ -1,0 +1,63 @@
+"""Write every run's final metrics to ``<run_dir>/metrics.json`` with flat ``stage/metric`` keys."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from callbacks.atomic_io import atomic_write_json, read_json
+
+
+def merge_metrics(path: str | Path, metrics: dict[str, float]) -> dict[str, float]:
+    """Merge ``metrics`` into the JSON file at ``path`` (atomically) and return the result."""
+    merged = dict(read_json(path, default={}))
+    merged.update(metrics)
+    atomic_write_json(path, merged)
+    return merged
+
+
+class MetricsJsonWriter(L.Callback):
+    """On rank 0, after fit, validate and test: merge ``trainer.callback_metrics`` into metrics.json.
+
+    Keys are the logged names (``train/loss``, ``val/acc``, ``test/acc``...); values are floats.
+    ``fit/wall_s`` records the wall time of ``fit``.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = Path(run_dir) / "metrics.json"
+        self._t0: float | None = None
+
+    def _write(self, trainer: L.Trainer, extra: dict[str, float] | None = None) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        out: dict[str, float] = {}
+        for k, v in trainer.callback_metrics.items():
+            v = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                out[k] = float(v)
+        out.update(extra or {})
+        merge_metrics(self.path, out)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        wall = time.perf_counter() - self._t0 if self._t0 is not None else float("nan")
+        self._write(trainer, {"fit/wall_s": wall, "fit/epochs": float(trainer.current_epoch), "fit/steps": float(trainer.global_step)})
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)

@@ -1,0 +1,16 @@
+"""cvlab datamodules: every dataset as uint8 tensors in memory, augmented and normalised per batch."""
+
+from datamodules.base import TensorImageDataModule
+from datamodules.errors import CvlabError, DatasetNotFoundError
+from datamodules.longtail import long_tail_counts, long_tail_indices
+from datamodules.vision import (
+    CIFAR10DataModule,
+    CIFAR10LTDataModule,
+    CIFAR100DataModule,
+    CIFAR100LTDataModule,
+    FashionMNISTDataModule,
+    KMNISTDataModule,
+    MNISTDataModule,
+    SVHNDataModule,
+)
+from datamodules.synthetic import ShapesDataModule, generate_shapes

@@ -1,0 +1,229 @@
+"""The shape every cvlab datamodule shares.
+
+A dataset is decoded once into uint8 tensors ``(N, C, H, W)`` and int64 labels ``(N,)``. The loader
+hands out whole uint8 batches with one index operation (``__getitems__``, no per-image work), and
+``on_after_batch_transfer`` converts, augments and normalises the batch where it lives (on the GPU
+when training there). Subclasses only say how to read their files (:meth:`load_split`) and what their
+images look like (class attributes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datamodules.augment import denormalize, normalize, random_crop, random_hflip, resize, to_float
+from datamodules.data_root import resolve_data_dir
+
+Augment = Literal["none", "crop", "flip", "crop_flip"]
+
+
+class TensorBatchDataset(Dataset):
+    """``(images, labels)`` tensors served a batch at a time: ``__getitems__`` is one gather."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+def batch_collate(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The dataset already returns a stacked batch; nothing to collate."""
+    return batch
+
+
+class EpochSeededRandomSampler(Sampler[int]):
+    """A random permutation per epoch, seeded by ``(seed, epoch)``: resuming a run replays its order.
+
+    Lightning calls ``set_epoch`` on it each epoch (as it does for ``DistributedSampler``, which
+    replaces it under DDP and is epoch-seeded too).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+
+class TensorImageDataModule(L.LightningDataModule):
+    """Base class: uint8 tensors in memory, batched augmentation and normalisation on device.
+
+    Args:
+        data_dir: dataset root (default ``$CVLAB_DATA`` or ``./data``).
+        batch_size: per-device training batch size.
+        eval_batch_size: per-device batch size for validation/test/predict (default: ``batch_size``).
+        num_workers: loader workers (0 is fastest for in-memory tensors).
+        val_size: images held out of the training set for validation; 0 validates on the test set,
+            as the papers reproduced here report test accuracy.
+        augment: batch augmentation for training: random crop (padding = size / 8), horizontal flip.
+        image_size: resize every image once at load time (e.g. 32 for LeNet-5 on MNIST); ``None`` keeps it.
+        download: let torchvision fetch missing files (needs a network).
+        seed: seeds the shuffling, the validation split and the augmentation.
+    """
+
+    #: set by subclasses
+    num_classes: int = 10
+    in_channels: int = 3
+    native_size: int = 32
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    default_augment: Augment = "none"
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_size: int = 0,
+        augment: Augment | None = None,
+        image_size: int | None = None,
+        download: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_dir = resolve_data_dir(data_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.augment: Augment = augment if augment is not None else self.default_augment
+        self.image_size = image_size or self.native_size
+        self.download = download
+        self.seed = seed
+        self.train_x: Tensor | None = None
+        self.train_y: Tensor | None = None
+        self.val_x: Tensor | None = None
+        self.val_y: Tensor | None = None
+        self.test_x: Tensor | None = None
+        self.test_y: Tensor | None = None
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """Read one split from disk: uint8 ``(N, C, H, W)`` and int64 ``(N,)``.
+
+        Must raise :class:`datamodules.errors.DatasetNotFoundError` naming the expected files when
+        they are missing and ``self.download`` is off.
+        """
+        raise NotImplementedError
+
+    def select_train(self, labels: Tensor) -> Tensor | None:
+        """Indices of the training examples to keep (e.g. a long-tailed subset); ``None`` keeps all."""
+        return None
+
+    # --- Lightning hooks --------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        # rank 0 only: lets torchvision download/extract before other ranks read
+        if self.download:
+            self.load_split(train=True)
+            self.load_split(train=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_x is not None:
+            return
+        x, y = self.load_split(train=True)
+        keep = self.select_train(y)
+        if keep is not None:
+            x, y = x[keep], y[keep]
+        x = resize(x, self.image_size)
+        if self.val_size > 0:
+            g = torch.Generator().manual_seed(self.seed)
+            perm = torch.randperm(x.shape[0], generator=g)
+            vi, ti = perm[: self.val_size], perm[self.val_size :]
+            self.val_x, self.val_y = x[vi], y[vi]
+            x, y = x[ti], y[ti]
+        self.train_x, self.train_y = x, y
+        tx, ty = self.load_split(train=False)
+        self.test_x, self.test_y = resize(tx, self.image_size), ty
+        if self.val_size == 0:
+            self.val_x, self.val_y = self.test_x, self.test_y
+
+    def _loader(self, x: Tensor, y: Tensor, train: bool) -> DataLoader:
+        ds = TensorBatchDataset(x, y)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochSeededRandomSampler(len(ds), self.seed) if train else None,
+            shuffle=False if train else False,
+            drop_last=False,
+            num_workers=self.num_workers,
+            collate_fn=batch_collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self.train_x, self.train_y, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self._loader(self.val_x, self.val_y, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup("test")
+        return self._loader(self.test_x, self.test_y, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        x = to_float(x)
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self.augment != "none":
+            x = self.augment_batch(x, self._augment_generator(x.device, trainer))
+        return self.normalize(x), y
+
+    # --- batch transforms -------------------------------------------------------------------
+    def _augment_generator(self, device: torch.device, trainer: L.Trainer) -> torch.Generator:
+        # seeded by (seed, rank, step): repeatable and identical after resume from a checkpoint
+        g = torch.Generator(device=device)
+        g.manual_seed(hash((self.seed, trainer.global_rank, trainer.global_step, trainer.current_epoch)) % (2**62))
+        return g
+
+    def augment_batch(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Training augmentation on a float batch in [0, 1]."""
+        if self.augment in ("crop", "crop_flip"):
+            x = random_crop(x, max(1, self.image_size // 8), generator)
+        if self.augment in ("flip", "crop_flip"):
+            x = random_hflip(x, generator)
+        return x
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """[0, 1] pixels -> the normalised space the networks see."""
+        return normalize(x, self.mean, self.std)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalised network input -> [0, 1] pixels."""
+        return denormalize(x, self.mean, self.std)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)

@@ -1,0 +1,51 @@
+"""Timing and peak-memory measurement shared by the benchmarks."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Measurement:
+    seconds_per_iter: float
+    iters: int
+    peak_mem_mb: float
+    device: str
+
+    def rate(self, items_per_iter: float) -> float:
+        return items_per_iter / self.seconds_per_iter
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> Measurement:
+    """Run ``fn`` ``warmup`` times, then time ``iters`` calls (synchronising CUDA once at each end).
+
+    Peak memory: CUDA max allocated on GPU; the process's peak RSS on CPU.
+    """
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = (time.perf_counter() - t0) / iters
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return Measurement(dt, iters, peak, str(device))

@@ -1,0 +1,207 @@
+"""``cvlab run PIPELINE.yaml``: run an experiment's stages in order, skip finished ones, resume killed ones.
+
+A pipeline file::
+
+    name: zskd_mnist                  # run folders go to <root>/<name>/<stage>-<hash>
+    stages:
+      - name: teacher
+        command: fit                  # fit | validate | test | predict
+        config: [experiments/teachers/mnist_lenet5.yaml]
+        args: {trainer.max_epochs: 20}          # dotted overrides (or a list of "--key=value")
+      - name: student
+        command: fit
+        config: [experiments/zskd/mnist/student.yaml]
+        args: {model.init_args.teacher: "${teacher}/checkpoints/last.ckpt"}   # ${stage} = its folder
+    paper:                            # optional: numbers to put beside the measured ones
+      student:test/acc: 0.9877
+    results_md: docs/RESULTS.md       # optional: append the final table there
+
+Each stage runs as its own ``cvlab`` process (so DDP launchers work as usual). A stage's folder is
+named by a hash of its command, its config files' contents and its resolved arguments: a stage
+whose folder holds ``stage.json`` is skipped; one with ``checkpoints/last.ckpt`` but no
+``stage.json`` was killed and is resumed from it. Changing a config gives a new folder and keeps
+the old one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from callbacks.atomic_io import atomic_write_json, read_json
+from datamodules.errors import CvlabError
+
+_COMMANDS = ("fit", "validate", "test", "predict")
+_REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
+
+
+@dataclass
+class Stage:
+    name: str
+    command: str
+    config: list[str]
+    args: list[str] = field(default_factory=list)
+
+
+def _as_arg_list(args: Any, where: str) -> list[str]:
+    if args is None:
+        return []
+    if isinstance(args, dict):
+        return [f"--{k}={json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else v}" for k, v in args.items()]
+    if isinstance(args, list):
+        return [str(a) for a in args]
+    raise CvlabError(f"{where}: 'args' must be a mapping of dotted keys or a list of '--key=value', got {type(args).__name__}")
+
+
+def load_pipeline(path: str | Path) -> tuple[dict[str, Any], list[Stage]]:
+    """Parse and validate a pipeline file; errors name the file and the stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise CvlabError(f"pipeline file not found: {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"name", "stages", "paper", "results_md", "description"}
+    if unknown:
+        raise CvlabError(f"{path}: unknown pipeline keys {sorted(unknown)}; expected name, stages, paper, results_md, description")
+    if "name" not in spec or not spec.get("stages"):
+        raise CvlabError(f"{path}: a pipeline needs 'name' and a non-empty list of 'stages'")
+    stages: list[Stage] = []
+    for i, s in enumerate(spec["stages"]):
+        where = f"{path} stage {i}"
+        if not isinstance(s, dict) or "name" not in s:
+            raise CvlabError(f"{where}: each stage needs a 'name'")
+        bad = set(s) - {"name", "command", "config", "args"}
+        if bad:
+            raise CvlabError(f"{where} ({s['name']}): unknown keys {sorted(bad)}; expected name, command, config, args")
+        cmd = s.get("command", "fit")
+        if cmd not in _COMMANDS:
+            raise CvlabError(f"{where} ({s['name']}): command {cmd!r} is not one of {_COMMANDS}")
+        cfgs = s.get("config") or []
+        cfgs = [cfgs] if isinstance(cfgs, str) else list(cfgs)
+        for c in cfgs:
+            if not Path(c).is_file():
+                raise CvlabError(f"{where} ({s['name']}): config file not found: {c}")
+        stages.append(Stage(s["name"], cmd, cfgs, _as_arg_list(s.get("args"), where)))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise CvlabError(f"{path}: stage names must be unique, got {names}")
+    return spec, stages
+
+
+def _resolve(arg: str, dirs: dict[str, Path], stage: str) -> str:
+    def sub(m: re.Match) -> str:
+        ref = m.group(1)
+        if ref not in dirs:
+            raise CvlabError(f"stage {stage!r} refers to ${{{ref}}}, which is not an earlier stage ({sorted(dirs)})")
+        return str(dirs[ref])
+
+    return _REF.sub(sub, arg)
+
+
+def stage_hash(stage: Stage, args: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(stage.command.encode())
+    for c in stage.config:
+        h.update(Path(c).read_bytes())
+    for a in args:
+        h.update(b"\0" + a.encode())
+    return h.hexdigest()[:8]
+
+
+def _overrides_for(stage: str, sets: list[str]) -> list[str]:
+    out = []
+    for s in sets:
+        if "=" not in s or "." not in s.split("=", 1)[0]:
+            raise CvlabError(f"--set expects STAGE.key=value or *.key=value, got {s!r}")
+        target, rest = s.split(".", 1)
+        if target in (stage, "*"):
+            out.append(f"--{rest}")
+    return out
+
+
+def run_pipeline(
+    path: str | Path,
+    root: str | Path = "runs",
+    sets: list[str] | None = None,
+    dry_run: bool = False,
+    results_md: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run the stages; return ``{stage: metrics}``."""
+    spec, stages = load_pipeline(path)
+    sets = sets or []
+    known = {s.name for s in stages} | {"*"}
+    for s in sets:
+        if s.split(".", 1)[0] not in known:
+            raise CvlabError(f"--set {s!r}: no stage named {s.split('.', 1)[0]!r} (stages: {sorted(known - {'*'})})")
+    base = Path(root) / spec["name"]
+    dirs: dict[str, Path] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    for stage in stages:
+        args = [_resolve(a, dirs, stage.name) for a in stage.args + _overrides_for(stage.name, sets)]
+        folder = (base / f"{stage.name}-{stage_hash(stage, args)}").resolve()
+        dirs[stage.name] = folder
+        marker = folder / "stage.json"
+        cmd = [sys.executable, "-m", "experiments.cli", stage.command]
+        for c in stage.config:
+            cmd += ["--config", c]
+        cmd += [f"--run.dir={folder}", f"--run.name={spec['name']}/{stage.name}", *args]
+        if marker.is_file():
+            print(f"[{stage.name}] done before, skipping: {folder}", flush=True)
+        else:
+            last = folder / "checkpoints" / "last.ckpt"
+            if stage.command == "fit" and last.is_file():
+                print(f"[{stage.name}] resuming a killed run from {last}", flush=True)
+                cmd.append(f"--ckpt_path={last}")
+            print(f"[{stage.name}] {' '.join(cmd)}", flush=True)
+            if dry_run:
+                continue
+            t0 = time.perf_counter()
+            rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            if rc != 0:
+                raise CvlabError(f"stage {stage.name!r} failed (exit {rc}); its folder {folder} is kept, rerun to resume")
+            atomic_write_json(marker, {"stage": stage.name, "command": cmd, "wall_s": time.perf_counter() - t0})
+        metrics[stage.name] = read_json(folder / "metrics.json", default={})
+    table = results_table(spec, metrics, dirs)
+    print(table, flush=True)
+    target = results_md or spec.get("results_md")
+    if target and not dry_run:
+        with open(target, "a") as f:
+            f.write("\n" + table + "\n")
+        print(f"appended to {target}")
+    return metrics
+
+
+def results_table(spec: dict[str, Any], metrics: dict[str, dict[str, float]], dirs: dict[str, Path]) -> str:
+    """A markdown table of every stage's test/val metrics, with the paper's number where given."""
+    paper: dict[str, float] = spec.get("paper") or {}
+    rows = [f"### {spec['name']} ({time.strftime('%Y-%m-%d')})", "", "| stage:metric | measured | paper |", "| --- | --- | --- |"]
+    for stage, m in metrics.items():
+        for k, v in sorted(m.items()):
+            key = f"{stage}:{k}"
+            if k.startswith(("test/", "val/", "eval/", "synthesis/", "attack/")) or key in paper:
+                ref = paper.get(key)
+                rows.append(f"| {key} | {v:.4f} | {'' if ref is None else ref} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cvlab run", description="Run a multi-stage experiment (see experiments/pipeline.py).")
+    p.add_argument("pipeline", help="pipeline YAML, e.g. experiments/zskd/mnist/pipeline.yaml")
+    p.add_argument("--root", default=os.environ.get("CVLAB_RUNS", "runs"), help="parent of run folders")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.key=value",
+                   help="override a stage's config (use * for every stage), e.g. '*.trainer.max_epochs=1'")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--results-md", default=None, help="append the final table to this markdown file")
+    a = p.parse_args(argv)
+    run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md)
+    return 0

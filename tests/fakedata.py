@@ -1,0 +1,151 @@
+"""Tiny datasets written in the real on-disk formats, for tests that must not touch the network.
+
+Every writer returns what a correct reader must decode, as numpy arrays:
+``{"train": (images uint8 (N, C, H, W), labels int64 (N,)), "test": (...)}``. Labels are balanced
+(``i % num_classes``) and shuffled with ``seed``, so every class is present when ``n >= num_classes``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _images_labels(n: int, num_classes: int, shape: tuple[int, ...], rng: np.random.Generator):
+    x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    y = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    return x, y
+
+
+# --- MNIST / FashionMNIST / KMNIST: IDX files, gzipped ---------------------------------------------
+def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool = True) -> Path:
+    """One IDX (``ubyte``) file: magic ``0x0000 08 nd``, big-endian int32 dims, then raw bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    payload = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def write_mnist_idx(
+    root: str | os.PathLike,
+    folder_name: str = "MNIST",
+    n_train: int = 50,
+    n_test: int = 20,
+    seed: int = 0,
+    compress: bool = True,
+) -> Splits:
+    """``<root>/<folder_name>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (28x28, 10 classes).
+
+    ``folder_name`` is torchvision's class name: ``MNIST``, ``FashionMNIST`` or ``KMNIST``.
+    ``compress=False`` writes the extracted files (no ``.gz``) instead.
+    """
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / folder_name / "raw"
+    out: Splits = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        x, y = _images_labels(n, 10, (28, 28), rng)
+        ext = ".gz" if compress else ""
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{ext}", x, compress)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{ext}", y.astype(np.uint8), compress)
+        out[split] = (x[:, None], y)
+    return out
+
+
+# --- CIFAR-10 / CIFAR-100: python pickles ---------------------------------------------------------
+def _pickle(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar(
+    root: str | os.PathLike, num_classes: int = 10, n_train: int = 50, n_test: int = 20, seed: int = 0
+) -> Splits:
+    """The python version of CIFAR-10 (``<root>/cifar-10-batches-py/``: ``data_batch_1..5``,
+    ``test_batch``, ``batches.meta``) or CIFAR-100 (``<root>/cifar-100-python/``: ``train``, ``test``,
+    ``meta``). Rows are 3072 bytes, channel-major (1024 R, 1024 G, 1024 B), as in the release.
+    """
+    if num_classes not in (10, 100):
+        raise ValueError("num_classes must be 10 or 100")
+    rng = np.random.default_rng(seed)
+    xtr, ytr = _images_labels(n_train, num_classes, (3, 32, 32), rng)
+    xte, yte = _images_labels(n_test, num_classes, (3, 32, 32), rng)
+    if num_classes == 10:
+        folder = Path(root) / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        chunks = np.array_split(np.arange(n_train), 5)
+        for b, idx in enumerate(chunks, start=1):
+            _pickle(
+                folder / f"data_batch_{b}",
+                {
+                    "batch_label": f"training batch {b} of 5",
+                    "labels": ytr[idx].tolist(),
+                    "data": xtr[idx].reshape(len(idx), 3072),
+                    "filenames": [f"img_{i}.png" for i in idx],
+                },
+            )
+        _pickle(
+            folder / "test_batch",
+            {
+                "batch_label": "testing batch 1 of 1",
+                "labels": yte.tolist(),
+                "data": xte.reshape(n_test, 3072),
+                "filenames": [f"test_{i}.png" for i in range(n_test)],
+            },
+        )
+        _pickle(
+            folder / "batches.meta",
+            {"num_cases_per_batch": max(1, n_train // 5), "label_names": [f"class_{c}" for c in range(10)], "num_vis": 3072},
+        )
+    else:
+        folder = Path(root) / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+            _pickle(
+                folder / name,
+                {
+                    "filenames": [f"{name}_{i}.png" for i in range(len(y))],
+                    "batch_label": f"{name}ing batch 1 of 1",
+                    "fine_labels": y.tolist(),
+                    "coarse_labels": (y // 5).tolist(),
+                    "data": x.reshape(len(y), 3072),
+                },
+            )
+        _pickle(
+            folder / "meta",
+            {
+                "fine_label_names": [f"fine_{c}" for c in range(100)],
+                "coarse_label_names": [f"coarse_{c}" for c in range(20)],
+            },
+        )
+    return {"train": (xtr, ytr), "test": (xte, yte)}
+
+
+# --- SVHN: MATLAB files ---------------------------------------------------------------------------
+def write_svhn(root: str | os.PathLike, n_train: int = 50, n_test: int = 20, seed: int = 0) -> Splits:
+    """``<root>/train_32x32.mat`` and ``<root>/test_32x32.mat``: ``X`` (32, 32, 3, N) uint8 and ``y``
+    (N, 1) with labels 1..10, 10 meaning the digit 0 (the returned labels are 0..9)."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out: Splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x, y = _images_labels(n, 10, (3, 32, 32), rng)
+        mat_y = np.where(y == 0, 10, y).astype(np.uint8)[:, None]
+        savemat(root / f"{split}_32x32.mat", {"X": np.ascontiguousarray(x.transpose(2, 3, 1, 0)), "y": mat_y})
+        out[split] = (x, y)
+    return out

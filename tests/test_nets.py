@@ -1,0 +1,142 @@
+"""The network zoo: every registered net builds, runs and honours the ClassifierNet contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from datamodules.errors import CvlabError
+from lit_modules.nets import ClassifierNet, available_nets, create_net
+
+NUM_CLASSES = 7
+INPUTS = [(1, 28), (1, 32), (3, 28), (3, 32)]  # (in_channels, image_size)
+# Deep variants only differ from a shallower sibling in depth (resnet34 ~ resnet18, resnet44/56 ~
+# resnet20/32, wrn40_2 ~ wrn16_2), so they run one input; the siblings run all four (2 CPU cores).
+HEAVY = {"resnet34", "resnet44", "resnet56", "wrn40_2"}
+MEDIUM = {"resnet18"}  # ~0.56 GFLOPs per image: runs (1, 28) and (3, 32) only
+CASES = [
+    (name, c, s)
+    for name in available_nets()
+    for c, s in ([(3, 32)] if name in HEAVY else [(1, 28), (3, 32)] if name in MEDIUM else INPUTS)
+]
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_registry_lists_every_family() -> None:
+    names = set(available_nets())
+    expected = {
+        "lenet5", "lenet5_half", "lenet_sigmoid", "alexnet_cifar", "alexnet_cifar_half",
+        "resnet18", "resnet34", "resnet20", "resnet32", "resnet44", "resnet56",
+        "wrn16_2", "wrn40_2", "convnet",
+    }  # fmt: skip
+    assert expected <= names
+
+
+@pytest.mark.parametrize(("name", "in_channels", "image_size"), CASES)
+def test_forward_contract(name: str, in_channels: int, image_size: int) -> None:
+    torch.manual_seed(0)
+    net = create_net(name, num_classes=NUM_CLASSES, in_channels=in_channels, image_size=image_size)
+    assert isinstance(net, ClassifierNet)
+    assert isinstance(net.get_classifier(), nn.Linear)
+    assert net.get_classifier() is net.fc
+    x = torch.randn(2, in_channels, image_size, image_size)
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+        feats = net.forward_features(x)
+        again = net.get_classifier()(feats)
+    assert out.shape == (2, NUM_CLASSES)
+    assert feats.ndim == 2 and feats.shape[0] == 2
+    assert feats.shape[1] == net.fc.in_features
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, again)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "wrn16_2", "alexnet_cifar_half", "convnet"])
+def test_trains_one_step(name: str) -> None:
+    net = create_net(name, num_classes=NUM_CLASSES, in_channels=3, image_size=32).train()
+    loss = nn.functional.cross_entropy(net(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("lenet5", 61_706), ("lenet5_half", 35_820), ("resnet20", 269_722), ("resnet32", 464_154)],
+)
+def test_exact_param_counts(name: str, expected: int) -> None:
+    in_channels = 1 if name.startswith("lenet") else 3
+    assert n_params(create_net(name, num_classes=10, in_channels=in_channels, image_size=32)) == expected
+
+
+@pytest.mark.parametrize(("name", "lo", "hi"), [("resnet18", 11.1e6, 11.2e6), ("wrn40_2", 2.2e6, 2.3e6)])
+def test_approx_param_counts(name: str, lo: float, hi: float) -> None:
+    assert lo < n_params(create_net(name, num_classes=10, in_channels=3, image_size=32)) < hi
+
+
+def test_lenet5_flatten_follows_image_size() -> None:
+    assert create_net("lenet5", in_channels=1, image_size=32).head[0].in_features == 400
+    assert create_net("lenet5", in_channels=1, image_size=28).head[0].in_features == 256
+
+
+@pytest.mark.parametrize(("image_size", "features"), [(32, 768), (28, 588)])
+def test_lenet_sigmoid_victim(image_size: int, features: int) -> None:
+    torch.manual_seed(0)
+    net = create_net("lenet_sigmoid", num_classes=10, in_channels=3, image_size=image_size)
+    for p in net.parameters():
+        assert p.min() >= -0.5 and p.max() <= 0.5
+    assert net.fc.in_features == features
+    feats = net.forward_features(torch.randn(2, 3, image_size, image_size))
+    assert feats.shape == (2, features)
+    assert (feats >= 0).all()
+
+
+def test_lenet_sigmoid_init_range() -> None:
+    net = create_net("lenet_sigmoid", in_channels=3, init_range=0.1)
+    assert max(p.abs().max().item() for p in net.parameters()) <= 0.1
+
+
+def test_unknown_name_lists_available() -> None:
+    with pytest.raises(CvlabError, match="available:.*lenet5.*resnet20"):
+        create_net("no_such_net")
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm", "layernorm", "groupnorm", "none"])
+@pytest.mark.parametrize("pooling", ["avgpooling", "maxpooling", "none"])
+@pytest.mark.parametrize(("in_channels", "image_size"), [(1, 28), (3, 32)])
+def test_convnet_variants(norm: str, pooling: str, in_channels: int, image_size: int) -> None:
+    net = create_net(
+        "convnet", num_classes=10, in_channels=in_channels, image_size=image_size,
+        width=16, norm=norm, pooling=pooling,
+    )  # fmt: skip
+    side = 4 if pooling != "none" else 32  # 28x28 is padded to 32 by the first conv
+    assert net.fc.in_features == 16 * side * side
+    out = net(torch.randn(2, in_channels, image_size, image_size))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_convnet_default_features() -> None:
+    assert create_net("convnet", in_channels=3, image_size=32).fc.in_features == 2048
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "leakyrelu"])
+def test_convnet_activations(act: str) -> None:
+    net = create_net("convnet", in_channels=3, image_size=32, width=8, depth=2, act=act)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_convnet_rejects_unknown_options() -> None:
+    with pytest.raises(CvlabError, match="norm"):
+        create_net("convnet", norm="weird")
+    with pytest.raises(CvlabError, match="pooling"):
+        create_net("convnet", pooling="weird")
+
+
+@pytest.mark.parametrize("name", ["alexnet_cifar", "wrn16_2"])
+def test_dropout_kwarg(name: str) -> None:
+    net = create_net(name, num_classes=10, in_channels=3, image_size=32, dropout=0.3)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)

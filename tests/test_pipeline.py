@@ -1,0 +1,81 @@
+"""`cvlab run`: stages in order, skip finished, resume killed, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datamodules.errors import CvlabError
+from experiments.pipeline import load_pipeline, run_pipeline
+from tests.cli_runs import QUICKSTART, TINY_SHAPES
+
+
+def _write(tmp_path: Path) -> Path:
+    spec = {
+        "name": "tiny",
+        "stages": [
+            {"name": "teacher", "command": "fit", "config": [str(QUICKSTART)], "args": TINY_SHAPES + ["--trainer.max_epochs=1"]},
+            {
+                "name": "evaluate",
+                "command": "test",
+                "config": [str(QUICKSTART)],
+                "args": TINY_SHAPES + ["--ckpt_path=${teacher}/checkpoints/last.ckpt"],
+            },
+        ],
+        "paper": {"evaluate:test/acc": 0.5},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_runs_skips_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path)
+    root = tmp_path / "runs"
+    results = tmp_path / "RESULTS.md"
+    m = run_pipeline(path, root=root, results_md=str(results))
+    assert "test/acc" in m["evaluate"] and "fit/wall_s" in m["teacher"]
+    # the evaluation stage tested exactly the teacher's weights
+    assert m["evaluate"]["test/acc"] == pytest.approx(m["teacher"]["test/acc"])
+    assert "| evaluate:test/acc |" in results.read_text()
+    out = capsys.readouterr().out
+    # second run: everything skipped
+    run_pipeline(path, root=root)
+    assert capsys.readouterr().out.count("done before, skipping") == 2
+    # a killed teacher (checkpoint but no stage.json) is resumed, and the later stage is skipped
+    (teacher_dir,) = (root / "tiny").glob("teacher-*")
+    (teacher_dir / "stage.json").unlink()
+    run_pipeline(path, root=root)
+    out = capsys.readouterr().out
+    assert "[teacher] resuming a killed run" in out and "[evaluate] done before" in out
+
+
+def test_pipeline_changed_config_gets_new_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path)
+    run_pipeline(path, root=tmp_path / "runs", dry_run=True)
+    a = capsys.readouterr().out
+    run_pipeline(path, root=tmp_path / "runs", sets=["*.trainer.max_epochs=3"], dry_run=True)
+    b = capsys.readouterr().out
+    assert "--trainer.max_epochs=3" in b
+    folder = lambda out: [w for w in out.split() if w.startswith("--run.dir=")]  # noqa: E731
+    assert folder(a) != folder(b)
+
+
+def test_pipeline_errors_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "stages": [{"name": "a", "command": "train", "config": [str(QUICKSTART)]}]}))
+    with pytest.raises(CvlabError, match="command 'train' is not one of"):
+        load_pipeline(bad)
+    bad.write_text(yaml.safe_dump({"name": "x", "stages": [{"name": "a", "config": ["nope.yaml"]}]}))
+    with pytest.raises(CvlabError, match="config file not found: nope.yaml"):
+        load_pipeline(bad)
+    bad.write_text(yaml.safe_dump({"name": "x", "stages": [{"name": "a", "config": [str(QUICKSTART)], "args": ["--x=${later}"]}]}))
+    with pytest.raises(CvlabError, match="not an earlier stage"):
+        run_pipeline(bad, root=tmp_path, dry_run=True)
+    with pytest.raises(CvlabError, match="no stage named 'b'"):
+        run_pipeline(_write(tmp_path), root=tmp_path, sets=["b.trainer.max_epochs=1"], dry_run=True)
+    with pytest.raises(CvlabError, match="pipeline file not found"):
+        load_pipeline(tmp_path / "missing.yaml")
