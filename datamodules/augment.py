@@ -42,9 +42,8 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = Non
     ox = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
     rows = oy[:, None] + torch.arange(h, device=x.device)  # (B, H)
     cols = ox[:, None] + torch.arange(w, device=x.device)  # (B, W)
-    bi = torch.arange(b, device=x.device)[:, None, None]
-    out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format)
+    flat = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).view(b, 1, h * w)  # (B, 1, H*W)
+    return xp.flatten(2).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
 
 def random_hflip(x: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
@@ -59,3 +58,52 @@ def resize(x: Tensor, size: int) -> Tensor:
         return x
     y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return y.round_().clamp_(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y
+
+
+def dc_augment(
+    x: Tensor,
+    strategy: str = "crop_scale_rotate",
+    generator: torch.Generator | None = None,
+    crop: int = 4,
+    scale: float = 0.2,
+    rotate: float = 45.0,
+    noise: float = 0.001,
+) -> Tensor:
+    """The evaluation augmentation of Dataset Condensation (Zhao et al., ICLR 2021):
+    each image gets ONE transform drawn from ``strategy`` (``"_"``-separated subset of crop, scale,
+    rotate, noise). crop: shift by up to ``crop`` px; scale: stretch each axis by ``1 +- scale``;
+    rotate: up to ``+-rotate`` degrees; the uncovered border takes the batch's per-channel mean, as
+    in the DC code. One ``affine_grid``/``grid_sample`` for the batch, no per-image loop.
+    ``x``: float ``(B, C, H, W)`` (normalised space is fine).
+    """
+    ops = strategy.split("_")
+    b, _, h, w = x.shape
+    dev = x.device
+    pick = torch.randint(0, len(ops), (b,), device=dev, generator=generator)
+    u = lambda: torch.rand(b, device=dev, generator=generator)  # noqa: E731
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    noisy = torch.zeros(b, dtype=torch.bool, device=dev)
+    for i, op in enumerate(ops):
+        m = pick == i
+        if op == "crop":  # integer shift in [-crop, crop) px, in normalised grid units
+            shift = lambda n: (torch.floor(u() * 2 * crop) - crop) * 2 / n  # noqa: E731
+            theta[:, 0, 2] = torch.where(m, shift(w), theta[:, 0, 2])
+            theta[:, 1, 2] = torch.where(m, shift(h), theta[:, 1, 2])
+        elif op == "scale":  # zoom factors s in [1 - scale, 1 + scale]: sample the grid at 1 / s
+            theta[:, 0, 0] = torch.where(m, 1 / (1 - scale + 2 * scale * u()), theta[:, 0, 0])
+            theta[:, 1, 1] = torch.where(m, 1 / (1 - scale + 2 * scale * u()), theta[:, 1, 1])
+        elif op == "rotate":
+            a = (u() * 2 - 1) * rotate * torch.pi / 180
+            rot = torch.stack([torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)], 1).view(b, 2, 2)
+            theta[:, :, :2] = torch.where(m[:, None, None], rot.to(x.dtype), theta[:, :, :2])
+        elif op == "noise":
+            noisy |= m
+        else:
+            raise ValueError(f"unknown augmentation {op!r} in {strategy!r}; expected crop, scale, rotate, noise")
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)  # border fill, as the DC code
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x - mean, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + mean
+    if "noise" in ops:
+        out = out + noise * noisy[:, None, None, None] * torch.randn(x.shape, device=dev, generator=generator, dtype=x.dtype)
+    return out

@@ -15,7 +15,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.augment import denormalize, normalize, random_crop, random_hflip, resize, to_float
 from datamodules.data_root import resolve_data_dir
@@ -48,15 +48,17 @@ def batch_collate(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
-class EpochSeededRandomSampler(Sampler[int]):
+class EpochSeededRandomSampler(RandomSampler):
     """A random permutation per epoch, seeded by ``(seed, epoch)``: resuming a run replays its order.
 
-    Lightning calls ``set_epoch`` on it each epoch (as it does for ``DistributedSampler``, which
-    replaces it under DDP and is epoch-seeded too).
+    Lightning calls ``set_epoch`` on it each epoch. It is a ``RandomSampler``, so under DDP Lightning
+    replaces it with ``DistributedSampler(shuffle=True, seed=<seed_everything>)``, which draws the same
+    permutation when ``data.seed`` equals ``seed_everything`` (both 0 by default).
     """
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples = num_samples
+        super().__init__(range(num_samples))
+        self._n = num_samples
         self.seed = seed
         self.epoch = 0
 
@@ -64,11 +66,13 @@ class EpochSeededRandomSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self._n
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+        # the same permutation as DistributedSampler(seed=seed) at this epoch: under DDP rank r takes
+        # every world_size-th index of it, so 2 processes see exactly the single process's batches
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self._n, generator=g).tolist())
 
 
 class TensorImageDataModule(L.LightningDataModule):

@@ -34,7 +34,8 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net.eval().requires_grad_(False)
+        self.net = net.requires_grad_(False)
+        self.eval()
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         super().train(False)

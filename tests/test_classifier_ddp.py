@@ -9,8 +9,9 @@ import torch
 
 from tests.cli_runs import QUICKSTART, TINY_SHAPES, read_metrics, run_cli_subprocess
 
-# no BatchNorm (its batch statistics are per rank), no shuffling or augmentation (so the union of the
-# two ranks' batches is exactly the single process's batch), SGD without momentum.
+# no BatchNorm (its batch statistics are per rank) and no augmentation; the single-process sampler
+# draws the same permutation as DistributedSampler, so the union of the two ranks' batches is
+# exactly the single process's batch.
 COMMON = [
     "fit", f"--config={QUICKSTART}", *TINY_SHAPES,
     "--model.init_args.arch_kwargs={width: 8, depth: 2, norm: instancenorm}",
@@ -27,13 +28,13 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
-    # DistributedSampler(shuffle=False) hands rank r the indices r, r+2, ...: with 25 per rank the
-    # union of step k's two batches is the single process's batch k of 50.
+    # rank r takes positions r, r+2, ... of the epoch's permutation: with 25 per rank the union of
+    # step k's two batches is the single process's batch k of 50.
     single = tmp_path / "single"
-    r1 = run_cli_subprocess(*COMMON, "--data.init_args.shuffle=false", f"--run.dir={single}")
+    r1 = run_cli_subprocess(*COMMON, f"--run.dir={single}")
     assert r1.returncode == 0, r1.stderr[-3000:]
     ddp = tmp_path / "ddp"
-    r2 = run_cli_subprocess(*COMMON, "--data.init_args.shuffle=false", "--data.init_args.batch_size=25",
+    r2 = run_cli_subprocess(*COMMON, "--data.init_args.batch_size=25",
                             "--trainer.devices=2", "--trainer.strategy=ddp", f"--run.dir={ddp}")
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = _params(single), _params(ddp)
