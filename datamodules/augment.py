@@ -107,3 +107,35 @@ def dc_augment(
     if "noise" in ops:
         out = out + noise * noisy[:, None, None, None] * torch.randn(x.shape, device=dev, generator=generator, dtype=x.dtype)
     return out
+
+
+def random_affine(
+    x: Tensor,
+    scale: float = 0.0,
+    translate: float = 0.0,
+    rotate: float = 0.0,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random scale, translate, rotate and horizontal flip per image, in one ``affine_grid``/``grid_sample``.
+
+    Zoom ``s ~ U(1 - scale, 1 + scale)``, shift ``~ U(-translate, translate)`` of the image size per axis,
+    angle ``~ U(-rotate, rotate)`` degrees, left-right flip with probability 1/2 if ``flip``; the
+    uncovered border is filled with zeros (the normalised mean when ``x`` is normalised). ZSKD
+    (Nayak et al., ICML 2019) distils with these augmentations. ``x``: float ``(B, C, H, W)``.
+    """
+    b, dev = x.shape[0], x.device
+    if scale == translate == rotate == 0 and not flip:
+        return x
+    u = lambda: torch.rand(b, device=dev, generator=generator) * 2 - 1  # noqa: E731  U(-1, 1), (B,)
+    inv_s = 1 / (1 + scale * u())  # sample the grid at 1 / zoom
+    a = u() * rotate * torch.pi / 180
+    sign = torch.where(torch.rand(b, device=dev, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = torch.cos(a) * inv_s * sign
+    theta[:, 0, 1] = -torch.sin(a) * inv_s
+    theta[:, 1, 0] = torch.sin(a) * inv_s * sign
+    theta[:, 1, 1] = torch.cos(a) * inv_s
+    theta[:, :, 2] = torch.stack([u(), u()], 1) * 2 * translate  # grid units: 2 = the image width
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -8,6 +8,7 @@ Configs are CLI configs (``cvlab <subcommand> --config X``) or pipelines (``cvla
 from __future__ import annotations
 
 import fnmatch
+import os
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,32 @@ from tests.fakedata import write_cifar, write_mnist_idx, write_svhn
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 
-#: glob -> (subcommand, extra overrides); first match wins, default ("fit", [])
-SMOKE: list[tuple[str, str, list[str]]] = []
+#: glob -> (subcommand, extra overrides); first match wins, default ("fit", []); $VARS are expanded
+#: (the zskd_artifacts fixture sets CVLAB_TEST_TEACHER_* and CVLAB_TEST_IMPRESSIONS_*)
+_ZSKD_SYNTH = ["--model.init_args.iterations=2", "--data.init_args.num_impressions=20", "--data.init_args.batch_size=10",
+               "--model.init_args.grid_per_class=1"]
+_SHAPES_TASK = ["--data.init_args.task.init_args.num_train=100", "--data.init_args.task.init_args.num_test=50"]
+SMOKE: list[tuple[str, str, list[str]]] = [
+    ("experiments/zskd/shapes/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
+    ("experiments/zskd/cifar10/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
+    ("experiments/zskd/*/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_ZSKD_SYNTH]),
+    ("experiments/zskd/shapes/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
+     "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", *_SHAPES_TASK]),
+    ("experiments/zskd/cifar10/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
+     "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10"]),
+    ("experiments/zskd/*/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10",
+     "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_1x10"]),
+    ("experiments/zskd/[cs][ih]*/student_real.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10"]),
+    ("experiments/zskd/*/student_real.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10"]),
+    ("experiments/transfer_sets/shapes/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
+     "--data.init_args.pool.init_args.size=32", *_SHAPES_TASK]),
+    ("experiments/transfer_sets/cifar100/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x100",
+     "--data.init_args.pool.init_args.size=32"]),
+    ("experiments/transfer_sets/cifar10/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
+     "--data.init_args.pool.init_args.size=32"]),
+    ("experiments/transfer_sets/*/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10",
+     "--data.init_args.pool.init_args.size=32"]),
+]
 
 GENERIC = [
     "--trainer.max_steps=2",
@@ -58,8 +83,31 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def zskd_artifacts(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny random teachers (1x32x32 LeNet-5, 3x32x32 ConvNets) and impression shards for the ZSKD /
+    transfer-set configs, exposed as CVLAB_TEST_TEACHER_<CxK> and CVLAB_TEST_IMPRESSIONS_<CxK>."""
+    import torch
+
+    from lit_modules.classifier import ClassifierModule
+
+    root, env = tmp_path_factory.mktemp("zskd"), {}
+    tiny = {"width": 8, "depth": 2, "norm": "batchnorm"}
+    for key, arch, ch, k, kw in (("1x10", "lenet5", 1, 10, {}), ("3x10", "convnet", 3, 10, tiny), ("3x100", "convnet", 3, 100, tiny)):
+        m = ClassifierModule(arch=arch, num_classes=k, in_channels=ch, image_size=32, arch_kwargs=kw)
+        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, root / f"teacher_{key}.ckpt")
+        env[f"CVLAB_TEST_TEACHER_{key}"] = str(root / f"teacher_{key}.ckpt")
+        (root / f"di_{key}").mkdir()
+        torch.save({"index": torch.arange(16), "image": torch.rand(16, ch, 32, 32), "target": torch.full((16, k), 1 / k)},
+                   root / f"di_{key}" / "shard-000000000-000000015-r0.pt")
+        env[f"CVLAB_TEST_IMPRESSIONS_{key}"] = str(root / f"di_{key}")
+    return env
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zskd_artifacts) -> None:
+    for k, v in zskd_artifacts.items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("CVLAB_DATA", str(fake_root))
     spec = yaml.safe_load((REPO / config).read_text())
     if _is_pipeline(spec):
@@ -74,6 +122,6 @@ def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkey
     args = [sub, f"--config={config}", *GENERIC, *DATA_SHRINK.get(data_cls, [])]
     if data_cls.startswith("datamodules.") and data_cls != "datamodules.ShapesDataModule":
         args.append("--data.init_args.batch_size=8")
-    cli = run_cli(*args, *extra, run_dir=tmp_path / "run")
+    cli = run_cli(*args, *[os.path.expandvars(e) for e in extra], run_dir=tmp_path / "run")
     assert (tmp_path / "run" / "metrics.json").is_file(), "the run wrote no metrics.json"
     assert cli.trainer is not None

@@ -1,0 +1,59 @@
+"""``cvlab bench zskd``: Data Impressions per second and peak memory at the paper's settings, and one
+batched synthesis vs a per-class loop of the same total work (ZSKD, Nayak et al., ICML 2019).
+
+Both paths call :func:`lit_modules.impression_synthesis.synthesize` on a randomly initialised teacher
+(the cost does not depend on its weights): "batched" optimises ``--per-class`` impressions of every
+class in one batch; "per-class" makes one call per class, as a loop over classes would.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from experiments.benchmarks import register_benchmark
+from experiments.benchmarks._measure import hardware, measure
+from lit_modules.data_impressions import class_similarity, dirichlet_targets, final_linear
+from lit_modules.impression_synthesis import initial_images, synthesize
+from lit_modules.nets import create_net
+from lit_modules.teacher import FrozenTeacher
+
+SETTINGS = {"mnist": ("lenet5", 1), "cifar10": ("alexnet_cifar", 3)}
+
+
+@register_benchmark("zskd")
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cvlab bench zskd", description=__doc__)
+    p.add_argument("--task", choices=sorted(SETTINGS), default="cifar10")
+    p.add_argument("--per-class", type=int, default=10, help="impressions per class (10 classes: batch 100, the paper's)")
+    p.add_argument("--iterations", type=int, default=1500, help="Adam steps (paper: 1500)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    arch, ch = SETTINGS[a.task]
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(create_net(arch, 10, ch, 32)).to(dev)
+    n = 10 * a.per_class
+    y, classes, _ = dirichlet_targets(class_similarity(final_linear(teacher).weight), n)
+    y, x0 = y.to(dev), initial_images(torch.arange(n), (ch, 32, 32), "uniform", 0).to(dev)
+
+    def batched() -> None:
+        synthesize(teacher, x0, y, a.iterations, 1e-3, 20.0)
+
+    def per_class() -> None:
+        for k in range(10):
+            m = (classes == k).to(dev)
+            synthesize(teacher, x0[m], y[m], a.iterations, 1e-3, 20.0)
+
+    bat = measure(batched, dev, warmup=1, iters=1)
+    loop = measure(per_class, dev, warmup=1, iters=1)
+    print(f"hardware: {hardware(dev)}")
+    print(f"ZSKD {a.task} ({arch}, {ch}x32x32), {a.iterations} Adam iterations, tau 20, {n} impressions")
+    print(f"batched (1 batch of {n}): {bat.rate(n):.2f} DIs/s ({bat.seconds_per_iter:.2f} s), peak mem {bat.peak_mem_mb:.0f} MB")
+    print(f"per-class loop (10 x {a.per_class}): {loop.rate(n):.2f} DIs/s ({loop.seconds_per_iter:.2f} s), peak mem {loop.peak_mem_mb:.0f} MB")
+    print(f"speed-up batched / per-class: {bat.rate(n) / loop.rate(n):.2f}x")
+    return 0

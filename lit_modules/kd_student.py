@@ -1,0 +1,137 @@
+"""Distil a frozen teacher into a student on any transfer set: Data Impressions, noise, synthetic or
+natural pools (balanced or not), or the real training data.
+
+* ZSKD: Nayak, Mopuri, Shaj, Babu, Chakraborty, ICML 2019 (arXiv 1905.08114), Sec. 3.3: KD on the
+  Data Impressions only, ``tau = 20``, Adam, with scale/translate/rotate/flip augmentation.
+* Arbitrary transfer sets: Nayak, Mopuri, Chakraborty, WACV 2021 (arXiv 2011.09113): the same KD on
+  a target-class balanced pool (see :mod:`datamodules.transfer_sets`).
+
+The teacher labels every (augmented) training batch on the fly; the student is evaluated on the real
+test set of the teacher's task (the datamodule's val/test split). A student checkpoint is itself a
+teacher for :func:`lit_modules.teacher.load_teacher` (same ``arch``/``net.`` layout as ClassifierModule).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import Tensor
+
+from callbacks.metrics_json import merge_metrics
+from datamodules.augment import random_affine
+from datamodules.errors import CvlabError
+from lit_modules.kd import distillation_loss
+from lit_modules.nets import create_net
+from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
+from lit_modules.teacher import load_teacher
+
+
+class KDStudent(L.LightningModule):
+    """Temperature-scaled KD from a frozen teacher checkpoint into a fresh student.
+
+    Args:
+        teacher: path of the teacher (a ClassifierModule checkpoint, or a state_dict with ``teacher_arch``).
+        teacher_arch: the teacher's architecture, only for a plain state_dict.
+        arch, arch_kwargs: the student, from the network zoo (ZSKD: ``lenet5_half``, ``alexnet_cifar_half``).
+        num_classes, in_channels, image_size: the task (checked against the teacher and the datamodule).
+        temperature: KD temperature tau (ZSKD: 20); the KD term is weighted by tau^2.
+        hard_label_weight: weight ``w`` of cross-entropy on labels where the transfer set has them
+            (``(1 - w) KD + w CE``); 0 is pure KD, as in ZSKD.
+        optimizer, lr, weight_decay, lr_schedule: ZSKD uses Adam, lr 1e-3.
+        aug_scale, aug_translate, aug_rotate, aug_flip: batched augmentation of each training batch
+            (zoom +-scale, shift +-translate of the size, +-rotate degrees, left-right flip), applied
+            before both networks see it.
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        teacher_arch: str | None = None,
+        arch: str = "lenet5_half",
+        arch_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 32,
+        temperature: float = 20.0,
+        hard_label_weight: float = 0.0,
+        optimizer: OptimizerName = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_schedule: ScheduleName = "none",
+        aug_scale: float = 0.0,
+        aug_translate: float = 0.0,
+        aug_rotate: float = 0.0,
+        aug_flip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.teacher = load_teacher(teacher, arch=teacher_arch, num_classes=num_classes, in_channels=in_channels,
+                                    image_size=image_size)
+        k = self.teacher.get_classifier().out_features
+        if k != num_classes:
+            raise CvlabError(f"teacher {teacher} has {k} classes but the student is configured for {num_classes}")
+        self.net = create_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                              **(arch_kwargs or {}))
+        acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc, self.test_acc, self.test_teacher_acc = acc.clone(), acc.clone(), acc.clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None:
+            return
+        hp = self.hparams
+        found = {k: getattr(dm, k, getattr(hp, k)) for k in ("num_classes", "in_channels", "image_size")}
+        diff = [f"{k}: model {getattr(hp, k)} vs data {v}" for k, v in found.items() if v != getattr(hp, k)]
+        if diff:
+            raise CvlabError(f"student and data disagree ({', '.join(diff)}); set --model.init_args.<key> to match")
+        if stage == "fit" and hasattr(dm, "select_with_teacher"):  # target-class balancing of a pool
+            device = self.trainer.strategy.root_device  # setup runs before the module is moved there
+            dm.select_with_teacher(self.teacher.to(device), device)
+            if self.trainer.is_global_zero and getattr(dm, "selection_stats", None):
+                merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", dm.selection_stats)
+
+    def augment(self, x: Tensor) -> Tensor:
+        hp = self.hparams
+        g = torch.Generator(device=x.device)
+        g.manual_seed(hash((hp.seed, self.global_rank, self.global_step)) % (2**62))  # same after resume
+        return random_affine(x, hp.aug_scale, hp.aug_translate, hp.aug_rotate, hp.aug_flip, g)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch  # normalised (B, C, H, W); labels (B,), -1 where the transfer set has none
+        x = self.augment(x)
+        with torch.no_grad():
+            t = self.teacher(x)  # (B, K)
+        loss, kd, ce = distillation_loss(self(x), t, y, self.hparams.temperature, self.hparams.hard_label_weight)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/kd", kd)
+        if self.hparams.hard_label_weight:
+            self.log("train/ce", ce)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc(self(x), y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.test_teacher_acc(self.teacher(x), y)
+        self.log("test/acc", self.test_acc)
+        self.log("test/teacher_acc", self.test_teacher_acc)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = build_optimizer(self.net.parameters(), hp.optimizer, hp.lr, weight_decay=hp.weight_decay)
+        sched = build_schedule(opt, hp.lr_schedule, self.trainer.estimated_stepping_batches)
+        if sched is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

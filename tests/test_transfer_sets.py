@@ -1,0 +1,99 @@
+"""Arbitrary transfer sets: noise / datamodule pools, target-class balancing, KD with real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import MNISTDataModule, ShapesDataModule
+from datamodules.transfer_sets import (
+    DataModulePool,
+    NoisePool,
+    TransferSetDataModule,
+    TransferSetError,
+    balance_by_confidence,
+    match_channels,
+)
+from experiments.cli import CvlabCLI
+from tests.test_zskd import save_teacher
+
+
+def test_balancing_keeps_the_most_confident_equal_number_per_class() -> None:
+    pred = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 0, 2])
+    conf = torch.tensor([0.9, 0.5, 0.3, 0.8, 0.7, 0.95, 0.1, 0.6, 0.2, 0.4])
+    keep = balance_by_confidence(pred, conf, 3, per_class=2)
+    assert torch.bincount(pred[keep], minlength=3).tolist() == [2, 2, 2]
+    assert keep.tolist() == [0, 3, 4, 5, 7, 9]  # class 0: .95, .9; class 1: .7, .6; class 2: .8, .4
+    few = balance_by_confidence(pred, conf, 4, per_class=3)  # class 3 was never predicted: keeps none
+    assert torch.bincount(pred[few], minlength=4).tolist() == [3, 3, 3, 0]
+
+
+def test_balancing_a_large_random_pool_gives_equal_counts() -> None:
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 10, (5000,), generator=g) ** 2 % 10  # a skewed class histogram
+    conf = torch.rand(5000, generator=g)
+    keep = balance_by_confidence(pred, conf, 10, per_class=50)
+    counts = torch.bincount(pred[keep], minlength=10)
+    assert set(counts[torch.bincount(pred, minlength=10) >= 50].tolist()) == {50}
+
+
+def test_noise_pools_and_channel_matching() -> None:
+    task = MNISTDataModule(image_size=32)
+    x, y = NoisePool("uniform", 200).load(task, seed=0)
+    assert x.shape == (200, 1, 32, 32) and x.dtype == torch.uint8 and (y == -1).all()
+    xg, _ = NoisePool("gaussian", 2000).load(task, seed=0)
+    z = task.normalize(xg.float() / 255)  # N(0, 1) in the task's normalised space (before clamping)
+    assert abs(z.median().item()) < 0.1
+    assert torch.equal(NoisePool("uniform", 5).load(task, 1)[0], NoisePool("uniform", 5).load(task, 1)[0])
+    rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert match_channels(rgb, 1).shape == (2, 1, 4, 4) and match_channels(match_channels(rgb, 1), 3).shape == (2, 3, 4, 4)
+
+
+def test_datamodule_pool_resizes_and_drops_foreign_labels() -> None:
+    task = MNISTDataModule(image_size=32)
+    pool = DataModulePool(ShapesDataModule(num_train=100, num_test=20, image_size=28), max_size=30)
+    x, y = pool.load(task, seed=0)
+    assert x.shape == (30, 1, 32, 32) and x.dtype == torch.uint8 and (y == -1).all()
+
+
+def test_balancing_needs_per_class() -> None:
+    with pytest.raises(TransferSetError, match="per_class"):
+        TransferSetDataModule(ShapesDataModule(), NoisePool(), balance="confidence")
+
+
+def _student_args(teacher: Path, run: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", "experiments/transfer_sets/shapes/student.yaml", f"--run.dir={run}", "--run.logger=csv",
+            f"--model.init_args.teacher={teacher}", "--data.init_args.task.init_args.num_train=100",
+            "--data.init_args.task.init_args.num_test=50", "--data.init_args.batch_size=32", "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false", *extra]
+
+
+def test_balanced_noise_transfer_set_through_the_teacher(tmp_path: Path) -> None:
+    teacher = save_teacher(tmp_path / "t.ckpt")
+    run = tmp_path / "bal"
+    cli = CvlabCLI(args=_student_args(teacher, run, "--data.init_args.pool.init_args.size=3000",
+                                      "--data.init_args.balance=confidence", "--data.init_args.per_class=5"))
+    dm = cli.datamodule
+    pool, _ = NoisePool("uniform", 3000).load(dm.task, seed=0)
+    with torch.no_grad():
+        counts = torch.bincount(cli.model.teacher(dm.normalize(dm.train_x.float() / 255)).argmax(-1), minlength=10)
+        available = torch.bincount(cli.model.teacher(dm.normalize(pool.float() / 255)).argmax(-1), minlength=10)
+    assert counts.max() == 5 and torch.equal(counts, available.clamp(max=5))  # equal, where the pool has enough
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["data/transfer_max_per_class"] == 5 and m["data/pool_size"] == 3000 and "test/acc" in m
+    unbal = CvlabCLI(args=_student_args(teacher, tmp_path / "unbal", "--data.init_args.pool.init_args.size=200"))
+    assert unbal.datamodule.train_x.shape[0] == 200  # the control keeps the pool as it is
+
+
+def test_kd_with_real_data_and_hard_labels(tmp_path: Path) -> None:
+    teacher = save_teacher(tmp_path / "t.ckpt")
+    run = tmp_path / "real"
+    CvlabCLI(args=["fit", "--config", "experiments/zskd/shapes/student_real.yaml", f"--run.dir={run}", "--run.logger=csv",
+                   f"--model.init_args.teacher={teacher}", "--model.init_args.hard_label_weight=0.5",
+                   "--data.init_args.num_train=200", "--data.init_args.num_test=50", "--data.init_args.batch_size=50",
+                   "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["train/ce"] > 0 and 0 <= m["test/acc"] <= 1

@@ -1,0 +1,245 @@
+"""Zero-shot KD: class similarity, Dirichlet targets, the KD loss, impression synthesis (resume, DDP),
+and the KD student on impressions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from callbacks.shard_writer import ShardMismatchError, load_shards
+from datamodules.augment import random_affine
+from experiments.cli import main as cvlab
+from lit_modules.classifier import ClassifierModule
+from lit_modules.data_impressions import (
+    FinalLayerError,
+    class_similarity,
+    concentration,
+    dirichlet_targets,
+    final_linear,
+    impression_plan,
+    sample_dirichlet,
+)
+from lit_modules.impression_synthesis import initial_images, synthesize
+from lit_modules.kd import distillation_loss, kd_kl_loss, soft_cross_entropy
+from lit_modules.teacher import load_teacher
+from tests.conftest import REPO
+
+
+def save_teacher(path: Path, arch: str = "convnet", num_classes: int = 10, in_channels: int = 3,
+                 arch_kwargs: dict | None = None, seed: int = 0) -> Path:
+    """A cvlab teacher checkpoint (random weights) as ClassifierModule writes it."""
+    torch.manual_seed(seed)
+    kw = arch_kwargs if arch_kwargs is not None else ({"width": 8, "depth": 2, "norm": "batchnorm"} if arch == "convnet" else {})
+    m = ClassifierModule(arch=arch, num_classes=num_classes, in_channels=in_channels, image_size=32, arch_kwargs=kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, path)
+    return path
+
+
+# --- class similarity and Dirichlet targets -------------------------------------------------------------
+def test_class_similarity_of_a_hand_built_final_layer() -> None:
+    w = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [-1.0, 0.0]])  # unit rows: e1, e2, diag, -e1
+    c = class_similarity(w)
+    r = 1 / math.sqrt(2)  # cosines: [[1,0,r,-1],[0,1,r,0],[r,r,1,-r],[-1,0,-r,1]] -> (c + 1) / 2
+    cos = torch.tensor([[1, 0, r, -1], [0, 1, r, 0], [r, r, 1, -r], [-1, 0, -r, 1.0]])
+    torch.testing.assert_close(c, (cos + 1) / 2)
+    assert c.min() == 0 and c.max() == 1 and torch.equal(c, c.T)
+
+
+def test_concentration_paper_keeps_beta_public_code_cancels_it() -> None:
+    sim = torch.tensor([[1.0, 0.5, 0.2], [0.5, 1.0, 0.4], [0.2, 0.4, 1.0]])
+    k, b = torch.tensor([0, 0]), torch.tensor([1.0, 0.1])
+    paper = concentration(sim, k, b, "paper")  # row 0 re-normalised: [1, 0.375, 0]
+    torch.testing.assert_close(paper, torch.tensor([[1.0, 0.375, 0.0], [0.1, 0.0375, 0.0]]) + 1e-4)
+    public = concentration(sim, k, b, "public_code")
+    torch.testing.assert_close(public[0], public[1])  # beta = 0.1 gives the same targets as beta = 1
+
+
+def test_impression_plan_balances_classes_and_splits_beta() -> None:
+    classes, betas = impression_plan(40, 4, (1.0, 0.1), (0.5, 0.5))
+    assert torch.bincount(classes).tolist() == [10, 10, 10, 10]
+    for k in range(4):
+        assert (betas[classes == k] == 1.0).sum() == 5 and torch.allclose(betas[classes == k][5:], torch.tensor(0.1))
+
+
+def test_dirichlet_samples_lie_on_the_simplex_with_the_right_mean() -> None:
+    alpha = torch.tensor([[2.0, 1.0, 1.0], [0.3, 0.1, 0.6]]).repeat_interleave(20000, 0)  # (40000, 3)
+    y = sample_dirichlet(alpha, seed=0)
+    assert (y >= 0).all() and torch.allclose(y.sum(1), torch.ones(len(y)))
+    torch.testing.assert_close(y[:20000].mean(0), torch.tensor([0.5, 0.25, 0.25]), atol=0.01, rtol=0)
+    torch.testing.assert_close(y[20000:].mean(0), torch.tensor([0.3, 0.1, 0.6]), atol=0.01, rtol=0)
+    tiny = sample_dirichlet(torch.full((100, 10), 1e-4), seed=1)  # underflowing gammas: still no NaN
+    assert torch.isfinite(tiny).all() and torch.allclose(tiny.sum(1), torch.ones(100))
+    assert torch.equal(sample_dirichlet(alpha[:5], 3), sample_dirichlet(alpha[:5], 3))
+
+
+def test_dirichlet_targets_peak_at_their_class_for_large_beta() -> None:
+    sim = class_similarity(torch.randn(10, 16, generator=torch.Generator().manual_seed(0)))
+    y, classes, betas = dirichlet_targets(sim, 2000, betas=(50.0,), beta_split=(1.0,))
+    assert (y.argmax(1) == classes).float().mean() > 0.5 and betas.eq(50.0).all()
+
+
+def test_teacher_without_a_final_linear_layer_fails_clearly() -> None:
+    with pytest.raises(FinalLayerError, match="no final nn.Linear"):
+        final_linear(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+
+
+# --- KD loss -----------------------------------------------------------------------------------------------
+def test_kd_loss_is_zero_when_student_equals_teacher_and_scales_with_tau_squared() -> None:
+    t = torch.randn(8, 10)
+    assert kd_kl_loss(t.clone(), t, 20.0).abs() < 1e-6
+    s = torch.randn(8, 10)
+    assert kd_kl_loss(s, t, 4.0) > 0
+    # tau^2 * KL == tau^2 * (CE(p_t, p_s) - H(p_t))
+    p_t = (t / 4).softmax(-1)
+    ent = -(p_t * p_t.log()).sum(-1)
+    torch.testing.assert_close(kd_kl_loss(s, t, 4.0), 16 * (soft_cross_entropy(s, p_t, 4.0) - ent).mean())
+
+
+def test_distillation_loss_ignores_unlabelled_rows() -> None:
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    y = torch.tensor([0, -1, 2, -1])
+    total, kd, ce = distillation_loss(s, t, y, 2.0, hard_label_weight=0.5)
+    ref = torch.nn.functional.cross_entropy(s[[0, 2]], y[[0, 2]])
+    torch.testing.assert_close(ce, ref)
+    torch.testing.assert_close(total, 0.5 * kd + 0.5 * ref)
+    _, _, ce0 = distillation_loss(s, t, torch.full((4,), -1), 2.0, hard_label_weight=0.5)
+    assert ce0 == 0
+
+
+def test_random_affine_identity_and_flip() -> None:
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(random_affine(x), x)
+    torch.testing.assert_close(random_affine(x, scale=0.0, rotate=0.0, flip=False, translate=0.0), x)
+    y = random_affine(x, scale=0.2, translate=0.1, rotate=15, flip=True, generator=torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.isfinite(y).all() and not torch.equal(y, x)
+
+
+# --- synthesis ---------------------------------------------------------------------------------------------
+def test_synthesis_lowers_the_teachers_loss_on_its_targets(tmp_path: Path) -> None:
+    teacher = load_teacher(save_teacher(tmp_path / "t.ckpt"))
+    y, _, _ = dirichlet_targets(class_similarity(final_linear(teacher).weight), 20)
+    x0 = initial_images(torch.arange(20), (3, 32, 32), "uniform", 0)
+    start = soft_cross_entropy(teacher(x0), y, 1.0)  # tau = 1: a random tiny teacher moves fast enough
+    x, loss = synthesize(teacher, x0, y, iterations=60, lr=0.1, temperature=1.0)
+    ent = -(y * y.clamp_min(1e-30).log()).sum(1)  # CE floor: KL(y || teacher) = CE - H(y)
+    assert (loss - ent).mean() < 0.5 * (start - ent).mean() and (loss < start).all()
+    assert teacher.training is False and all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_batched_synthesis_equals_one_class_at_a_time(tmp_path: Path) -> None:
+    teacher = load_teacher(save_teacher(tmp_path / "t.ckpt"))
+    y, classes, _ = dirichlet_targets(class_similarity(final_linear(teacher).weight), 20)
+    x0 = initial_images(torch.arange(20), (3, 32, 32), "gaussian", 0)
+    xb, lb = synthesize(teacher, x0, y, 10, 0.05, 20.0)
+    for k in range(10):
+        m = classes == k
+        xk, lk = synthesize(teacher, x0[m], y[m], 10, 0.05, 20.0)
+        torch.testing.assert_close(xk, xb[m], rtol=1e-4, atol=1e-5)
+
+
+def _synth_args(teacher: Path, run: Path, n: int = 30, **over: str) -> list[str]:
+    args = {"model.init_args.teacher": str(teacher), "model.init_args.iterations": "5", "model.init_args.lr": "0.05",
+            "model.init_args.grid_per_class": "2", "data.init_args.num_impressions": str(n), "data.init_args.batch_size": "8",
+            "trainer.enable_progress_bar": "false", **over}
+    return ["predict", "--config", "experiments/zskd/shapes/synthesize.yaml", f"--run.dir={run}", "--run.logger=csv",
+            *[f"--{k}={v}" for k, v in args.items()]]
+
+
+def test_synthesis_stage_writes_shards_metrics_grid_and_resumes(tmp_path: Path) -> None:
+    teacher = save_teacher(tmp_path / "t.ckpt")
+    run = tmp_path / "run"
+    cvlab(_synth_args(teacher, run))
+    r = load_shards(run / "shards")
+    assert r["index"].tolist() == list(range(30)) and r["image"].shape == (30, 3, 32, 32)
+    assert torch.bincount(r["class"]).tolist() == [3] * 10
+    assert (r["loss"] < r["loss_start"]).all()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["synthesis/num_impressions"] == 30 and m["synthesis/loss_mean"] < m["synthesis/loss_start_mean"]
+    assert list((run / "images").glob("synthesis_impressions_per_class*.png"))
+    shards = sorted((run / "shards").glob("shard-*.pt"))
+    for f in shards[1:3]:  # a killed run: only whole shards remain
+        f.unlink()
+    cvlab(_synth_args(teacher, run))
+    again = load_shards(run / "shards")
+    assert all(f.exists() for f in shards)
+    torch.testing.assert_close(again["image"], r["image"])
+    torch.testing.assert_close(again["target"], r["target"])
+
+
+def test_shard_folder_from_another_config_is_refused(tmp_path: Path) -> None:
+    from experiments.cli import CvlabCLI
+
+    teacher = save_teacher(tmp_path / "t.ckpt")
+    run = tmp_path / "run"
+    cvlab(_synth_args(teacher, run, n=10))
+    with pytest.raises(ShardMismatchError, match="different config.*temperature"):
+        CvlabCLI(args=_synth_args(teacher, run, n=10, **{"model.init_args.temperature": "5"}))
+
+
+def test_synthesis_needs_a_teacher_for_the_tasks_classes(tmp_path: Path) -> None:
+    teacher = save_teacher(tmp_path / "t.ckpt", num_classes=7)
+    from datamodules.errors import CvlabError
+    from experiments.cli import CvlabCLI
+
+    with pytest.raises(CvlabError, match="7 classes"):
+        CvlabCLI(args=_synth_args(teacher, tmp_path / "run", n=10))
+
+
+# --- the student on impressions ---------------------------------------------------------------------------
+def test_student_distils_from_impressions_and_rejects_wrong_class_count(tmp_path: Path) -> None:
+    from datamodules.errors import CvlabError
+    from experiments.cli import CvlabCLI
+
+    teacher = save_teacher(tmp_path / "t.ckpt")
+    synth = tmp_path / "synth"
+    cvlab(_synth_args(teacher, synth, n=40))
+    run = tmp_path / "student"
+    args = ["fit", "--config", "experiments/zskd/shapes/student.yaml", f"--run.dir={run}", "--run.logger=csv",
+            f"--model.init_args.teacher={teacher}", f"--data.init_args.pool.init_args.folder={synth}/shards",
+            "--data.init_args.task.init_args.num_train=100", "--data.init_args.task.init_args.num_test=50",
+            "--data.init_args.batch_size=16", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+            "--trainer.log_every_n_steps=1"]
+    cli = CvlabCLI(args=args)
+    m = json.loads((run / "metrics.json").read_text())
+    assert {"test/acc", "test/teacher_acc", "train/kd"} <= set(m) and math.isfinite(m["train/kd"])
+    assert cli.datamodule.train_x.shape[0] == 40 and cli.datamodule.train_x.dtype == torch.float32
+    # a student checkpoint is itself a teacher
+    t2 = load_teacher(run / "checkpoints" / "last.ckpt")
+    assert final_linear(t2).out_features == 10
+    synth7 = tmp_path / "synth7"  # impressions of a 7-class teacher
+    synth7.mkdir()
+    torch.save({"index": torch.arange(4), "image": torch.zeros(4, 3, 32, 32), "target": torch.full((4, 7), 1 / 7)},
+               synth7 / "shard-000000000-000000003-r0.pt")
+    with pytest.raises(CvlabError, match="7 classes but the task"):
+        CvlabCLI(args=[a if "pool.init_args.folder" not in a else f"--data.init_args.pool.init_args.folder={synth7}"
+                       for a in args] + [f"--run.dir={tmp_path / 'student7'}"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_synthesis_writes_disjoint_shards_covering_all_targets(tmp_path: Path) -> None:
+    teacher = save_teacher(tmp_path / "t.ckpt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    runs = {n: tmp_path / f"run{n}" for n in (1, 2)}
+    for n, run in runs.items():
+        extra = ["--trainer.accelerator=cpu", f"--trainer.devices={n}"] + (["--trainer.strategy=ddp"] if n == 2 else [])
+        cmd = [sys.executable, "-m", "experiments", *_synth_args(teacher, run, n=21), *extra]
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=300)
+    by_rank: dict[str, set[int]] = {"r0": set(), "r1": set()}
+    for f in (runs[2] / "shards").glob("shard-*.pt"):
+        by_rank[f.stem[-2:]] |= set(torch.load(f, weights_only=True)["index"].tolist())
+    assert by_rank["r0"] and by_rank["r1"] and by_rank["r0"] | by_rank["r1"] == set(range(21))
+    assert len(by_rank["r0"] & by_rank["r1"]) <= 1  # at most the one index DDP repeats to even out the ranks
+    one, two = load_shards(runs[1] / "shards"), load_shards(runs[2] / "shards")
+    keep = torch.ones_like(two["index"], dtype=torch.bool)
+    keep[1:] = two["index"][1:] != two["index"][:-1]
+    assert torch.equal(one["index"], two["index"][keep])
+    torch.testing.assert_close(one["image"], two["image"][keep], rtol=1e-4, atol=1e-5)
