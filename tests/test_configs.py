@@ -25,7 +25,11 @@ CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").
 _ZSKD_SYNTH = ["--model.init_args.iterations=2", "--data.init_args.num_impressions=20", "--data.init_args.batch_size=10",
                "--model.init_args.grid_per_class=1"]
 _SHAPES_TASK = ["--data.init_args.task.init_args.num_train=100", "--data.init_args.task.init_args.num_test=50"]
+_IDLG = ["--model.init_args.iterations=2", "--data.init_args.num_trials=3", "--data.init_args.trials_per_batch=3"]
 SMOKE: list[tuple[str, str, list[str]]] = [
+    ("experiments/idlg/shapes/*.yaml", "predict", [*_IDLG, "--data.init_args.source.init_args.num_train=100",
+                                                   "--data.init_args.source.init_args.num_test=20"]),
+    ("experiments/idlg/*/*.yaml", "predict", _IDLG),
     ("experiments/zskd/shapes/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
     ("experiments/zskd/cifar10/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
     ("experiments/zskd/*/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_ZSKD_SYNTH]),
@@ -66,6 +70,16 @@ GENERIC = [
 DATA_SHRINK = {
     "datamodules.ShapesDataModule": ["--data.init_args.num_train=200", "--data.init_args.num_test=50"],
 }
+
+
+def _init_params(class_path: str) -> set[str]:
+    if not class_path:
+        return set()
+    import importlib
+    import inspect
+
+    module, name = class_path.rsplit(".", 1)
+    return set(inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters)
 
 
 def _is_pipeline(cfg: dict) -> bool:
@@ -120,7 +134,7 @@ def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkey
             break
     data_cls = (spec.get("data") or {}).get("class_path", "")
     args = [sub, f"--config={config}", *GENERIC, *DATA_SHRINK.get(data_cls, [])]
-    if data_cls.startswith("datamodules.") and data_cls != "datamodules.ShapesDataModule":
+    if "batch_size" in _init_params(data_cls) and data_cls != "datamodules.ShapesDataModule":
         args.append("--data.init_args.batch_size=8")
     cli = run_cli(*args, *[os.path.expandvars(e) for e in extra], run_dir=tmp_path / "run")
     assert (tmp_path / "run" / "metrics.json").is_file(), "the run wrote no metrics.json"
