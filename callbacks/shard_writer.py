@@ -1,11 +1,10 @@
-"""Shards for predict-style work (synthesis, reconstructions): one atomic file per batch, resumable.
+"""Writing shards for predict-style work (synthesis, reconstructions): one atomic file per batch.
 
 ``predict_step`` returns a dict of tensors that includes ``"index"`` ``(B,)``: the global indices of
 the targets in the batch. :class:`ShardWriter` saves each batch as
 ``<folder>/shard-<first>-<last>-r<rank>.pt`` (temp file then rename), so a killed run leaves only
-whole shards; :func:`pending_indices` tells the next run which targets are still to do, whatever
-the number of devices was. ``manifest.json`` holds the config fingerprint: a folder written by a
-different config is refused instead of being mixed in.
+whole shards; reading and resuming are in :mod:`datamodules.shards`. ``manifest.json`` holds the
+config fingerprint: a folder written by a different config is refused instead of being mixed in.
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch import Tensor
 
 from callbacks.atomic_io import atomic_torch_save, atomic_write_json, read_json
 from datamodules.errors import CvlabError
@@ -45,31 +42,6 @@ def check_manifest(folder: str | Path, fingerprint: dict[str, Any]) -> None:
         )
 
 
-def shard_files(folder: str | Path) -> list[Path]:
-    return sorted(Path(folder).glob("shard-*.pt"))
-
-
-def load_shards(folder: str | Path) -> dict[str, Tensor]:
-    """Concatenate every shard's tensors, ordered by ``index`` (weights-only load)."""
-    files = shard_files(folder)
-    if not files:
-        raise CvlabError(f"no shards in {folder}: run the synthesis stage first")
-    parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    keys = parts[0].keys()
-    out = {k: torch.cat([p[k] for p in parts]) for k in keys}
-    order = out["index"].argsort()
-    return {k: v[order] for k, v in out.items()}
-
-
-def pending_indices(folder: str | Path, total: int) -> Tensor:
-    """Indices in ``[0, total)`` not yet covered by a shard in ``folder``."""
-    done = torch.zeros(total, dtype=torch.bool)
-    for f in shard_files(folder):
-        idx = torch.load(f, map_location="cpu", weights_only=True)["index"]
-        done[idx] = True
-    return (~done).nonzero().flatten()
-
-
 class ShardWriter(BasePredictionWriter):
     """Write each predicted batch (a dict of tensors with ``"index"``) as one atomic shard.
 
@@ -91,3 +63,9 @@ class ShardWriter(BasePredictionWriter):
         idx = out["index"]
         name = f"shard-{int(idx.min()):09d}-{int(idx.max()):09d}-r{trainer.global_rank}.pt"
         atomic_torch_save(out, self.resolve_folder(trainer) / name)
+
+
+def with_shard_writer(trainer: L.Trainer | None) -> list[L.Callback]:
+    """For ``configure_callbacks`` of predict-style modules: a :class:`ShardWriter` unless the trainer has one."""
+    has = trainer is not None and any(isinstance(c, ShardWriter) for c in trainer.callbacks)
+    return [] if has else [ShardWriter()]

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.augment import resize, to_float
 from datamodules.base import TensorImageDataModule
+from datamodules.shards import load_shards, pending_indices, shard_folder
 from datamodules.errors import CvlabError
 
 
@@ -119,14 +120,10 @@ class ImpressionPool(TransferPool):
         self.folder, self.max_size = folder, max_size
 
     def load(self, task: TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
-        from callbacks.shard_writer import load_shards  # lazy: callbacks import datamodules
-
         if not Path(self.folder).is_dir():
             raise TransferSetError(f"impression folder not found: {self.folder} (run the synthesis stage first)")
         r = load_shards(self.folder)
-        keep = torch.ones_like(r["index"], dtype=torch.bool)
-        keep[1:] = r["index"][1:] != r["index"][:-1]  # DDP pads ranks with repeated targets
-        x, target = r["image"][keep], r["target"][keep]
+        x, target = r["image"], r["target"]
         if target.shape[1] != task.num_classes:
             raise TransferSetError(
                 f"impressions in {self.folder} are for {target.shape[1]} classes but the task "
@@ -234,9 +231,5 @@ class ImpressionTargets(L.LightningDataModule):
                 "data.num_impressions": self.num_impressions}
 
     def predict_dataloader(self) -> DataLoader:
-        from callbacks.shard_writer import pending_indices  # lazy: callbacks import datamodules
-
-        trainer = self.trainer
-        folders = [cb.resolve_folder(trainer) for cb in (trainer.callbacks if trainer else []) if hasattr(cb, "resolve_folder")]
-        todo = pending_indices(folders[0], self.num_impressions) if folders else torch.arange(self.num_impressions)
+        todo = pending_indices(shard_folder(self.trainer), self.num_impressions)
         return DataLoader(todo, batch_size=self.batch_size, shuffle=False)

@@ -6,7 +6,6 @@ so a trial's inputs do not depend on the number of devices or on which trials we
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.shards import pending_indices, shard_folder
 from datamodules.base import TensorImageDataModule
 
 
@@ -75,19 +75,9 @@ class TrialsDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.source.setup(stage)
 
-    def _done_folder(self) -> Path | None:
-        trainer = self.trainer
-        for cb in trainer.callbacks if trainer is not None else []:
-            if hasattr(cb, "resolve_folder"):
-                return Path(cb.resolve_folder(trainer))
-        return None
-
     def predict_dataloader(self) -> DataLoader:
-        from callbacks.shard_writer import pending_indices  # lazy: callbacks import datamodules
-
         self.setup("predict")
-        folder = self._done_folder()
-        trials = pending_indices(folder, self.num_trials) if folder is not None else torch.arange(self.num_trials)
+        trials = pending_indices(shard_folder(self.trainer), self.num_trials)
         train = self.split == "train"
         x = self.source.train_x if train else self.source.test_x
         y = self.source.train_y if train else self.source.test_y

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from callbacks.image_grid import log_image_grid
 from callbacks.metrics_json import merge_metrics
-from callbacks.shard_writer import ShardWriter, check_manifest, load_shards
+from callbacks.shard_writer import check_manifest, with_shard_writer
+from datamodules.shards import load_shards, shard_folder
 from datamodules.errors import CvlabError
 from lit_modules.data_impressions import Renormalize, class_similarity, dirichlet_targets, final_linear
 from lit_modules.kd import soft_cross_entropy
@@ -106,11 +107,10 @@ class DataImpressionSynthesizer(L.LightningModule):
         self._t0 = 0.0
 
     def configure_callbacks(self) -> list[L.Callback]:
-        has = self._trainer is not None and any(isinstance(c, ShardWriter) for c in self.trainer.callbacks)
-        return [] if has else [ShardWriter()]
+        return with_shard_writer(self._trainer)
 
     def _shard_folder(self) -> Path:
-        return next(c for c in self.trainer.callbacks if isinstance(c, ShardWriter)).resolve_folder(self.trainer)
+        return shard_folder(self.trainer)
 
     def setup(self, stage: str) -> None:
         if stage != "predict":
@@ -171,9 +171,6 @@ class DataImpressionSynthesizer(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         r = load_shards(self._shard_folder())
-        keep = torch.ones_like(r["index"], dtype=torch.bool)
-        keep[1:] = r["index"][1:] != r["index"][:-1]  # a sampler may repeat indices to even out ranks
-        r = {k: v[keep] for k, v in r.items()}
         n, wall = r["index"].numel(), time.perf_counter() - self._t0
         merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", {
             "synthesis/num_impressions": float(n),

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from callbacks.image_grid import log_image_grid
 from callbacks.metrics_json import merge_metrics
-from callbacks.shard_writer import ShardWriter, check_manifest, load_shards
+from callbacks.shard_writer import check_manifest, with_shard_writer
+from datamodules.shards import load_shards, shard_folder
 from lit_modules.batched_optim import BatchedResult, batched_adam, batched_lbfgs
 from lit_modules.gradient_leakage import (
     Method,
@@ -81,12 +82,10 @@ class LeakageAttack(L.LightningModule):
     # --- setup ---------------------------------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
         """Results go to shards: add a :class:`ShardWriter` unless the trainer has one."""
-        has = self._trainer is not None and any(isinstance(c, ShardWriter) for c in self.trainer.callbacks)
-        return [] if has else [ShardWriter()]
+        return with_shard_writer(self._trainer)
 
     def _shard_folder(self) -> Path:
-        writer = next(c for c in self.trainer.callbacks if isinstance(c, ShardWriter))
-        return writer.resolve_folder(self.trainer)
+        return shard_folder(self.trainer)
 
     def setup(self, stage: str) -> None:
         if stage != "predict":
@@ -185,9 +184,6 @@ class LeakageAttack(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         r = load_shards(self._shard_folder())
-        keep = torch.ones_like(r["index"], dtype=torch.bool)
-        keep[1:] = r["index"][1:] != r["index"][:-1]  # a sampler may repeat trials to even out ranks
-        r = {k: v[keep] for k, v in r.items()}
         metrics = summarize(r)
         metrics["attack/wall_s"] = time.perf_counter() - self._t0
         merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", metrics)

@@ -10,7 +10,8 @@ import torch
 from callbacks.atomic_io import atomic_torch_save, atomic_write_json, read_json
 from callbacks.image_grid import image_grid, log_image_grid
 from callbacks.metrics_json import merge_metrics
-from callbacks.shard_writer import ShardMismatchError, check_manifest, load_shards, pending_indices
+from callbacks.shard_writer import ShardMismatchError, check_manifest
+from datamodules.shards import load_shards, pending_indices
 
 
 def test_atomic_write_leaves_no_temp_file_and_keeps_old_on_failure(tmp_path: Path) -> None:
@@ -51,3 +52,11 @@ def test_image_grid_and_png(tmp_path: Path) -> None:
     assert grid.min() >= 0 and grid.max() <= 1
     path = log_image_grid(None, "synthesis/impressions", imgs, out_dir=tmp_path, step=3)
     assert path == tmp_path / "images" / "synthesis_impressions_0000003.png" and path.is_file()
+
+
+def test_load_shards_drops_ddp_repeats(tmp_path: Path) -> None:
+    # DDP pads rank 1's last batch with a repeat of index 0
+    atomic_torch_save({"index": torch.tensor([0, 2]), "x": torch.tensor([0.0, 2.0])}, tmp_path / "shard-000000000-000000002-r0.pt")
+    atomic_torch_save({"index": torch.tensor([1, 0]), "x": torch.tensor([1.0, 0.0])}, tmp_path / "shard-000000000-000000001-r1.pt")
+    out = load_shards(tmp_path)
+    assert out["index"].tolist() == [0, 1, 2] and out["x"].tolist() == [0.0, 1.0, 2.0]
