@@ -26,7 +26,11 @@ _ZSKD_SYNTH = ["--model.init_args.iterations=2", "--data.init_args.num_impressio
                "--model.init_args.grid_per_class=1"]
 _SHAPES_TASK = ["--data.init_args.task.init_args.num_train=100", "--data.init_args.task.init_args.num_test=50"]
 _IDLG = ["--model.init_args.iterations=2", "--data.init_args.num_trials=3", "--data.init_args.trials_per_batch=3"]
+_DC = ["--model.init_args.ipc=1", "--model.init_args.outer_loop=2", "--model.init_args.inner_loop=1",
+       "--model.init_args.batch_real=4", "--model.init_args.eval_num_nets=1", "--model.init_args.eval_epochs=1",
+       "--model.init_args.herding_pool=4", "--model.init_args.eval_test_size=10", "--model.init_args.arch_kwargs={width: 8}"]
 SMOKE: list[tuple[str, str, list[str]]] = [
+    ("experiments/dc/*", "fit", _DC),
     ("experiments/idlg/shapes/*.yaml", "predict", [*_IDLG, "--data.init_args.source.init_args.num_train=100",
                                                    "--data.init_args.source.init_args.num_test=20"]),
     ("experiments/idlg/*/*.yaml", "predict", _IDLG),

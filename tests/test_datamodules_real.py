@@ -29,7 +29,7 @@ from datamodules import (
     long_tail_counts,
     long_tail_indices,
 )
-from fakedata import write_cifar, write_mnist_idx, write_svhn
+from tests.fakedata import write_cifar, write_mnist_idx, write_svhn
 
 MNIST_FAMILY = [
     (MNISTDataModule, "MNIST", (0.1307,), (0.3081,)),

@@ -1,0 +1,86 @@
+"""``cvlab bench dc``: Dataset Condensation's outer iteration, batched classes vs the per-class loop.
+
+One outer iteration (Zhao et al., ICLR 2021, Alg. 1) = ``outer_loop`` x (match + image update) +
+``outer_loop - 1`` x ``inner_loop`` epochs of network training on the synthetic set. The benchmark
+times one match+update and one inner epoch on random MNIST-shaped data and composes them:
+``s/outer = outer * t_match + (outer - 1) * inner * t_epoch``.
+
+    uv run cvlab bench dc --ipc 1 10 50 --mode both --iters 3
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from experiments.benchmarks import register_benchmark
+from experiments.benchmarks._measure import hardware, measure
+from lit_modules.condensation import PAPER_LOOPS
+from lit_modules.gradient_matching import class_gradients, class_gradients_loop, gradient_match_distance
+from lit_modules.nets import create_net
+
+
+def _match_step(net, images, x_real, ipc: int, batched: bool, bf16: bool, opt) -> None:
+    k = x_real.shape[0]
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+    y_real = torch.arange(k, device=x_real.device)[:, None].expand(-1, x_real.shape[1])
+    y_syn = torch.arange(k, device=x_real.device)[:, None].expand(-1, ipc)
+    x_syn = images.view(k, ipc, *images.shape[1:])
+    with torch.no_grad(), torch.autocast(x_real.device.type, dtype=torch.bfloat16, enabled=bf16):
+        g_real = (class_gradients(net, params, buffers, x_real, y_real) if batched
+                  else class_gradients_loop(net, params, buffers, x_real, y_real, False))
+    g_real = {n: g.float() for n, g in g_real.items()}
+    g_syn = (class_gradients(net, params, buffers, x_syn, y_syn) if batched
+             else class_gradients_loop(net, params, buffers, x_syn, y_syn, True))
+    (images.grad,) = torch.autograd.grad(gradient_match_distance(g_syn, g_real, batched=True), images)
+    opt.step()
+
+
+@register_benchmark("dc")
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="cvlab bench dc", description=__doc__.splitlines()[0])
+    ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
+    ap.add_argument("--mode", choices=["batched", "loop", "both"], default="both")
+    ap.add_argument("--batch-real", type=int, default=256)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--bf16-real", action="store_true", help="bf16 autocast for the real gradients")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    k, c, s = args.classes, args.channels, args.size
+    print(f"dc benchmark on {hardware(dev)}; ConvNet width {args.width}, {k} classes, {c}x{s}x{s}, batch_real {args.batch_real}")
+    print("ipc  mode     s/match  s/inner-epoch  outer(o,i)  s/outer-it  outer-it/s  peak MB")
+    modes = ["batched", "loop"] if args.mode == "both" else [args.mode]
+    for ipc in args.ipc:
+        outer, inner = PAPER_LOOPS[ipc]
+        net = create_net("convnet", k, c, s, width=args.width).to(dev)
+        x_real = torch.randn(k, args.batch_real, c, s, s, device=dev)
+        images = torch.randn(k * ipc, c, s, s, device=dev, requires_grad=True)
+        labels = torch.arange(k, device=dev).repeat_interleave(ipc)
+        opt = torch.optim.SGD([images], lr=0.1, momentum=0.5)
+        net_opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
+
+        def inner_epoch() -> None:
+            for i in range(0, images.shape[0], 256):
+                net_opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(images[i : i + 256].detach()), labels[i : i + 256]).backward()
+                net_opt.step()
+
+        t_epoch = measure(inner_epoch, dev, warmup=1, iters=max(1, args.iters)).seconds_per_iter if outer > 1 else 0.0
+        for mode in modes:
+            m = measure(lambda: _match_step(net, images, x_real, ipc, mode == "batched", args.bf16_real, opt),
+                        dev, warmup=args.warmup, iters=args.iters)
+            per_outer = outer * m.seconds_per_iter + (outer - 1) * inner * t_epoch
+            print(f"{ipc:<4} {mode:<8} {m.seconds_per_iter:7.3f}  {t_epoch:13.4f}  ({outer},{inner})".ljust(50)
+                  + f"{per_outer:9.2f}  {1 / per_outer:10.4f}  {m.peak_mem_mb:7.0f}", flush=True)
+    return 0

@@ -1,0 +1,140 @@
+"""The evaluation protocol of "Dataset Condensation with Gradient Matching" (Zhao, Mopuri & Bilen,
+ICLR 2021, Sec. 4): train fresh networks on a small labelled set and report their test accuracy.
+
+Recipe (paper and DC code): SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, lr / 10 after
+half of the epochs, 300 epochs (1000 when augmenting, as the DC code does for MNIST). All N networks
+train at once: their parameters are stacked (``torch.func.stack_module_state``) and one ``vmap`` step
+trains all of them, each on its own shuffled and augmented batch. Also the baselines' subset
+selection: random real images and herding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+from datamodules.augment import dc_augment
+from lit_modules.nets import create_net
+
+
+@dataclass
+class EvalRecipe:
+    """How each evaluation network is trained (defaults: the paper's)."""
+
+    epochs: int = 300
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    augment: str = "none"  # "none" or DC's strategies: "crop_scale_rotate", "crop_noise", ...
+    test_batch_size: int = 2000  # images per forward, summed over the networks evaluated together
+    max_parallel_images: int = 1024  # nets trained together x batch: bounds the activation memory
+
+
+def _sgd_(p: dict[str, Tensor], g: dict[str, Tensor], buf: dict[str, Tensor], lr: float, r: EvalRecipe) -> None:
+    """In place SGD with momentum and weight decay (torch.optim.SGD's update) on stacked params."""
+    for k in p:
+        d = g[k] + r.weight_decay * p[k]
+        buf[k].mul_(r.momentum).add_(d)
+        p[k].sub_(lr * buf[k])
+
+
+def train_and_test(
+    x: Tensor,
+    y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    arch: str,
+    num_classes: int,
+    arch_kwargs: dict[str, Any] | None = None,
+    num_nets: int = 10,
+    recipe: EvalRecipe | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """Train ``num_nets`` fresh ``arch`` networks on ``(x, y)``, return their test accuracies ``(N,)``.
+
+    ``x``: normalised float ``(n, C, H, W)``; ``test_x``: normalised float
+    ``(M, C, H, W)``. Seeded: the same arguments give the same accuracies.
+    """
+    r = recipe or EvalRecipe()
+    c, h = x.shape[1], x.shape[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nets = [create_net(arch, num_classes, c, h, **(arch_kwargs or {})).to(x.device) for _ in range(num_nets)]
+    group = max(1, r.max_parallel_images // min(r.batch_size, x.shape[0]))
+    return torch.cat([
+        _train_group(nets[i : i + group], x, y, test_x, test_y, r, seed * 1_000_003 + i)
+        for i in range(0, num_nets, group)
+    ])
+
+
+@torch.no_grad()
+def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tensor, r: EvalRecipe, seed: int) -> Tensor:
+    """Train and test ``nets`` together (one vmapped step for all of them)."""
+    dev, num_nets, base = x.device, len(nets), nets[0]
+    g = torch.Generator(device=dev).manual_seed(seed)
+    params, buffers = stack_module_state(nets)  # {name: (N, *shape)}
+    params = {k: v.detach() for k, v in params.items()}
+    buf = {k: torch.zeros_like(v) for k, v in params.items()}
+
+    def loss(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+
+    step = vmap(grad(loss), in_dims=(0, 0, 0, 0), randomness="different")
+    n, bs = x.shape[0], min(r.batch_size, x.shape[0])
+    base.train()
+    for epoch in range(r.epochs):
+        lr = r.lr * (0.1 if epoch >= r.epochs // 2 else 1.0)
+        order = torch.rand(num_nets, n, generator=g, device=dev).argsort(1)  # (N, n): own shuffle per net
+        for i in range(0, n, bs):
+            idx = order[:, i : i + bs]  # (N, b)
+            xb = x[idx]  # (N, b, C, H, W)
+            if r.augment != "none":
+                xb = dc_augment(xb.flatten(0, 1), r.augment, g).view_as(xb)
+            with torch.enable_grad():
+                grads = step(params, buffers, xb, y[idx])
+            _sgd_(params, grads, buf, lr, r)
+    base.eval()
+    correct = torch.zeros(num_nets, device=dev)
+    predict = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
+    tb = max(1, r.test_batch_size // num_nets)
+    for i in range(0, test_x.shape[0], tb):
+        logits = predict(params, buffers, test_x[i : i + tb])  # (N, tb, K)
+        correct += (logits.argmax(-1) == test_y[i : i + tb]).sum(1)
+    return correct / test_x.shape[0]
+
+
+def random_subset(y: Tensor, ipc: int, num_classes: int, seed: int = 0) -> Tensor:
+    """Indices of ``ipc`` random examples per class, class-major ``(K * ipc,)``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(num_classes):
+        idx = (y == k).nonzero().squeeze(1)
+        out.append(idx[torch.randperm(idx.numel(), generator=g)[:ipc].to(idx.device)])
+    return torch.cat(out)
+
+
+def herding_subset(features: Tensor, y: Tensor, ipc: int, num_classes: int) -> Tensor:
+    """Herding (Welling 2009), as the paper's baseline: per class, greedily add the example that
+    brings the mean of the selected features closest to the class mean. ``features``: ``(N, D)``.
+    Returns class-major indices ``(K * ipc,)``."""
+    out = []
+    for k in range(num_classes):
+        idx = (y == k).nonzero().squeeze(1)
+        f = features[idx]  # (n_k, D)
+        mu, acc = f.mean(0), torch.zeros_like(f[0])
+        free = torch.ones(idx.numel(), dtype=torch.bool, device=f.device)
+        chosen = []
+        for t in range(ipc):
+            dist = ((mu - (acc + f) / (t + 1)) ** 2).sum(1).masked_fill(~free, float("inf"))
+            j = int(dist.argmin())
+            chosen.append(j)
+            free[j] = False
+            acc = acc + f[j]
+        out.append(idx[torch.tensor(chosen, device=idx.device)])
+    return torch.cat(out)

@@ -1,0 +1,211 @@
+"""Dataset Condensation (issue 5): the distance, batched class gradients, the module, DDP, evaluation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from datamodules import CvlabError
+from datamodules.augment import dc_augment
+from datamodules.synthetic import ShapesDataModule
+from lit_modules.condensation import DatasetCondensation, load_condensed
+from lit_modules.condensed_eval import EvalRecipe, herding_subset, train_and_test
+from lit_modules.gradient_matching import (
+    check_matchable,
+    class_gradients,
+    class_gradients_loop,
+    gradient_match_distance,
+)
+from lit_modules.nets import create_net
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"width": 8, "depth": 2}
+S = 8  # image size of the unit tests
+
+
+def _tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_net("convnet", 3, 1, S, width=4, depth=2)
+
+
+def _params(net: nn.Module) -> tuple[dict, dict]:
+    return {n: p.detach() for n, p in net.named_parameters()}, dict(net.named_buffers())
+
+
+# --- the distance ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["ours", "mse", "cos"])
+def test_distance_is_zero_for_identical_gradients(metric):
+    g = [torch.randn(4, 3, 3, 3), torch.randn(4), torch.randn(10, 7)]
+    assert gradient_match_distance(g, [t.clone() for t in g], metric).abs().item() < 1e-5
+
+
+def test_distance_worked_example():
+    # a weight (2 output rows) and a bias; rows: cos((1,0),(1,0)) = 1 -> 0, cos((0,1),(1,0)) = 0 -> 1
+    syn = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([5.0, -5.0])]
+    real = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([0.0, 0.0])]
+    assert gradient_match_distance(syn, real, "ours").item() == pytest.approx(1.0, abs=1e-5)  # bias ignored
+    assert gradient_match_distance(syn, real, "mse").item() == pytest.approx(2.0 + 50.0)
+    # whole vectors (1,0,0,1,5,-5) . (1,0,1,0,0,0) = 1; norms sqrt(52), sqrt(2)
+    assert gradient_match_distance(syn, real, "cos").item() == pytest.approx(1 - 1 / (52**0.5 * 2**0.5), abs=1e-5)
+    batched = gradient_match_distance([s[None].repeat(3, *[1] * s.dim()) for s in syn],
+                                      [r[None].repeat(3, *[1] * r.dim()) for r in real], "ours", batched=True)
+    assert batched.item() == pytest.approx(3.0, abs=1e-5)  # summed over 3 classes
+
+
+# --- per-class gradients -------------------------------------------------------------------------------
+def test_batched_class_matching_equals_per_class_loop():
+    net = _tiny_net()
+    p, b = _params(net)
+    x_real, y_real = torch.randn(3, 16, 1, S, S), torch.arange(3)[:, None].expand(3, 16)
+    x_syn = torch.randn(3, 2, 1, S, S, requires_grad=True)
+    y_syn = torch.arange(3)[:, None].expand(3, 2)
+    gr_v, gr_l = class_gradients(net, p, b, x_real, y_real), class_gradients_loop(net, p, b, x_real, y_real, False)
+    for k in gr_v:
+        torch.testing.assert_close(gr_v[k], gr_l[k], rtol=1e-4, atol=1e-6)
+    d_v = gradient_match_distance(class_gradients(net, p, b, x_syn, y_syn), gr_v, batched=True)
+    d_l = gradient_match_distance(class_gradients_loop(net, p, b, x_syn, y_syn, True), gr_l, batched=True)
+    (g_v,) = torch.autograd.grad(d_v, x_syn)
+    (g_l,) = torch.autograd.grad(d_l, x_syn)
+    torch.testing.assert_close(d_v, d_l, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_v, g_l, rtol=1e-3, atol=1e-6)
+
+
+def test_distance_gradients_reach_the_synthetic_images():
+    net = _tiny_net()
+    p, b = _params(net)
+    g_real = class_gradients(net, p, b, torch.randn(3, 8, 1, S, S), torch.arange(3)[:, None].expand(3, 8))
+    x_syn = torch.randn(3, 1, 1, S, S, requires_grad=True)
+    d = gradient_match_distance(class_gradients(net, p, b, x_syn, torch.arange(3)[:, None]), g_real, batched=True)
+    (g,) = torch.autograd.grad(d, x_syn)
+    assert torch.isfinite(g).all() and (g.flatten(1).abs().sum(1) > 0).all()  # every class's image moves
+
+
+def test_a_few_outer_iterations_lower_the_matching_loss():
+    torch.manual_seed(0)
+    x_real, y_real = torch.randn(3, 16, 1, S, S), torch.arange(3)[:, None].expand(3, 16)
+    x_syn = torch.randn(3, 1, 1, S, S, requires_grad=True)
+    opt = torch.optim.SGD([x_syn], lr=0.1, momentum=0.5)
+
+    def loss_over_nets() -> torch.Tensor:  # the expected matching loss over 2 fixed random nets
+        total = 0.0
+        for s in range(2):
+            net = _tiny_net(s)
+            p, b = _params(net)
+            g_real = class_gradients(net, p, b, x_real, y_real)
+            total = total + gradient_match_distance(class_gradients(net, p, b, x_syn, torch.arange(3)[:, None]), g_real, batched=True)
+        return total
+
+    first = loss_over_nets()
+    for _ in range(5):
+        opt.zero_grad()
+        loss_over_nets().backward()
+        opt.step()
+    assert loss_over_nets().item() < 0.9 * first.item()
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+class _NoParams(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10]
+
+
+def test_architecture_without_parameters_fails_clearly(monkeypatch: pytest.MonkeyPatch):
+    from lit_modules.nets import registry
+
+    monkeypatch.setitem(registry._NETS, "dc_test_noparams", lambda **kw: _NoParams())  # only for this test
+    with pytest.raises(CvlabError, match="no trainable parameters"):
+        check_matchable(_NoParams())
+    with pytest.raises(CvlabError, match="no trainable parameters"):
+        DatasetCondensation(arch="dc_test_noparams")
+
+
+def _shapes(n=60) -> ShapesDataModule:
+    return ShapesDataModule(num_train=n, num_test=30, image_size=16, batch_size=16)
+
+
+def _module(**kw) -> DatasetCondensation:
+    args = dict(ipc=1, in_channels=3, image_size=16, arch_kwargs=TINY, batch_real=4, eval_num_nets=2,
+                eval_epochs=1, eval_test_size=10, eval_baselines=["random", "herding"], herding_pool=5)
+    args.update(kw)
+    return DatasetCondensation(**args)
+
+
+def test_ipc_larger_than_a_class_fails_clearly(tmp_path):
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(CvlabError, match="ipc 50 is larger than the .* real training images of class"):
+        trainer.fit(_module(ipc=50, outer_loop=1, inner_loop=1), datamodule=_shapes())
+
+
+# --- the module -----------------------------------------------------------------------------------------
+def test_module_condenses_saves_and_evaluates(tmp_path):
+    L.seed_everything(0)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        enable_progress_bar=False)
+    dm, model = _shapes(), _module(ipc=2, outer_loop=2, inner_loop=1)
+    trainer.fit(model, datamodule=dm)
+    saved = load_condensed(tmp_path / "condensed.pt")
+    assert saved["images"].shape == (20, 3, 16, 16) and saved["labels"].tolist() == [k // 2 for k in range(20)]
+    assert saved["step"] == 3 and saved["config"]["ipc"] == 2
+    assert list((tmp_path / "images").glob("condense_images_*.png"))
+    out = trainer.test(model, datamodule=dm, verbose=False)[0]
+    for key in ("eval/acc_mean", "eval/acc_std", "eval/random_convnet_acc_mean", "eval/herding_convnet_acc_mean"):
+        assert 0 <= out[key] <= 100
+
+
+def test_evaluation_protocol_is_seeded_and_repeatable():
+    x, y = torch.randn(6, 1, S, S), torch.arange(3).repeat_interleave(2)
+    tx, ty = torch.randn(20, 1, S, S), torch.randint(0, 3, (20,))
+    r = EvalRecipe(epochs=3, augment="crop_scale_rotate")
+    a = train_and_test(x, y, tx, ty, "convnet", 3, {"width": 4, "depth": 2}, num_nets=2, recipe=r, seed=1)
+    b = train_and_test(x, y, tx, ty, "convnet", 3, {"width": 4, "depth": 2}, num_nets=2, recipe=r, seed=1)
+    assert a.shape == (2,) and torch.equal(a, b)
+
+
+def test_dc_augment_keeps_shape_and_identity_when_no_strategy_moves():
+    x = torch.rand(8, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    out = dc_augment(x, "crop_scale_rotate_noise", g)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(dc_augment(x, "scale", g, scale=0.0), x, atol=1e-5, rtol=0)
+
+
+def test_herding_picks_the_example_nearest_the_class_mean():
+    feats = torch.tensor([[0.0], [1.0], [10.0], [5.0], [6.0], [100.0]])
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    # class 0 mean 11/3 -> nearest is 1.0 (index 1); class 1 mean 37 -> nearest is 6.0 (index 4)
+    assert herding_subset(feats, y, 1, 2).tolist() == [1, 4]
+
+
+def test_dc_configs_parse():
+    import yaml
+
+    files = sorted((REPO / "experiments" / "dc").glob("*/*.yaml"))
+    assert len(files) >= 15
+    for f in files:
+        cfg = yaml.safe_load(f.read_text())
+        assert cfg["model"]["class_path"] == "lit_modules.DatasetCondensation", f
+
+
+# --- distributed ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_process_ddp_gives_the_same_image_update(tmp_path):
+    def run(devices: int) -> torch.Tensor:
+        out = tmp_path / f"d{devices}"
+        cmd = [sys.executable, "-m", "experiments.cli", "fit", "--config", "experiments/dc/shapes/ipc1.yaml",
+               "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+               "--trainer.strategy", "ddp" if devices > 1 else "auto", "--run.logger", "csv", "--run.dir", str(out),
+               "--run.test_after_fit", "false", "--model.init_args.batch_real", "8",
+               "--data.init_args.num_train", "200", "--trainer.enable_progress_bar", "false"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600)
+        return load_condensed(out / "condensed.pt")["images"]
+
+    one, two = run(1), run(2)
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-5)
