@@ -109,9 +109,6 @@ class DataImpressionSynthesizer(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return with_shard_writer(self._trainer)
 
-    def _shard_folder(self) -> Path:
-        return shard_folder(self.trainer)
-
     def setup(self, stage: str) -> None:
         if stage != "predict":
             return
@@ -127,7 +124,7 @@ class DataImpressionSynthesizer(L.LightningModule):
         if self.trainer.is_global_zero:  # a shard folder holds the impressions of one config only
             fp = {f"model.{k}": v for k, v in hp.items() if k not in ("grid_per_class", "teacher")}
             fp["model.teacher_sha256"] = hashlib.sha256(Path(hp.teacher).read_bytes()).hexdigest()[:16]
-            check_manifest(self._shard_folder(), {**fp, **dm.fingerprint()})
+            check_manifest(shard_folder(self.trainer), {**fp, **dm.fingerprint()})
         self.trainer.strategy.barrier()
 
     def on_predict_start(self) -> None:
@@ -170,7 +167,7 @@ class DataImpressionSynthesizer(L.LightningModule):
         self.trainer.strategy.barrier()  # every rank's shards are written
         if not self.trainer.is_global_zero:
             return
-        r = load_shards(self._shard_folder())
+        r = load_shards(shard_folder(self.trainer))
         n, wall = r["index"].numel(), time.perf_counter() - self._t0
         merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", {
             "synthesis/num_impressions": float(n),

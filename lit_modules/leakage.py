@@ -84,9 +84,6 @@ class LeakageAttack(L.LightningModule):
         """Results go to shards: add a :class:`ShardWriter` unless the trainer has one."""
         return with_shard_writer(self._trainer)
 
-    def _shard_folder(self) -> Path:
-        return shard_folder(self.trainer)
-
     def setup(self, stage: str) -> None:
         if stage != "predict":
             return
@@ -97,7 +94,7 @@ class LeakageAttack(L.LightningModule):
             fp = {**{f"model.{k}": v for k, v in self.hparams.items() if k != "grid_trials"},
                   **{f"data.{k}": v for k, v in getattr(dm, "hparams", {}).items() if k not in ("trials_per_batch", "num_trials")},
                   "data.source": type(getattr(dm, "source", dm)).__name__}
-            check_manifest(self._shard_folder(), fp)
+            check_manifest(shard_folder(self.trainer), fp)
         self.trainer.strategy.barrier()
 
     def on_predict_start(self) -> None:
@@ -183,7 +180,7 @@ class LeakageAttack(L.LightningModule):
         self.trainer.strategy.barrier()  # every rank's shards are written
         if not self.trainer.is_global_zero:
             return
-        r = load_shards(self._shard_folder())
+        r = load_shards(shard_folder(self.trainer))
         metrics = summarize(r)
         metrics["attack/wall_s"] = time.perf_counter() - self._t0
         merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", metrics)
