@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import lightning as L
@@ -42,13 +43,9 @@ class MetricsJsonWriter(L.Callback):
         merge_metrics(self.path, out)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import time
-
         self._t0 = time.perf_counter()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import time
-
         wall = time.perf_counter() - self._t0 if self._t0 is not None else float("nan")
         self._write(trainer, {"fit/wall_s": wall, "fit/epochs": float(trainer.current_epoch), "fit/steps": float(trainer.global_step)})
 

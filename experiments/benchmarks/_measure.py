@@ -49,3 +49,16 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return Measurement(dt, iters, peak, str(device))
+
+
+def add_device_args(parser, threads_default: int | None = None) -> None:
+    """``--device`` (CUDA when available) and ``--threads`` (torch CPU threads), shared by every benchmark."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=threads_default, help="torch CPU threads")
+
+
+def device_from_args(args) -> torch.device:
+    """Apply ``--threads`` and return ``--device``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)

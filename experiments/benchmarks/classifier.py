@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from experiments.benchmarks import register_benchmark
-from experiments.benchmarks._measure import hardware, measure
+from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
 from lit_modules.nets import create_net
 
 
@@ -85,11 +85,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the torchvision pipeline")
     p.add_argument("--num-images", type=int, default=10000, help="size of the random cifar-like set")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(p)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = device_from_args(args)
     pipelines = ["cvlab", "torchvision"] if args.pipeline == "both" else [args.pipeline]
     print(f"classifier benchmark: {args.arch} on {args.data}, batch {args.batch_size}, {hardware(device)}")
     for name in pipelines:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.benchmarks import register_benchmark
-from experiments.benchmarks._measure import hardware, measure
+from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
 from lit_modules.condensation import PAPER_LOOPS
 from lit_modules.gradient_matching import class_gradients, class_gradients_loop, gradient_match_distance
 from lit_modules.nets import create_net
@@ -52,11 +52,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--bf16-real", action="store_true", help="bf16 autocast for the real gradients")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(ap, threads_default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
+    dev = device_from_args(args)
     k, c, s = args.classes, args.channels, args.size
     print(f"dc benchmark on {hardware(dev)}; ConvNet width {args.width}, {k} classes, {c}x{s}x{s}, batch_real {args.batch_real}")
     print("ipc  mode     s/match  s/inner-epoch  outer(o,i)  s/outer-it  outer-it/s  peak MB")

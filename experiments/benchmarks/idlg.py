@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.benchmarks import register_benchmark
-from experiments.benchmarks._measure import hardware, measure
+from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
 from lit_modules.batched_optim import batched_lbfgs
 from lit_modules.gradient_leakage import StackedVictims, attack_objective, extract_labels_from_gradients
 from lit_modules.nets import create_net
@@ -46,12 +46,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sequential-trials", type=int, default=20, help="trials timed one at a time (then extrapolated)")
     p.add_argument("--iterations", type=int, default=300, help="L-BFGS steps per trial")
     p.add_argument("--max-iter", type=int, default=20, help="L-BFGS iterations per step (torch's default 20)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_args(p)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    dev = torch.device(a.device)
+    dev = device_from_args(a)
 
     def sequential() -> None:
         for t in range(a.sequential_trials):

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from experiments.benchmarks import register_benchmark
-from experiments.benchmarks._measure import hardware, measure
+from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
 from lit_modules.data_impressions import class_similarity, dirichlet_targets, final_linear
 from lit_modules.impression_synthesis import initial_images, synthesize
 from lit_modules.nets import create_net
@@ -28,12 +28,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--task", choices=sorted(SETTINGS), default="cifar10")
     p.add_argument("--per-class", type=int, default=10, help="impressions per class (10 classes: batch 100, the paper's)")
     p.add_argument("--iterations", type=int, default=1500, help="Adam steps (paper: 1500)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_args(p)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    dev = torch.device(a.device)
+    dev = device_from_args(a)
     arch, ch = SETTINGS[a.task]
     torch.manual_seed(0)
     teacher = FrozenTeacher(create_net(arch, 10, ch, 32)).to(dev)
