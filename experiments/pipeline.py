@@ -135,11 +135,15 @@ def run_pipeline(
     sets: list[str] | None = None,
     dry_run: bool = False,
     results_md: str | None = None,
+    only: list[str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run the stages; return ``{stage: metrics}``."""
+    """Run the stages (``only``: just these, the others must be done if referenced); return ``{stage: metrics}``."""
     spec, stages = load_pipeline(path)
     sets = sets or []
     known = {s.name for s in stages} | {"*"}
+    for name in only or []:
+        if name not in known - {"*"}:
+            raise CvlabError(f"--only {name!r}: no such stage (stages: {sorted(known - {'*'})})")
     for s in sets:
         if s.split(".", 1)[0] not in known:
             raise CvlabError(f"--set {s!r}: no stage named {s.split('.', 1)[0]!r} (stages: {sorted(known - {'*'})})")
@@ -157,6 +161,11 @@ def run_pipeline(
         cmd += [f"--run.dir={folder}", f"--run.name={spec['name']}/{stage.name}", *args]
         if marker.is_file():
             print(f"[{stage.name}] done before, skipping: {folder}", flush=True)
+        elif only and stage.name not in only:
+            if any(f"${{{stage.name}}}" in a for later in stages for a in later.args if later.name in only):
+                raise CvlabError(f"stage {stage.name!r} is needed by --only {only} but has not run; add it to --only")
+            print(f"[{stage.name}] not in --only, not run", flush=True)
+            continue
         else:
             last = folder / "checkpoints" / "last.ckpt"
             if stage.command == "fit" and last.is_file():
@@ -201,7 +210,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], metavar="STAGE.key=value",
                    help="override a stage's config (use * for every stage), e.g. '*.trainer.max_epochs=1'")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--only", nargs="+", default=None, metavar="STAGE",
+                   help="run just these stages (the stages they reference must be done)")
     p.add_argument("--results-md", default=None, help="append the final table to this markdown file")
     a = p.parse_args(argv)
-    run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md)
+    run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md, a.only)
     return 0

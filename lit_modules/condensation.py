@@ -11,8 +11,10 @@ iteration of Algorithm 1:
         train:  theta <- inner_loop epochs of SGD on S  (lr_net 0.01, momentum 0.5; skipped after the last ol)
 
 All classes are matched in one batched computation (``vmap`` over classes, see
-:mod:`lit_modules.gradient_matching`). The matching gradients never go through the DDP wrapper: the
-network is a plain local module called with ``torch.func.functional_call``; under DDP each rank matches
+:mod:`lit_modules.gradient_matching`) on accelerators; on CPU the per-class loop is faster
+(``class_mode``). The real-batch gradients (the targets, >95% of the work) can run in bf16 and be
+``torch.compile``d. The matching gradients never go through the DDP wrapper: the network is a plain
+local module (not a submodule of this one) called with ``torch.func.functional_call``; under DDP each rank matches
 its share of the classes (``rank::world``) and the image gradient is summed with one explicit
 all-reduce, so every rank applies the same update. ``trainer.global_step`` counts outer iterations.
 """
@@ -33,8 +35,8 @@ from callbacks.image_grid import log_image_grid
 from datamodules.augment import to_float
 from datamodules.errors import CvlabError
 from lit_modules.condensed_eval import EvalRecipe, herding_subset, random_subset, train_and_test
-from lit_modules.gradient_matching import Metric, check_matchable, class_gradients, class_gradients_loop
-from lit_modules.gradient_matching import gradient_match_distance
+from lit_modules.gradient_matching import ClassMode, Metric, RealGradients, check_matchable, match_loss
+from lit_modules.gradient_matching import resolve_class_mode
 from lit_modules.nets import create_net
 
 #: the paper's (outer_loop, inner_loop) per images-per-class (DC code's get_loops)
@@ -66,9 +68,12 @@ class DatasetCondensation(L.LightningModule):
         lr_img, momentum_img: SGD on the images. lr_net, momentum_net, batch_train: SGD on the network.
         batch_real: real images per class per match.
         distance: ``ours`` (Eq. 10), ``mse`` or ``cos``.
-        batched_classes: one vmapped computation for all classes (False: the paper's loop, slower).
+        class_mode: ``batched`` (one vmapped computation for all classes), ``loop`` (the paper's loop
+            over classes) or ``auto`` (batched on accelerators, loop on CPU, where it is faster).
         bf16_real: bf16 autocast for the real-data gradients only (the targets; the synthetic
             branch and its second-order gradients stay float32).
+        compile_real: ``torch.compile`` the real-data gradient function (needs a C++ compiler on
+            CPU / Triton on GPU; the first outer iteration compiles).
         image_every_n_steps, save_every_n_steps: grid image / ``condensed.pt`` cadence (and at the end).
         eval_*: the evaluation protocol run by ``test`` (after ``fit`` by default): ``eval_num_nets``
             fresh networks of each of ``eval_archs`` trained with the paper's recipe on the condensed
@@ -99,8 +104,9 @@ class DatasetCondensation(L.LightningModule):
         batch_real: int = 256,
         batch_train: int = 256,
         distance: Metric = "ours",
-        batched_classes: bool = True,
+        class_mode: ClassMode = "auto",
         bf16_real: bool = False,
+        compile_real: bool = False,
         image_every_n_steps: int = 100,
         save_every_n_steps: int = 100,
         eval_num_nets: int = 10,
@@ -132,6 +138,8 @@ class DatasetCondensation(L.LightningModule):
         self.eval_archs = eval_archs or ["convnet"]
         self.eval_baselines = eval_baselines if eval_baselines is not None else ["random", "herding"]
         check_matchable(self._make_net(), distance)
+        resolve_class_mode(class_mode, torch.device("cpu"))  # a bad value fails here, not mid-run
+        self._engine: list[tuple[nn.Module, RealGradients, str]] = []  # (net, real grads, mode): not a submodule
         # S: (K * ipc, C, H, W), class-major ([0]*ipc, [1]*ipc, ...), normalised pixel space
         self.images = nn.Parameter(torch.zeros(num_classes * ipc, in_channels, image_size, image_size))
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(ipc), persistent=False)
@@ -201,11 +209,23 @@ class DatasetCondensation(L.LightningModule):
         hp = self.hparams
         return create_net(hp.arch, hp.num_classes, hp.in_channels, hp.image_size, **(hp.arch_kwargs or {}))
 
+    def _matching_engine(self) -> tuple[nn.Module, RealGradients, str]:
+        """One local network reused (re-initialised) every outer iteration, so compiled code is reused."""
+        if not self._engine:
+            hp = self.hparams
+            mode = resolve_class_mode(hp.class_mode, self.device)
+            net = self._make_net().to(self.device)
+            self._engine.append((net, RealGradients(net, mode, bf16=hp.bf16_real, compile=hp.compile_real), mode))
+        return self._engine[0]
+
     def _fresh_net(self, it: int) -> nn.Module:
         """A randomly initialised network, identical on every rank (seeded by the iteration)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix(self.hparams.seed, it, 7))
-            return self._make_net().to(self.device).train()
+            fresh = self._make_net()
+        net = self._matching_engine()[0]
+        net.load_state_dict(fresh.state_dict())
+        return net.train()
 
     def _my_classes(self) -> Tensor:
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -231,6 +251,7 @@ class DatasetCondensation(L.LightningModule):
     def match(self, net: nn.Module, key: tuple[int, ...]) -> Tensor:
         """Eq. (10) for this rank's classes; sets ``images.grad`` (summed over ranks). Returns D."""
         hp = self.hparams
+        _, real_grads, mode = self._matching_engine()
         cls = self._my_classes()  # (k,)
         params = {n: p.detach() for n, p in net.named_parameters()}
         buffers = dict(net.named_buffers())
@@ -238,18 +259,9 @@ class DatasetCondensation(L.LightningModule):
         y_real = cls[:, None].expand(-1, x_real.shape[1])
         x_syn = self.images.view(hp.num_classes, hp.ipc, *self.images.shape[1:])[cls]  # (k, ipc, C, H, W)
         y_syn = cls[:, None].expand(-1, hp.ipc)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.bf16_real):
-            if hp.batched_classes:
-                g_real = class_gradients(net, params, buffers, x_real, y_real)
-            else:
-                g_real = class_gradients_loop(net, params, buffers, x_real, y_real, create_graph=False)
-        g_real = {n: g.float() for n, g in g_real.items()}
-        if hp.batched_classes:
-            g_syn = class_gradients(net, params, buffers, x_syn, y_syn)
-        else:
-            with torch.enable_grad():
-                g_syn = class_gradients_loop(net, params, buffers, x_syn, y_syn, create_graph=True)
-        loss = gradient_match_distance(g_syn, g_real, hp.distance, batched=True)
+        g_real = real_grads(params, buffers, x_real, y_real)
+        with torch.enable_grad():
+            loss = match_loss(net, params, buffers, g_real, x_syn, y_syn, hp.distance, mode)
         (grad_img,) = torch.autograd.grad(loss, self.images)
         if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
             both = torch.cat([grad_img.flatten(), loss.detach()[None]])

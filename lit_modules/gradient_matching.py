@@ -8,7 +8,7 @@ batched form of the paper's loop ``for c in classes``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, vmap
 from datamodules.errors import CvlabError
 
 Metric = Literal["ours", "mse", "cos"]
+ClassMode = Literal["auto", "batched", "loop"]
 Grads = Mapping[str, Tensor] | Sequence[Tensor]
 
 _EPS = 1e-6  # as the DC code, added to the product of norms
@@ -108,3 +109,74 @@ def class_gradients_loop(
             loss = F.cross_entropy(functional_call(net, (params, buffers), (x[k],)), y[k])
             out.append(torch.autograd.grad(loss, values, create_graph=create_graph))
     return {n: torch.stack([g[i] for g in out]) for i, n in enumerate(names)}
+
+
+def resolve_class_mode(mode: ClassMode, device: torch.device) -> Literal["batched", "loop"]:
+    """``auto``: one vmapped computation on accelerators, the per-class loop on CPU.
+
+    Measured on a 2-core CPU (docs/PERFORMANCE.md): vmapping 10 classes x 256 real images turns
+    every activation into a 2,560-image tensor (12 GB peak, page-fault bound) and was 2.5x slower
+    than ten 256-image passes, which stay in cache; on a GPU one launch per layer wins.
+    """
+    if mode == "auto":
+        return "batched" if device.type != "cpu" else "loop"
+    if mode not in ("batched", "loop"):
+        raise CvlabError(f"class mode must be auto, batched or loop; got {mode!r}")
+    return mode
+
+
+class RealGradients:
+    """The matching targets: per-class gradients of the real batches, without a graph.
+
+    ``net`` is a fixed template module: the parameters of each fresh network are passed in with
+    :func:`torch.func.functional_call`, so a compiled function is traced once and reused for every
+    outer iteration. Options, none of which changes the math:
+
+    - ``mode``: ``batched`` (vmap over classes, :func:`class_gradients`) or ``loop`` (one call per class
+      of the same ``torch.func.grad`` function);
+    - ``bf16``: bf16 autocast of the forward/backward (results returned in float32); the synthetic
+      branch, whose second-order gradients reach the images, stays float32;
+    - ``compile``: ``torch.compile`` the per-class gradient function (fuses the norm, activation and
+      pooling passes around the convolutions; the first call compiles, ~20-40 s on CPU).
+    """
+
+    def __init__(self, net: nn.Module, mode: Literal["batched", "loop"] = "loop", bf16: bool = False,
+                 compile: bool = False) -> None:
+        def loss(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(functional_call(net, (p, b), (x,)), y)
+
+        fn: Callable[..., dict[str, Tensor]] = grad(loss)
+        if mode == "batched":
+            fn = vmap(fn, in_dims=(None, None, 0, 0))
+        self.fn = torch.compile(fn, dynamic=False) if compile else fn
+        self.mode, self.bf16 = mode, bf16
+
+    @torch.no_grad()
+    def __call__(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """``x (K, B, C, H, W)``, ``y (K, B)`` -> ``{name: (K, *param.shape)}`` float32."""
+        params = {n: p.detach() for n, p in params.items()}
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.mode == "batched":
+                out = self.fn(params, buffers, x, y)
+            else:
+                each = [self.fn(params, buffers, x[k], y[k]) for k in range(x.shape[0])]
+                out = {n: torch.stack([g[n] for g in each]) for n in each[0]}
+        return {n: g.float() for n, g in out.items()}
+
+
+def match_loss(
+    net: nn.Module,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    g_real: Mapping[str, Tensor],
+    x_syn: Tensor,
+    y_syn: Tensor,
+    metric: Metric = "ours",
+    mode: Literal["batched", "loop"] = "batched",
+) -> Tensor:
+    """Eq. (10) summed over classes: ``D(grad L(S_c), g_real[c])``, differentiable w.r.t. ``x_syn (K, ipc, ...)``."""
+    if mode == "batched":
+        g_syn = class_gradients(net, params, buffers, x_syn, y_syn)
+    else:
+        g_syn = class_gradients_loop(net, params, buffers, x_syn, y_syn, create_graph=True)
+    return gradient_match_distance(g_syn, g_real, metric, batched=True)

@@ -18,6 +18,7 @@ from datamodules.synthetic import ShapesDataModule
 from lit_modules.condensation import DatasetCondensation, load_condensed
 from lit_modules.condensed_eval import EvalRecipe, herding_subset, train_and_test
 from lit_modules.gradient_matching import (
+    RealGradients,
     check_matchable,
     class_gradients,
     class_gradients_loop,
@@ -75,6 +76,48 @@ def test_batched_class_matching_equals_per_class_loop():
     (g_l,) = torch.autograd.grad(d_l, x_syn)
     torch.testing.assert_close(d_v, d_l, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_v, g_l, rtol=1e-3, atol=1e-6)
+
+
+def test_real_gradient_engine_modes_agree_and_bf16_stays_close():
+    net = _tiny_net()
+    p, b = _params(net)
+    x, y = torch.randn(3, 16, 1, S, S), torch.arange(3)[:, None].expand(3, 16)
+    ref = class_gradients_loop(net, p, b, x, y, False)
+    for mode in ("loop", "batched"):
+        got = RealGradients(net, mode)(p, b, x, y)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+    bf = RealGradients(net, "loop", bf16=True)(p, b, x, y)
+    for k, g in ref.items():
+        assert bf[k].dtype == torch.float32
+        if g.dim() > 2:  # conv weights (K, out, in, kh, kw): what the distance compares, row by row
+            assert torch.nn.functional.cosine_similarity(bf[k].flatten(2), g.flatten(2), dim=-1).min() > 0.97
+
+
+@pytest.mark.slow
+def test_compiled_real_gradients_equal_eager():
+    net = _tiny_net()
+    p, b = _params(net)
+    x, y = torch.randn(3, 16, 1, S, S), torch.arange(3)[:, None].expand(3, 16)
+    eager, compiled = RealGradients(net, "loop"), RealGradients(net, "loop", compile=True)
+    for seed in range(2):  # a second network's parameters reuse the compiled code
+        torch.manual_seed(seed)
+        p = {n: torch.randn_like(v) * 0.3 for n, v in p.items()}
+        got, ref = compiled(p, b, x, y), eager(p, b, x, y)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_module_class_modes_give_the_same_images(tmp_path):
+    out = {}
+    for mode in ("loop", "batched"):
+        L.seed_everything(0)
+        trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path / mode,
+                            enable_progress_bar=False)
+        model = _module(ipc=2, outer_loop=2, inner_loop=1, class_mode=mode, eval_num_nets=1)
+        trainer.fit(model, datamodule=_shapes())
+        out[mode] = model.images.detach()
+    torch.testing.assert_close(out["loop"], out["batched"], rtol=1e-3, atol=1e-4)
 
 
 def test_distance_gradients_reach_the_synthetic_images():

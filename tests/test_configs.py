@@ -29,7 +29,13 @@ _IDLG = ["--model.init_args.iterations=2", "--data.init_args.num_trials=3", "--d
 _DC = ["--model.init_args.ipc=1", "--model.init_args.outer_loop=2", "--model.init_args.inner_loop=1",
        "--model.init_args.batch_real=4", "--model.init_args.eval_num_nets=1", "--model.init_args.eval_epochs=1",
        "--model.init_args.herding_pool=4", "--model.init_args.eval_test_size=10", "--model.init_args.arch_kwargs={width: 8}"]
+_LRA = ["--model.init_args.batch_size=8", "--model.init_args.student_steps=1", "--model.init_args.latent_dim=8",
+        "--model.init_args.generator_kwargs={widths: [8, 4]}", "--data.init_args.steps_per_epoch=2",
+        "--data.init_args.eval_batch_size=8"]
 SMOKE: list[tuple[str, str, list[str]]] = [
+    ("experiments/lra/[mf]*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA]),
+    ("experiments/lra/cifar100/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x100", *_LRA]),
+    ("experiments/lra/*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_LRA]),
     ("experiments/dc/*", "fit", _DC),
     ("experiments/idlg/shapes/*.yaml", "predict", [*_IDLG, "--data.init_args.source.init_args.num_train=100",
                                                    "--data.init_args.source.init_args.num_test=20"]),

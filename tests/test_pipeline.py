@@ -79,3 +79,14 @@ def test_pipeline_errors_are_clear(tmp_path: Path) -> None:
         run_pipeline(_write(tmp_path), root=tmp_path, sets=["b.trainer.max_epochs=1"], dry_run=True)
     with pytest.raises(CvlabError, match="pipeline file not found"):
         load_pipeline(tmp_path / "missing.yaml")
+
+
+def test_pipeline_only_runs_the_named_stages(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path)
+    run_pipeline(path, root=tmp_path / "runs", dry_run=True, only=["teacher"])
+    out = capsys.readouterr().out
+    assert "[teacher] " in out and "[evaluate] not in --only, not run" in out
+    with pytest.raises(CvlabError, match="stage 'teacher' is needed by --only"):
+        run_pipeline(path, root=tmp_path / "runs", dry_run=True, only=["evaluate"])
+    with pytest.raises(CvlabError, match="--only 'nope': no such stage"):
+        run_pipeline(path, root=tmp_path / "runs", dry_run=True, only=["nope"])

@@ -5,7 +5,7 @@ One outer iteration (Zhao et al., ICLR 2021, Alg. 1) = ``outer_loop`` x (match +
 times one match+update and one inner epoch on random MNIST-shaped data and composes them:
 ``s/outer = outer * t_match + (outer - 1) * inner * t_epoch``.
 
-    uv run cvlab bench dc --ipc 1 10 50 --mode both --iters 3
+    uv run cvlab bench dc --ipc 1 10 50 --variants loop batched loop+bf16+compile --iters 3
 """
 
 from __future__ import annotations
@@ -18,38 +18,38 @@ import torch.nn.functional as F
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
 from lit_modules.condensation import PAPER_LOOPS
-from lit_modules.gradient_matching import class_gradients, class_gradients_loop, gradient_match_distance
+from lit_modules.gradient_matching import RealGradients, match_loss
 from lit_modules.nets import create_net
 
 
-def _match_step(net, images, x_real, ipc: int, batched: bool, bf16: bool, opt) -> None:
+def _match_step(net, real_grads: RealGradients, mode: str, images, x_real, ipc: int, opt) -> None:
+    """One match + image update, as :meth:`lit_modules.DatasetCondensation.match` does it."""
     k = x_real.shape[0]
     params = {n: p.detach() for n, p in net.named_parameters()}
     buffers = dict(net.named_buffers())
     y_real = torch.arange(k, device=x_real.device)[:, None].expand(-1, x_real.shape[1])
     y_syn = torch.arange(k, device=x_real.device)[:, None].expand(-1, ipc)
-    x_syn = images.view(k, ipc, *images.shape[1:])
-    with torch.no_grad(), torch.autocast(x_real.device.type, dtype=torch.bfloat16, enabled=bf16):
-        g_real = (class_gradients(net, params, buffers, x_real, y_real) if batched
-                  else class_gradients_loop(net, params, buffers, x_real, y_real, False))
-    g_real = {n: g.float() for n, g in g_real.items()}
-    g_syn = (class_gradients(net, params, buffers, x_syn, y_syn) if batched
-             else class_gradients_loop(net, params, buffers, x_syn, y_syn, True))
-    (images.grad,) = torch.autograd.grad(gradient_match_distance(g_syn, g_real, batched=True), images)
+    g_real = real_grads(params, buffers, x_real, y_real)
+    loss = match_loss(net, params, buffers, g_real, images.view(k, ipc, *images.shape[1:]), y_syn, mode=mode)
+    (images.grad,) = torch.autograd.grad(loss, images)
     opt.step()
+
+
+VARIANTS = ("loop", "batched", "loop+bf16", "loop+compile", "loop+bf16+compile", "batched+bf16+compile")
 
 
 @register_benchmark("dc")
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="cvlab bench dc", description=__doc__.splitlines()[0])
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
-    ap.add_argument("--mode", choices=["batched", "loop", "both"], default="both")
+    ap.add_argument("--variants", nargs="+", default=["loop", "batched", "loop+bf16+compile"], choices=VARIANTS,
+                    help="class mode (loop: per-class passes, batched: vmap over classes) + bf16 real "
+                         "gradients + torch.compile; 'loop' alone is the paper code's computation")
     ap.add_argument("--batch-real", type=int, default=256)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--bf16-real", action="store_true", help="bf16 autocast for the real gradients")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     add_device_args(ap, threads_default=2)
@@ -57,8 +57,7 @@ def main(argv: list[str]) -> int:
     dev = device_from_args(args)
     k, c, s = args.classes, args.channels, args.size
     print(f"dc benchmark on {hardware(dev)}; ConvNet width {args.width}, {k} classes, {c}x{s}x{s}, batch_real {args.batch_real}")
-    print("ipc  mode     s/match  s/inner-epoch  outer(o,i)  s/outer-it  outer-it/s  peak MB")
-    modes = ["batched", "loop"] if args.mode == "both" else [args.mode]
+    print("ipc  variant               s/match  s/inner-epoch  outer(o,i)  s/outer-it  outer-it/s  peak MB")
     for ipc in args.ipc:
         outer, inner = PAPER_LOOPS[ipc]
         net = create_net("convnet", k, c, s, width=args.width).to(dev)
@@ -75,10 +74,14 @@ def main(argv: list[str]) -> int:
                 net_opt.step()
 
         t_epoch = measure(inner_epoch, dev, warmup=1, iters=max(1, args.iters)).seconds_per_iter if outer > 1 else 0.0
-        for mode in modes:
-            m = measure(lambda: _match_step(net, images, x_real, ipc, mode == "batched", args.bf16_real, opt),
-                        dev, warmup=args.warmup, iters=args.iters)
+        for variant in args.variants:
+            mode = variant.split("+")[0]
+            rg = RealGradients(net, mode, bf16="bf16" in variant, compile="compile" in variant)
+            step = lambda: _match_step(net, rg, mode, images, x_real, ipc, opt)  # noqa: E731
+            if "compile" in variant:
+                step()  # compile outside the timed region (once per run)
+            m = measure(step, dev, warmup=args.warmup, iters=args.iters)
             per_outer = outer * m.seconds_per_iter + (outer - 1) * inner * t_epoch
-            print(f"{ipc:<4} {mode:<8} {m.seconds_per_iter:7.3f}  {t_epoch:13.4f}  ({outer},{inner})".ljust(50)
+            print(f"{ipc:<4} {variant:<21} {m.seconds_per_iter:7.3f}  {t_epoch:13.4f}  ({outer},{inner})".ljust(62)
                   + f"{per_outer:9.2f}  {1 / per_outer:10.4f}  {m.peak_mem_mb:7.0f}", flush=True)
     return 0

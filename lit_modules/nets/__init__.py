@@ -2,10 +2,21 @@
 
 ``create_net("resnet20", num_classes=10, in_channels=3, image_size=32)``; ``available_nets()`` lists
 the names. Every network is a :class:`ClassifierNet` (``forward_features`` + ``get_classifier``).
+Generators (z -> images) have their own names: ``create_generator("dafl", latent_dim=1000, out_channels=1,
+image_size=32)``.
 """
 
 from lit_modules.nets import alexnet, convnet, lenet, resnet_cifar, wrn  # noqa: F401  (registration)
 from lit_modules.nets.base import ClassifierNet
+from lit_modules.nets.generator import DAFLGenerator, available_generators, create_generator
 from lit_modules.nets.registry import available_nets, create_net, register_net
 
-__all__ = ["ClassifierNet", "available_nets", "create_net", "register_net"]
+__all__ = [
+    "ClassifierNet",
+    "DAFLGenerator",
+    "available_generators",
+    "available_nets",
+    "create_generator",
+    "create_net",
+    "register_net",
+]

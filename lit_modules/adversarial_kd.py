@@ -1,0 +1,464 @@
+"""Adversarial data-free KD with LRA's meta-learned student update.
+
+Patel, Mopuri, Qiu, "Learning to Retain while Acquiring: Combating Distribution-Shift in Adversarial
+Data-Free Knowledge Distillation", CVPR 2023 (https://arxiv.org/abs/2302.14290). A generator makes the
+transfer data; the teacher is frozen; the student imitates it. One training step of this module is one
+iteration of the paper's loop (and of its public code)::
+
+    generate:  x = G(z), z ~ N(0, I)                          # batch_size images, latent_dim 1000
+    G step:    L_G = 1 * one_hot(T(x)) + 5 * class_balance(T(x)) + 0.1 * activation(T(x))
+                     + 1 * (1 - JS(S(x), T(x)))                # seek teacher-student disagreement; Adam 0.02
+    repeat student_steps (10) times, each on a fresh batch x_new = G(z) (no gradient to G):
+        x_mem = one random slot of the memory (empty at the start: plain KD)
+        meta = second_order | first_order:  acquire on x_new (one inner SGD step, lr 0.9) -> theta',
+                  retain on x_mem at theta', plus KD(theta) on [x_new; x_mem]      (lit_modules.lra_update)
+        meta = none:  KD(theta) on [x_new; x_mem]   (the adversarial DFKD baseline with replay)
+        SGD step of the student (lr 0.1, momentum 0.9, wd 5e-4, cosine over all generator steps)
+
+The student loss is L1 between logits. ``memory_slots: 0`` turns the memory off (plain adversarial
+DFKD without replay; then ``meta`` must be ``none``).
+
+**Epochs and steps.** An epoch is ``steps_per_epoch`` generator steps of the datamodule
+(:class:`datamodules.data_free.DataFreeDataModule`; LRA's code: 72 at batch 512), each followed by
+``student_steps`` student steps. ``trainer.global_step`` counts generator steps (``max_steps`` is in
+generator steps; the student's optimizer steps are not counted). The memory receives
+``memory_per_push`` images of the last generated batch at the end of every
+``memory_push_every_n_epochs``-th epoch (epochs 0, 5, 10, ... as the public code), into a cyclic buffer
+of ``memory_slots`` slots; a student step replays one slot chosen at random.
+
+**Retention.** Each validation (``val_check_interval``, by default once per epoch) measures the student's
+accuracy on the real test set of the teacher's task: ``val/acc`` is the accuracy curve over generator
+steps; ``retention/drops`` counts the evaluations where it fell and ``retention/drop_total`` sums the
+falls (accuracy as a fraction, so 0.012 = 1.2 points); ``retention/max_drop`` is the largest. The curve
+is also written to ``<run>/retention_curve.json``. Generated images (sorted by the teacher's class) are
+logged as ``lra/generated`` grids.
+
+**Distributed.** ``batch_size`` and ``memory_per_push`` are per device. Every gradient is taken with
+``torch.autograd.grad`` on explicit tensors of the unwrapped networks (``torch.func.functional_call`` for
+the student), never through the DDP wrapper, and averaged across ranks explicitly; the student update is
+then the one of one process on the global batch (tested). The memory holds the pushes of all ranks
+(``all_gather``), so it is identical everywhere and rank 0's checkpoint restores it for every rank. As
+with DDP's BatchNorm, the generator's BatchNorm and the class-balance term see each rank's batch.
+
+**Resume.** The memory (content, fill count, next position), the accuracy curve and the drop counts
+are stored in the checkpoint; every random draw (latents, memory slot) is seeded by ``(seed, rank,
+generator step, student step)``, so a run resumed from ``last.ckpt`` continues as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import Tensor
+
+from callbacks.atomic_io import atomic_write_json
+from callbacks.image_grid import log_image_grid
+from datamodules.errors import CvlabError
+from lit_modules.lra_losses import GeneratorLossWeights, generator_loss
+from lit_modules.lra_update import MetaMode, Reduce, all_reduce_mean, no_reduce, student_gradients
+from lit_modules.nets import create_generator, create_net
+from lit_modules.optim import ScheduleName, build_optimizer, build_schedule
+from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher, read_checkpoint
+
+
+class ImageSizeMismatchError(CvlabError):
+    """The teacher, the generator and the data disagree about the image shape."""
+
+
+def _seed(*keys: int) -> int:
+    h = 0
+    for k in keys:
+        h = (h * 1_000_003 + int(k)) % (2**61 - 1)
+    return h
+
+
+class CyclicMemory:
+    """LRA's memory of generated images: ``slots`` batches; a push overwrites the oldest slot (cyclic
+    position), a replay reads one filled slot chosen at random.
+
+    ``images`` is ``(slots, n, C, H, W)`` once the first batch is pushed. ``state_dict`` holds plain
+    tensors and ints (a ``weights_only`` checkpoint loads it).
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.images: Tensor | None = None
+        self.count = 0  # filled slots
+        self.pos = 0  # the slot the next push writes
+
+    def __len__(self) -> int:
+        return self.count
+
+    def push(self, x: Tensor) -> None:
+        """Store ``x`` ``(n, C, H, W)`` (detached) in the next slot."""
+        if self.slots < 1:
+            return
+        if self.images is None:
+            self.images = x.new_zeros((self.slots, *x.shape))
+        if x.shape != self.images.shape[1:]:
+            raise ValueError(f"memory slots hold {tuple(self.images.shape[1:])}, got a batch of {tuple(x.shape)}")
+        self.images[self.pos] = x.detach()
+        self.pos = (self.pos + 1) % self.slots
+        self.count = min(self.count + 1, self.slots)
+
+    def sample(self, seed: int) -> Tensor | None:
+        """One filled slot chosen uniformly by ``seed`` (host-side draw: no device sync); ``None`` if empty."""
+        if self.count == 0:
+            return None
+        g = torch.Generator().manual_seed(seed)
+        return self.images[int(torch.randint(self.count, (1,), generator=g))]
+
+    def to(self, device: torch.device) -> CyclicMemory:
+        if self.images is not None:
+            self.images = self.images.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"slots": self.slots, "count": self.count, "pos": self.pos,
+                "images": None if self.images is None else self.images.detach().cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["slots"] != self.slots:
+            raise CvlabError(f"the checkpoint's memory has {state['slots']} slots but memory_slots is {self.slots}")
+        self.count, self.pos, self.images = int(state["count"]), int(state["pos"]), state["images"]
+
+
+def _trained_image_size(path: str) -> int | None:
+    """The image size a cvlab teacher checkpoint was trained at (``None`` for a plain state_dict)."""
+    ckpt = read_checkpoint(path)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt.get("hyper_parameters"), dict) else None
+    return int(hp["image_size"]) if hp and hp.get("image_size") is not None else None
+
+
+class AdversarialKD(L.LightningModule):
+    """Adversarial data-free KD with the LRA student update (see the module docstring).
+
+    Args:
+        teacher: the teacher checkpoint (a cvlab ClassifierModule checkpoint, or a state_dict with
+            ``teacher_arch``).
+        teacher_arch: the teacher's architecture, only for a plain state_dict.
+        arch, arch_kwargs: the student (LRA: ``lenet5_half`` for MNIST/FMNIST, ``resnet18`` for CIFAR/SVHN).
+        num_classes, in_channels, image_size: the task; the generator makes ``in_channels x image_size^2``
+            images, which must be what the teacher was trained on and what the datamodule holds.
+        meta: ``second_order`` (LRA), ``first_order`` (no Hessian term, cheaper) or ``none`` (baseline).
+        batch_size: generated images per step and device (512).
+        student_steps: student steps per generator step (10).
+        generator, latent_dim, generator_kwargs: the generator by name (``dafl``), its z size (1000) and
+            keyword arguments (:class:`lit_modules.nets.generator.DAFLGenerator`).
+        lr, momentum, weight_decay, lr_schedule: the student's SGD (0.1, 0.9, 5e-4, cosine).
+        generator_lr: Adam learning rate of the generator (0.02).
+        inner_lr, inner_weight_decay: the acquisition step (0.9; 5e-4 as the public code's inner SGD).
+        weight_one_hot, weight_balance, weight_activation, weight_disagreement: generator loss weights
+            (1, 5, 0.1, 1); ``js_temperature``: temperature of the disagreement term (3).
+        memory_slots: slots of the cyclic memory (10; 0 disables memory and replay).
+        memory_per_push: images pushed per device (default ``batch_size // 8``).
+        memory_push_every_n_epochs: push at the end of epochs 0, n, 2n, ... (5).
+        image_every_n_epochs: generated-image grid cadence (and at the end of training).
+        channels_last: run generator, teacher and student in channels-last memory format.
+        bf16_generator: run the generator under bf16 autocast (its images are cast back to float32
+            for teacher and student): about 2x faster generation on a CPU with AVX512-BF16 and on GPUs.
+        seed: seeds the latents and the memory draws.
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        teacher_arch: str | None = None,
+        arch: str = "lenet5_half",
+        arch_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 32,
+        meta: MetaMode = "second_order",
+        batch_size: int = 512,
+        student_steps: int = 10,
+        generator: str = "dafl",
+        latent_dim: int = 1000,
+        generator_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_schedule: ScheduleName = "cosine",
+        generator_lr: float = 0.02,
+        inner_lr: float = 0.9,
+        inner_weight_decay: float = 5e-4,
+        weight_one_hot: float = 1.0,
+        weight_balance: float = 5.0,
+        weight_activation: float = 0.1,
+        weight_disagreement: float = 1.0,
+        js_temperature: float = 3.0,
+        memory_slots: int = 10,
+        memory_per_push: int | None = None,
+        memory_push_every_n_epochs: int = 5,
+        image_every_n_epochs: int = 5,
+        channels_last: bool = False,
+        bf16_generator: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if meta not in ("none", "first_order", "second_order"):
+            raise CvlabError(f"meta must be none, first_order or second_order; got {meta!r}")
+        if memory_slots < 0 or batch_size < 1 or student_steps < 1 or memory_push_every_n_epochs < 1:
+            raise CvlabError("memory_slots must be >= 0; batch_size, student_steps and memory_push_every_n_epochs >= 1")
+        if meta != "none" and memory_slots == 0:
+            raise CvlabError(f"meta: {meta} replays memory on the adapted weights; it needs memory_slots >= 1 "
+                             "(or set meta: none for plain adversarial DFKD)")
+        self.memory_per_push = memory_per_push if memory_per_push is not None else max(1, batch_size // 8)
+        if not 1 <= self.memory_per_push <= batch_size:
+            raise CvlabError(f"memory_per_push must be in [1, batch_size={batch_size}]; got {self.memory_per_push}")
+
+        self.teacher = self._load_teacher(teacher, teacher_arch, num_classes, in_channels, image_size)
+        self.net = create_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                              **(arch_kwargs or {}))
+        gkw = {"channels_last": channels_last, **(generator_kwargs or {})}
+        self.generator = create_generator(generator, latent_dim=latent_dim, out_channels=in_channels,
+                                          image_size=image_size, **gkw)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+            self.teacher.to(memory_format=torch.channels_last)
+        self.loss_weights = GeneratorLossWeights(weight_one_hot, weight_balance, weight_activation, weight_disagreement)
+        acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc, self.test_acc, self.test_teacher_acc = acc.clone(), acc.clone(), acc.clone()
+
+        self.memory = CyclicMemory(memory_slots)
+        self.acc_curve: list[list[float]] = []  # [[generator step, test accuracy], ...]
+        self.drops, self.drop_total, self.max_drop = 0, 0.0, 0.0
+        self._last_new: Tensor | None = None  # the last generated batch (memory pushes, image grids)
+        self._reduce: Reduce = no_reduce
+        self._mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    # --- construction checks ----------------------------------------------------------------------
+    @staticmethod
+    def _load_teacher(path: str, arch: str | None, k: int, c: int, s: int) -> FrozenTeacher:
+        trained = _trained_image_size(path)
+        if trained is not None and trained != s:
+            raise ImageSizeMismatchError(
+                f"teacher/generator image-size mismatch: the teacher {path} was trained on {trained}x{trained} images "
+                f"but the generator is configured for {s}x{s}; set --model.init_args.image_size {trained} "
+                f"(and the datamodule's image_size to {trained})"
+            )
+        try:
+            teacher = load_teacher(path, arch=arch, num_classes=k, in_channels=c, image_size=s)
+        except TeacherLoadError as e:
+            if trained is not None:
+                raise
+            raise ImageSizeMismatchError(  # a plain state_dict records no image size: say what it may be
+                f"{e}; if the teacher was trained on images other than {c}x{s}x{s}, this is a teacher/generator "
+                f"image-size mismatch: set --model.init_args.image_size (and in_channels) to what it was trained on"
+            ) from None
+        try:
+            with torch.no_grad():
+                out = teacher(torch.zeros(2, c, s, s))
+        except RuntimeError as e:
+            raise ImageSizeMismatchError(
+                f"teacher/generator image-size mismatch: the teacher {path} cannot take the generator's {c}x{s}x{s} "
+                f"images ({str(e).strip().splitlines()[0]}); set --model.init_args.image_size / in_channels to what it "
+                "was trained on"
+            ) from None
+        if out.shape[-1] != k:
+            raise CvlabError(f"teacher {path} has {out.shape[-1]} classes but the student is configured for {k}")
+        return teacher
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        self._reduce = all_reduce_mean if self.trainer.world_size > 1 else no_reduce
+        if dm is None:
+            return
+        hp = self.hparams
+        found = {k: getattr(dm, k, getattr(hp, k)) for k in ("num_classes", "in_channels", "image_size")}
+        if found["image_size"] != hp.image_size:
+            raise ImageSizeMismatchError(
+                f"the generator and teacher use {hp.image_size}x{hp.image_size} images but {type(dm).__name__} gives "
+                f"{found['image_size']}x{found['image_size']}; set the task's image_size to {hp.image_size}"
+            )
+        diff = [f"{k}: model {getattr(hp, k)} vs data {v}" for k, v in found.items() if v != getattr(hp, k)]
+        if diff:
+            raise CvlabError(f"model and data disagree ({', '.join(diff)}); set --model.init_args.<key> to match")
+        if hasattr(dm, "mean") and hasattr(dm, "std"):
+            self._mean_std = (tuple(dm.mean), tuple(dm.std))
+
+    def on_train_start(self) -> None:
+        self.memory.to(self.device)
+
+    # --- the algorithm ------------------------------------------------------------------------------
+    def _latent(self, step: int, k: int) -> Tensor:
+        """``(batch_size, latent_dim)`` standard normal, seeded by (seed, rank, generator step, student step)."""
+        hp = self.hparams
+        g = torch.Generator(device=self.device).manual_seed(_seed(hp.seed, self.global_rank, step, k + 1))
+        return torch.randn(hp.batch_size, hp.latent_dim, generator=g, device=self.device)
+
+    def generate(self, z: Tensor) -> Tensor:
+        """``G(z)`` as float32 ``(B, C, H, W)`` (under bf16 autocast with ``bf16_generator``)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.hparams.bf16_generator):
+            x = self.generator(z)
+        return x.float()
+
+    def _set_grads_and_step(self, opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]) -> None:
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def generator_step(self, step: int, opt: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Update G to make confident, class-balanced, strongly activating images on which S and T disagree."""
+        self.generator.train()
+        x = self.generate(self._latent(step, -1))  # (B, C, H, W)
+        feats = self.teacher.forward_features(x)  # (B, D)
+        t = self.teacher.get_classifier()(feats)  # (B, K)
+        loss, terms = generator_loss(t, feats, self.net(x), self.loss_weights, self.hparams.js_temperature)
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        grads = self._reduce(list(torch.autograd.grad(loss, params)))
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()  # a LightningOptimizer: this is the step trainer.global_step counts
+        opt.zero_grad()
+        return loss.detach(), {k: v.detach() for k, v in terms.items()}
+
+    def student_step(self, step: int, k: int, opt: torch.optim.Optimizer):
+        """One student update on a fresh generated batch and a replayed memory slot (see lra_update)."""
+        hp = self.hparams
+        with torch.no_grad():
+            x_new = self.generate(self._latent(step, k))  # (B, C, H, W); G in train mode, as the public code
+            x_mem = self._replay(step, k)  # (m, C, H, W) or None
+            x_all = x_new if x_mem is None else torch.cat([x_new, x_mem])
+            t_all = self.teacher(x_all)  # one teacher pass over [new; memory]
+        B = x_new.shape[0]
+        t_new, t_mem = t_all[:B], (None if x_mem is None else t_all[B:])
+        self.net.train()
+        params = dict(self.net.named_parameters())
+        out = student_gradients(self.net, params, dict(self.net.named_buffers()), x_new, t_new, x_mem, t_mem,
+                                hp.meta, hp.inner_lr, hp.inner_weight_decay, reduce=self._reduce)
+        self._set_grads_and_step(opt, list(params.values()), [out.grads[n] for n in params])
+        self._last_new = x_new
+        return out
+
+    def _replay(self, step: int, k: int) -> Tensor | None:
+        """This rank's share of one random memory slot (the same slot on every rank)."""
+        slot = self.memory.sample(_seed(self.hparams.seed, step, k, 7))
+        if slot is None:
+            return None
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return slot.view(world, -1, *slot.shape[1:])[rank]  # pushes are gathered rank-major
+
+    def training_step(self, batch: int, batch_idx: int) -> dict[str, Tensor]:
+        hp = self.hparams
+        opt_s, opt_g = self.optimizers()
+        step = self.global_step  # generator steps done so far
+        g_loss, terms = self.generator_step(step, opt_g)
+        for k in range(hp.student_steps):
+            s = self.student_step(step, k, opt_s.optimizer)  # the raw optimizer: not counted as a global step
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self.log("train/kd", s.kd, prog_bar=True)
+        if s.retain is not None:
+            self.log("train/acquire", s.acquire)
+            self.log("train/retain", s.retain)
+        self.log("train/generator_loss", g_loss)
+        for name, v in terms.items():
+            self.log(f"train/g_{name}", v)
+        self.log("train/memory_slots", float(len(self.memory)))
+        self.log("train/lr", opt_s.optimizer.param_groups[0]["lr"])
+        return {"loss": s.kd + g_loss}  # checked for NaN by the CLI's StopOnNonFiniteLoss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        hp = self.hparams
+        if batch_idx + 1 != self.trainer.num_training_batches:  # the epoch's last generator step
+            return
+        if hp.memory_slots and self.current_epoch % hp.memory_push_every_n_epochs == 0:
+            x = self._last_new[: self.memory_per_push]
+            if self.trainer.world_size > 1:
+                x = self.all_gather(x).flatten(0, 1)  # (world * m, C, H, W), rank-major
+            self.memory.push(x)
+        if self.current_epoch % hp.image_every_n_epochs == 0:
+            self._log_images()
+
+    def on_train_end(self) -> None:
+        self._log_images()
+
+    @torch.no_grad()
+    def _log_images(self) -> None:
+        if self._last_new is None or not self.trainer.is_global_zero:
+            return
+        x = self._last_new[:100]
+        order = torch.argsort(self.teacher(x).argmax(-1), stable=True)  # grouped by the teacher's class
+        x = x[order].float()
+        if self._mean_std is not None:
+            mean, std = self._mean_std
+            x = x * torch.tensor(std, device=x.device).view(1, -1, 1, 1) + torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+        else:  # min-max per image
+            lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+            x = (x - lo) / (hi - lo).clamp_min(1e-8)
+        log_image_grid(self.trainer, "lra/generated", x.clamp(0, 1), nrow=10, caption="sorted by the teacher's class")
+
+    # --- retention: accuracy on the real test set ----------------------------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc.update(self.net(x), y)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()  # synced over ranks
+        self.val_acc.reset()
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
+        if self.trainer.sanity_checking:
+            return
+        self.record_accuracy(self.global_step, float(acc))
+        # the same numbers on every rank (acc is synced): sync_dist only keeps Lightning's DDP check quiet
+        self.log("retention/drops", float(self.drops), sync_dist=True)
+        self.log("retention/drop_total", self.drop_total, sync_dist=True)
+        self.log("retention/max_drop", self.max_drop, sync_dist=True)
+        self.log("retention/best_acc", max(a for _, a in self.acc_curve), sync_dist=True)
+        if self.trainer.is_global_zero and self.trainer.default_root_dir:
+            atomic_write_json(Path(self.trainer.default_root_dir) / "retention_curve.json", self.retention_summary())
+
+    def record_accuracy(self, step: int, acc: float) -> None:
+        """Append a point to the accuracy curve; a fall from the previous point is a drop."""
+        if self.acc_curve and acc < self.acc_curve[-1][1]:
+            fall = self.acc_curve[-1][1] - acc
+            self.drops += 1
+            self.drop_total += fall
+            self.max_drop = max(self.max_drop, fall)
+        self.acc_curve.append([int(step), acc])
+
+    def retention_summary(self) -> dict[str, Any]:
+        return {"generator_step": [int(s) for s, _ in self.acc_curve], "acc": [a for _, a in self.acc_curve],
+                "drops": self.drops, "drop_total": self.drop_total, "max_drop": self.max_drop}
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self.net(x), y)
+        self.test_teacher_acc(self.teacher(x), y)
+        self.log("test/acc", self.test_acc)
+        self.log("test/teacher_acc", self.test_teacher_acc)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # --- optimizers and checkpoint state ---------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_s = build_optimizer(self.net.parameters(), "sgd", hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.generator_lr)
+        sched = build_schedule(opt_s, hp.lr_schedule, self.trainer.estimated_stepping_batches)
+        return [opt_s, opt_g], ([sched] if sched is not None else [])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lra"] = {
+            "memory": self.memory.state_dict(),
+            "acc_curve": [list(p) for p in self.acc_curve],
+            "drops": self.drops, "drop_total": self.drop_total, "max_drop": self.max_drop,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lra")
+        if state is None:
+            return
+        self.memory.load_state_dict(state["memory"])
+        self.acc_curve = [[int(s), float(a)] for s, a in state["acc_curve"]]
+        self.drops, self.drop_total, self.max_drop = int(state["drops"]), float(state["drop_total"]), float(state["max_drop"])
