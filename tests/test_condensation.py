@@ -162,7 +162,7 @@ class _NoParams(nn.Module):
 def test_architecture_without_parameters_fails_clearly(monkeypatch: pytest.MonkeyPatch):
     from lit_modules.nets import registry
 
-    monkeypatch.setitem(registry._NETS, "dc_test_noparams", lambda **kw: _NoParams())  # only for this test
+    monkeypatch.setitem(registry.NETS._builders, "dc_test_noparams", lambda **kw: _NoParams())  # only for this test
     with pytest.raises(CvlabError, match="no trainable parameters"):
         check_matchable(_NoParams())
     with pytest.raises(CvlabError, match="no trainable parameters"):
