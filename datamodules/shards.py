@@ -53,3 +53,10 @@ def shard_folder(trainer: L.Trainer | None) -> Path | None:
         if hasattr(cb, "resolve_folder"):
             return Path(cb.resolve_folder(trainer))
     return None
+
+
+def all_shards_on_rank_zero(trainer: L.Trainer) -> dict[str, Tensor] | None:
+    """At the end of a sharded predict run: wait until every rank has written its shards, then return
+    them all (:func:`load_shards`) on global rank zero and ``None`` on the other ranks."""
+    trainer.strategy.barrier()
+    return load_shards(shard_folder(trainer)) if trainer.is_global_zero else None

@@ -29,7 +29,7 @@ from torch import Tensor
 from callbacks.image_grid import log_image_grid
 from callbacks.metrics_json import merge_metrics
 from callbacks.shard_writer import check_manifest, with_shard_writer
-from datamodules.shards import load_shards, shard_folder
+from datamodules.shards import all_shards_on_rank_zero, shard_folder
 from datamodules.errors import CvlabError
 from lit_modules.data_impressions import Renormalize, class_similarity, dirichlet_targets, final_linear
 from lit_modules.kd import soft_cross_entropy
@@ -164,10 +164,9 @@ class DataImpressionSynthesizer(L.LightningModule):
         return update
 
     def on_predict_end(self) -> None:
-        self.trainer.strategy.barrier()  # every rank's shards are written
-        if not self.trainer.is_global_zero:
+        r = all_shards_on_rank_zero(self.trainer)
+        if r is None:
             return
-        r = load_shards(shard_folder(self.trainer))
         n, wall = r["index"].numel(), time.perf_counter() - self._t0
         merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", {
             "synthesis/num_impressions": float(n),

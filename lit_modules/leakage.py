@@ -25,7 +25,7 @@ from torch import Tensor
 from callbacks.image_grid import log_image_grid
 from callbacks.metrics_json import merge_metrics
 from callbacks.shard_writer import check_manifest, with_shard_writer
-from datamodules.shards import load_shards, shard_folder
+from datamodules.shards import all_shards_on_rank_zero, shard_folder
 from lit_modules.batched_optim import BatchedResult, batched_adam, batched_lbfgs
 from lit_modules.gradient_leakage import (
     Method,
@@ -177,10 +177,9 @@ class LeakageAttack(L.LightningModule):
 
     # --- summary -------------------------------------------------------------------------------------------
     def on_predict_end(self) -> None:
-        self.trainer.strategy.barrier()  # every rank's shards are written
-        if not self.trainer.is_global_zero:
+        r = all_shards_on_rank_zero(self.trainer)
+        if r is None:
             return
-        r = load_shards(shard_folder(self.trainer))
         metrics = summarize(r)
         metrics["attack/wall_s"] = time.perf_counter() - self._t0
         merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", metrics)
