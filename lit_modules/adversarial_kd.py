@@ -152,6 +152,7 @@ class AdversarialKD(L.LightningModule):
         lr, momentum, weight_decay, lr_schedule: the student's SGD (0.1, 0.9, 5e-4, cosine).
         generator_lr: Adam learning rate of the generator (0.02).
         inner_lr, inner_weight_decay: the acquisition step (0.9; 5e-4 as the public code's inner SGD).
+        retain_weight: weight of the retention term in the meta objective (1.0 in the paper; see lra_update).
         weight_one_hot, weight_balance, weight_activation, weight_disagreement: generator loss weights
             (1, 5, 0.1, 1); ``js_temperature``: temperature of the disagreement term (3).
         memory_slots: slots of the cyclic memory (10; 0 disables memory and replay).
@@ -186,6 +187,7 @@ class AdversarialKD(L.LightningModule):
         generator_lr: float = 0.02,
         inner_lr: float = 0.9,
         inner_weight_decay: float = 5e-4,
+        retain_weight: float = 1.0,
         weight_one_hot: float = 1.0,
         weight_balance: float = 5.0,
         weight_activation: float = 0.1,
@@ -204,6 +206,8 @@ class AdversarialKD(L.LightningModule):
         self.automatic_optimization = False
         if meta not in ("none", "first_order", "second_order"):
             raise CvlabError(f"meta must be none, first_order or second_order; got {meta!r}")
+        if retain_weight < 0:
+            raise CvlabError(f"retain_weight must be >= 0; got {retain_weight}")
         if memory_slots < 0 or batch_size < 1 or student_steps < 1 or memory_push_every_n_epochs < 1:
             raise CvlabError("memory_slots must be >= 0; batch_size, student_steps and memory_push_every_n_epochs >= 1")
         if meta != "none" and memory_slots == 0:
@@ -333,7 +337,8 @@ class AdversarialKD(L.LightningModule):
         self.net.train()
         params = dict(self.net.named_parameters())
         out = student_gradients(self.net, params, dict(self.net.named_buffers()), x_new, t_new, x_mem, t_mem,
-                                hp.meta, hp.inner_lr, hp.inner_weight_decay, reduce=self._reduce)
+                                hp.meta, hp.inner_lr, hp.inner_weight_decay, reduce=self._reduce,
+                                retain_weight=hp.retain_weight)
         self._set_grads_and_step(opt, list(params.values()), [out.grads[n] for n in params])
         self._last_new = x_new
         return out

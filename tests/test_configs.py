@@ -61,6 +61,9 @@ SMOKE: list[tuple[str, str, list[str]]] = [
      "--data.init_args.pool.init_args.size=32"]),
 ]
 
+#: overlay configs (budget settings to stack after a full config) -> the config they are tested on top of
+OVERLAYS = {"experiments/lra/mnist/cpu_hour.yaml": "experiments/lra/mnist/lra.yaml"}
+
 GENERIC = [
     "--trainer.max_steps=2",
     "--trainer.max_epochs=1",
@@ -137,13 +140,17 @@ def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkey
     if _is_pipeline(spec):
         run_pipeline(REPO / config, root=tmp_path / "runs", dry_run=True)
         return
+    base = OVERLAYS.get(config, config)
     sub, extra = "fit", []
     for pattern, s, e in SMOKE:
         if fnmatch.fnmatch(config, pattern):
             sub, extra = s, e
             break
+    if base != config:
+        spec = yaml.safe_load((REPO / base).read_text())
     data_cls = (spec.get("data") or {}).get("class_path", "")
-    args = [sub, f"--config={config}", *GENERIC, *DATA_SHRINK.get(data_cls, [])]
+    configs = [f"--config={base}"] + ([f"--config={config}"] if base != config else [])
+    args = [sub, *configs, *GENERIC, *DATA_SHRINK.get(data_cls, [])]
     if "batch_size" in _init_params(data_cls) and data_cls != "datamodules.ShapesDataModule":
         args.append("--data.init_args.batch_size=8")
     cli = run_cli(*args, *[os.path.expandvars(e) for e in extra], run_dir=tmp_path / "run")

@@ -145,9 +145,10 @@ def _linear_problem(seed: int = 0):
     return net, x_new, x_mem, t_new, t_mem
 
 
-def _grads(net, x_new, x_mem, t_new, t_mem, mode, lr, wd, loss_fn=l1_kd_loss):
+def _grads(net, x_new, x_mem, t_new, t_mem, mode, lr, wd, loss_fn=l1_kd_loss, retain_weight=1.0):
     params = dict(net.named_parameters())
-    return meta_gradients(net, params, {}, x_new, t_new, x_mem, t_mem, mode, lr, wd, loss_fn).grads["weight"]
+    return meta_gradients(net, params, {}, x_new, t_new, x_mem, t_mem, mode, lr, wd, loss_fn,
+                          retain_weight=retain_weight).grads["weight"]
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.05])
@@ -172,6 +173,11 @@ def test_meta_gradient_matches_the_hand_computed_second_order_form(wd: float) ->
     # first order = the same with the second-order (Hessian) term removed
     torch.testing.assert_close(_grads(net, xn, xm, tn, tm, "first_order", a, wd, _mse), first, atol=1e-5, rtol=1e-5)
     assert (second - first).abs().max() > 1e-3  # the Hessian term is really there
+    # retain_weight w scales the whole retention part: g_kd + w ((1 - a l) v - a H v)
+    w = 0.25
+    weighted = g_kd + w * ((1 - a * wd) * v - a * hess_v)
+    torch.testing.assert_close(_grads(net, xn, xm, tn, tm, "second_order", a, wd, _mse, w), weighted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_grads(net, xn, xm, tn, tm, "second_order", a, wd, _mse, 0.0), g_kd, atol=1e-5, rtol=1e-5)
 
 
 def test_meta_gradient_with_l1_kd_has_no_second_order_term_on_a_linear_student() -> None:
@@ -344,6 +350,8 @@ def test_bad_options_fail_clearly(tmp_path: Path) -> None:
         _module(teacher, memory_slots=0, meta="second_order")
     with pytest.raises(CvlabError, match="memory_per_push must be in"):
         _module(teacher, memory_per_push=100)
+    with pytest.raises(CvlabError, match="retain_weight must be >= 0"):
+        _module(teacher, retain_weight=-1.0)
     _module(teacher, memory_slots=0, meta="none")  # plain adversarial DFKD without replay is fine
 
 
