@@ -303,7 +303,7 @@ class AdversarialKD(L.LightningModule):
             x = self.generator(z)
         return x.float()
 
-    def _set_grads_and_step(self, opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _set_grads_and_step(self, opt: Any, params: list[Tensor], grads: list[Tensor]) -> None:
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
@@ -317,11 +317,8 @@ class AdversarialKD(L.LightningModule):
         t = self.teacher.get_classifier()(feats)  # (B, K)
         loss, terms = generator_loss(t, feats, self.net(x), self.loss_weights, self.hparams.js_temperature)
         params = [p for p in self.generator.parameters() if p.requires_grad]
-        grads = self._reduce(list(torch.autograd.grad(loss, params)))
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()  # a LightningOptimizer: this is the step trainer.global_step counts
-        opt.zero_grad()
+        # opt is the LightningOptimizer: its step is the one trainer.global_step counts
+        self._set_grads_and_step(opt, params, self._reduce(list(torch.autograd.grad(loss, params))))
         return loss.detach(), {k: v.detach() for k, v in terms.items()}
 
     def student_step(self, step: int, k: int, opt: torch.optim.Optimizer):
