@@ -40,7 +40,8 @@ def log_image_grid(
     step = step if step is not None else (trainer.global_step if trainer is not None else 0)
     for logger in trainer.loggers if trainer is not None else []:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[grid], step=step, caption=[caption] if caption else None)
+            extra = {"caption": [caption]} if caption else {}  # WandbLogger takes no caption=None
+            logger.log_image(key=key, images=[grid], step=step, **extra)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, grid, global_step=step)
     root = Path(out_dir) if out_dir is not None else (Path(trainer.default_root_dir) if trainer is not None else None)

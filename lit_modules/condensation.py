@@ -74,6 +74,8 @@ class DatasetCondensation(L.LightningModule):
             branch and its second-order gradients stay float32).
         compile_real: ``torch.compile`` the real-data gradient function (needs a C++ compiler on
             CPU / Triton on GPU; the first outer iteration compiles).
+        real_chunk: pass each class's real batch in chunks of this many images (the same gradient;
+            faster on CPU, where smaller activations stay in cache; None: the whole batch at once).
         image_every_n_steps, save_every_n_steps: grid image / ``condensed.pt`` cadence (and at the end).
         eval_*: the evaluation protocol run by ``test`` (after ``fit`` by default): ``eval_num_nets``
             fresh networks of each of ``eval_archs`` trained with the paper's recipe on the condensed
@@ -107,6 +109,7 @@ class DatasetCondensation(L.LightningModule):
         class_mode: ClassMode = "auto",
         bf16_real: bool = False,
         compile_real: bool = False,
+        real_chunk: int | None = None,
         image_every_n_steps: int = 100,
         save_every_n_steps: int = 100,
         eval_num_nets: int = 10,
@@ -215,7 +218,8 @@ class DatasetCondensation(L.LightningModule):
             hp = self.hparams
             mode = resolve_class_mode(hp.class_mode, self.device)
             net = self._make_net().to(self.device)
-            self._engine.append((net, RealGradients(net, mode, bf16=hp.bf16_real, compile=hp.compile_real), mode))
+            real = RealGradients(net, mode, bf16=hp.bf16_real, compile=hp.compile_real, chunk=hp.real_chunk)
+            self._engine.append((net, real, mode))
         return self._engine[0]
 
     def _fresh_net(self, it: int) -> nn.Module:

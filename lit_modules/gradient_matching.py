@@ -137,11 +137,18 @@ class RealGradients:
     - ``bf16``: bf16 autocast of the forward/backward (results returned in float32); the synthetic
       branch, whose second-order gradients reach the images, stays float32;
     - ``compile``: ``torch.compile`` the per-class gradient function (fuses the norm, activation and
-      pooling passes around the convolutions; the first call compiles, ~20-40 s on CPU).
+      pooling passes around the convolutions; the first call compiles, ~20-40 s on CPU);
+    - ``chunk``: pass each class's real batch through in chunks of this many images and sum the
+      chunk gradients weighted by their share of the batch (the same mean gradient, up to float
+      summation order; smaller activations stay in cache on a CPU). Exact for networks without
+      cross-sample coupling: per-sample norms (ConvNet's instance norm) or BatchNorm in eval mode,
+      which is how condensation uses BatchNorm; a BatchNorm in training mode is refused.
     """
 
     def __init__(self, net: nn.Module, mode: Literal["batched", "loop"] = "loop", bf16: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, chunk: int | None = None) -> None:
+        if chunk is not None and chunk < 1:
+            raise CvlabError(f"real-gradient chunk must be a positive number of images or None; got {chunk}")
         def loss(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             return F.cross_entropy(functional_call(net, (p, b), (x,)), y)
 
@@ -149,19 +156,31 @@ class RealGradients:
         if mode == "batched":
             fn = vmap(fn, in_dims=(None, None, 0, 0))
         self.fn = torch.compile(fn, dynamic=False) if compile else fn
-        self.mode, self.bf16 = mode, bf16
+        self.mode, self.bf16, self.chunk, self.net = mode, bf16, chunk, net
 
     @torch.no_grad()
     def __call__(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """``x (K, B, C, H, W)``, ``y (K, B)`` -> ``{name: (K, *param.shape)}`` float32."""
         params = {n: p.detach() for n, p in params.items()}
+        b = x.shape[1]
+        step = b if self.chunk is None else min(self.chunk, b)
+        if step < b and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.net.modules()):
+            raise CvlabError("real-gradient chunks would change the statistics of a BatchNorm in training mode; "
+                             "put BatchNorm in eval mode (as condensation does) or leave chunk unset")
+        out: dict[str, Tensor] = {}
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.mode == "batched":
-                out = self.fn(params, buffers, x, y)
-            else:
-                each = [self.fn(params, buffers, x[k], y[k]) for k in range(x.shape[0])]
-                out = {n: torch.stack([g[n] for g in each]) for n in each[0]}
-        return {n: g.float() for n, g in out.items()}
+            for i in range(0, b, step):
+                xc, yc = x[:, i : i + step], y[:, i : i + step]
+                if self.mode == "batched":
+                    part = self.fn(params, buffers, xc, yc)
+                else:
+                    each = [self.fn(params, buffers, xc[k], yc[k]) for k in range(x.shape[0])]
+                    part = {n: torch.stack([g[n] for g in each]) for n in each[0]}
+                w = xc.shape[1] / b  # each chunk's mean gradient, weighted by its share of the batch
+                for n, g in part.items():
+                    g = g.float()
+                    out[n] = g.mul_(w) if n not in out else out[n].add_(g, alpha=w)
+        return out
 
 
 def match_loss(

@@ -104,7 +104,7 @@ class DataImpressionSynthesizer(L.LightningModule):
         self.save_hyperparameters()
         self.teacher = load_teacher(teacher, arch=teacher_arch)
         self.similarity = class_similarity(final_linear(self.teacher).weight)  # (K, K), fails early without one
-        self._t0 = 0.0
+        self._t0, self._summarized = 0.0, False
 
     def configure_callbacks(self) -> list[L.Callback]:
         return with_shard_writer(self._trainer)
@@ -164,17 +164,29 @@ class DataImpressionSynthesizer(L.LightningModule):
         return update
 
     def on_predict_end(self) -> None:
+        self._summarize(wall=time.perf_counter() - self._t0)
+
+    def teardown(self, stage: str) -> None:
+        # a resumed run whose shards are all written has no batches: Lightning skips the predict loop
+        # and its hooks, so summarise (metrics, grid) here; the earlier run's wall time is kept
+        if stage == "predict" and not self._summarized and getattr(self, "targets", None) is not None:
+            self._summarize(wall=None)
+
+    def _summarize(self, wall: float | None) -> None:
+        self._summarized = True
         r = all_shards_on_rank_zero(self.trainer)
         if r is None:
             return
-        n, wall = r["index"].numel(), time.perf_counter() - self._t0
-        merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", {
+        n = r["index"].numel()
+        metrics = {
             "synthesis/num_impressions": float(n),
             "synthesis/loss_start_mean": r["loss_start"].mean().item(),
             "synthesis/loss_mean": r["loss"].mean().item(),
             "synthesis/teacher_agrees_with_target": (r["teacher_pred"] == r["target"].argmax(-1)).float().mean().item(),
-            "synthesis/wall_s": wall,
-        })
+        }
+        if wall is not None:
+            metrics["synthesis/wall_s"] = wall
+        merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", metrics)
         k, per = self.similarity.shape[0], self.hparams.grid_per_class
         order = r["class"].argsort(stable=True)  # grouped by class, in index order
         counts = torch.bincount(r["class"], minlength=k)

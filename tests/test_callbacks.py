@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -52,6 +53,25 @@ def test_image_grid_and_png(tmp_path: Path) -> None:
     assert grid.min() >= 0 and grid.max() <= 1
     path = log_image_grid(None, "synthesis/impressions", imgs, out_dir=tmp_path, step=3)
     assert path == tmp_path / "images" / "synthesis_impressions_0000003.png" and path.is_file()
+
+
+@pytest.mark.parametrize("caption", [None, "per class"])
+def test_image_grid_reaches_wandb_and_tensorboard(tmp_path: Path, monkeypatch, caption) -> None:
+    """The default logger is wandb: a grid with or without a caption must log (wandb offline, no network)."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="cvlab-test")
+    tb = TensorBoardLogger(save_dir=str(tmp_path))
+    trainer = L.Trainer(logger=[wb, tb], default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    try:
+        path = log_image_grid(trainer, "synthesis/impressions", torch.rand(4, 1, 8, 8), nrow=2, caption=caption)
+    finally:
+        wb.experiment.finish()
+    assert path is not None and path.is_file()
+    assert list(Path(tb.log_dir).glob("events.out.tfevents.*"))
 
 
 def test_load_shards_drops_ddp_repeats(tmp_path: Path) -> None:

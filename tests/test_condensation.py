@@ -78,20 +78,31 @@ def test_batched_class_matching_equals_per_class_loop():
     torch.testing.assert_close(g_v, g_l, rtol=1e-3, atol=1e-6)
 
 
-def test_real_gradient_engine_modes_agree_and_bf16_stays_close():
+def test_real_gradient_engine_modes_and_chunks_agree_and_bf16_stays_close():
     net = _tiny_net()
     p, b = _params(net)
-    x, y = torch.randn(3, 16, 1, S, S), torch.arange(3)[:, None].expand(3, 16)
+    x, y = torch.randn(3, 10, 1, S, S), torch.arange(3)[:, None].expand(3, 10)
     ref = class_gradients_loop(net, p, b, x, y, False)
     for mode in ("loop", "batched"):
-        got = RealGradients(net, mode)(p, b, x, y)
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+        for chunk in (None, 4, 5, 64):  # whole batch, uneven (4 + 4 + 2), even, larger than the batch
+            got = RealGradients(net, mode, chunk=chunk)(p, b, x, y)
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
     bf = RealGradients(net, "loop", bf16=True)(p, b, x, y)
     for k, g in ref.items():
         assert bf[k].dtype == torch.float32
         if g.dim() > 2:  # conv weights (K, out, in, kh, kw): what the distance compares, row by row
             assert torch.nn.functional.cosine_similarity(bf[k].flatten(2), g.flatten(2), dim=-1).min() > 0.97
+
+
+def test_real_gradient_chunks_refuse_training_mode_batchnorm_and_bad_sizes():
+    x, y = torch.randn(3, 10, 1, S, S), torch.arange(3)[:, None].expand(3, 10)
+    bn = create_net("convnet", 3, 1, S, width=4, depth=2, norm="batchnorm").train()
+    with pytest.raises(CvlabError, match="BatchNorm in training mode"):
+        RealGradients(bn, "loop", chunk=4)(*_params(bn), x, y)
+    RealGradients(bn.eval(), "loop", chunk=4)(*_params(bn), x, y)  # eval-mode BatchNorm: allowed
+    with pytest.raises(CvlabError, match="positive"):
+        RealGradients(bn, "loop", chunk=0)
 
 
 @pytest.mark.slow
@@ -252,3 +263,13 @@ def test_two_process_ddp_gives_the_same_image_update(tmp_path):
 
     one, two = run(1), run(2)
     torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_runs_the_reference_and_our_variants(capsys):
+    """`cvlab bench dc` (not timed here): the public-code-structure reference and our paths all run."""
+    from experiments.benchmarks.dc import main as bench_dc
+
+    assert bench_dc(["--ipc", "1", "--variants", "reference", "loop", "batched", "--width", "8", "--batch-real", "8",
+                     "--chunk", "4", "--iters", "1", "--warmup", "0", "--threads", "1"]) == 0
+    rows = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("1 ")]
+    assert rows == ["reference", "loop", "batched"]

@@ -36,6 +36,7 @@ SMOKE: list[tuple[str, str, list[str]]] = [
     ("experiments/lra/[mf]*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA]),
     ("experiments/lra/cifar100/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x100", *_LRA]),
     ("experiments/lra/*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_LRA]),
+    ("experiments/dc/cpu.yaml", "fit", [*_DC, "--model.init_args.compile_real=false"]),  # compile: a slow test
     ("experiments/dc/*", "fit", _DC),
     ("experiments/idlg/shapes/*.yaml", "predict", [*_IDLG, "--data.init_args.source.init_args.num_train=100",
                                                    "--data.init_args.source.init_args.num_test=20"]),
@@ -62,7 +63,10 @@ SMOKE: list[tuple[str, str, list[str]]] = [
 ]
 
 #: overlay configs (budget settings to stack after a full config) -> the config they are tested on top of
-OVERLAYS = {"experiments/lra/mnist/cpu_hour.yaml": "experiments/lra/mnist/lra.yaml"}
+OVERLAYS = {
+    "experiments/lra/mnist/cpu_hour.yaml": "experiments/lra/mnist/lra.yaml",
+    "experiments/dc/cpu.yaml": "experiments/dc/mnist/ipc1.yaml",
+}
 
 GENERIC = [
     "--trainer.max_steps=2",

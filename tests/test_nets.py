@@ -119,6 +119,43 @@ def test_convnet_variants(norm: str, pooling: str, in_channels: int, image_size:
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("side", [8, 7])  # even; odd (floor mode drops the last row/column)
+def test_convnet_avgpool_equals_avg_pool2d_with_gradients(side: int) -> None:
+    from lit_modules.nets.convnet import AvgPool2x2
+
+    x = torch.randn(3, 5, side, side + 1, requires_grad=True)
+    out = AvgPool2x2()(x)
+    ref = torch.nn.functional.avg_pool2d(x, 2, 2)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, g)
+    (want,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("c", "side", "pad"), [(1, 28, 3), (3, 32, 1), (2, 9, 1)])
+def test_convnet_few_channel_conv_equals_conv2d_to_second_order(c: int, side: int, pad: int) -> None:
+    from lit_modules.nets.convnet import FewChannelConv2d
+
+    torch.manual_seed(0)
+    ref = nn.Conv2d(c, 8, 3, padding=pad).double()
+    mine = FewChannelConv2d(c, 8, 3, padding=pad).double()
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(4, c, side, side, dtype=torch.float64, requires_grad=True)
+    a, b = mine(x), ref(x)
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad(a, [x, mine.weight, mine.bias], g, create_graph=True)
+    gb = torch.autograd.grad(b, [x, ref.weight, ref.bias], g, create_graph=True)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v)
+    # second order (the synthetic branch of gradient matching differentiates a weight gradient)
+    (ha,) = torch.autograd.grad(ga[1].square().sum(), x)
+    (hb,) = torch.autograd.grad(gb[1].square().sum(), x)
+    torch.testing.assert_close(ha, hb)
+    assert isinstance(create_net("convnet", in_channels=c, image_size=side).features[0], FewChannelConv2d)
+
+
 def test_convnet_default_features() -> None:
     assert create_net("convnet", in_channels=3, image_size=32).fc.in_features == 2048
 

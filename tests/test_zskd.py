@@ -174,6 +174,13 @@ def test_synthesis_stage_writes_shards_metrics_grid_and_resumes(tmp_path: Path) 
     assert all(f.exists() for f in shards)
     torch.testing.assert_close(again["image"], r["image"])
     torch.testing.assert_close(again["target"], r["target"])
+    # every shard written (e.g. a run killed while logging): the rerun has no batches, yet summarises
+    (run / "metrics.json").unlink()
+    for f in (run / "images").glob("*.png"):
+        f.unlink()
+    cvlab(_synth_args(teacher, run))
+    assert json.loads((run / "metrics.json").read_text())["synthesis/num_impressions"] == 30
+    assert list((run / "images").glob("synthesis_impressions_per_class*.png"))
 
 
 def test_shard_folder_from_another_config_is_refused(tmp_path: Path) -> None:

@@ -6,20 +6,24 @@ times one match+update and one inner epoch on random MNIST-shaped data and compo
 ``s/outer = outer * t_match + (outer - 1) * inner * t_epoch``.
 
     uv run cvlab bench dc --ipc 1 10 50 --variants loop batched loop+bf16+compile --iters 3
+    uv run cvlab bench dc --ipc 1 --variants reference loop+bf16+compile --chunk 64   # vs the public code's structure
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
 from lit_modules.condensation import PAPER_LOOPS
-from lit_modules.gradient_matching import RealGradients, match_loss
+from lit_modules.gradient_matching import RealGradients, gradient_match_distance, match_loss
 from lit_modules.nets import create_net
+from lit_modules.nets.convnet import AvgPool2x2, FewChannelConv2d
 
 
 def _match_step(net, real_grads: RealGradients, mode: str, images, x_real, ipc: int, opt) -> None:
@@ -35,7 +39,37 @@ def _match_step(net, real_grads: RealGradients, mode: str, images, x_real, ipc: 
     opt.step()
 
 
-VARIANTS = ("loop", "batched", "loop+bf16", "loop+compile", "loop+bf16+compile", "batched+bf16+compile")
+def _reference_net(net: nn.Module) -> nn.Module:
+    """``net`` as the public DC code builds it: stock ``nn.Conv2d`` / ``nn.AvgPool2d`` (same weights)."""
+    ref = copy.deepcopy(net)
+    for parent in ref.modules():
+        for name, m in parent.named_children():
+            if isinstance(m, FewChannelConv2d):
+                conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding)
+                conv.load_state_dict(m.state_dict())
+                setattr(parent, name, conv)
+            elif isinstance(m, AvgPool2x2):
+                setattr(parent, name, nn.AvgPool2d(2, 2))
+    return ref
+
+
+def _reference_step(net: nn.Module, images, x_real, ipc: int, opt) -> None:
+    """One match + image update written the way the public DC code runs it: an ``nn.Module`` in fp32,
+    ``autograd.grad`` per class on the real batch, a ``create_graph`` gradient on the synthetic images."""
+    params = list(net.parameters())
+    loss = images.new_zeros(())
+    for c in range(x_real.shape[0]):
+        y = torch.full((x_real.shape[1],), c, device=x_real.device)
+        g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(x_real[c]), y), params)]
+        g_syn = torch.autograd.grad(F.cross_entropy(net(images[c * ipc : (c + 1) * ipc]), y[:ipc]), params,
+                                    create_graph=True)
+        loss = loss + gradient_match_distance(list(g_syn), g_real)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+VARIANTS = ("reference", "loop", "batched", "loop+bf16", "loop+compile", "loop+bf16+compile", "batched+bf16+compile")
 
 
 @register_benchmark("dc")
@@ -44,8 +78,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     ap.add_argument("--variants", nargs="+", default=["loop", "batched", "loop+bf16+compile"], choices=VARIANTS,
                     help="class mode (loop: per-class passes, batched: vmap over classes) + bf16 real "
-                         "gradients + torch.compile; 'loop' alone is the paper code's computation")
+                         "gradients + torch.compile; 'reference': the public DC code's structure (nn.Module, "
+                         "autograd.grad per class, fp32, stock conv and pooling), the speed bar's yardstick")
     ap.add_argument("--batch-real", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="real images per pass within a class (RealGradients chunk; default: the whole batch)")
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--size", type=int, default=28)
@@ -76,8 +113,12 @@ def main(argv: list[str]) -> int:
         t_epoch = measure(inner_epoch, dev, warmup=1, iters=max(1, args.iters)).seconds_per_iter if outer > 1 else 0.0
         for variant in args.variants:
             mode = variant.split("+")[0]
-            rg = RealGradients(net, mode, bf16="bf16" in variant, compile="compile" in variant)
-            step = lambda: _match_step(net, rg, mode, images, x_real, ipc, opt)  # noqa: E731
+            if variant == "reference":
+                ref = _reference_net(net)
+                step = lambda: _reference_step(ref, images, x_real, ipc, opt)  # noqa: E731
+            else:
+                rg = RealGradients(net, mode, bf16="bf16" in variant, compile="compile" in variant, chunk=args.chunk)
+                step = lambda: _match_step(net, rg, mode, images, x_real, ipc, opt)  # noqa: E731
             if "compile" in variant:
                 step()  # compile outside the timed region (once per run)
             m = measure(step, dev, warmup=args.warmup, iters=args.iters)

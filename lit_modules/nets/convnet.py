@@ -9,6 +9,8 @@ input gives 128 x 4 x 4 = 2048 features. A 28x28 input (MNIST) is padded to 32 b
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.errors import CvlabError
@@ -45,6 +47,44 @@ def _act(act: str) -> nn.Module:
     return nn.ReLU(inplace=True)
 
 
+class FewChannelConv2d(nn.Conv2d):
+    """The first conv (few input channels) of ConvNet: ``nn.Conv2d`` with the same parameters, whose
+    CPU forward is ``unfold`` + one matmul.
+
+    oneDNN has no fast kernel for a 1- or 3-channel input: at the DC real-gradient shape (256 MNIST
+    images, 1 -> 128 channels) its forward and weight gradient are 2-3x slower than the matmul form,
+    whose weight gradient is a batched matmul (docs/PERFORMANCE.md, Dataset Condensation). The same
+    numbers up to float summation order; other devices use the regular convolution.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dim() != 4:
+            return super().forward(x)
+        n, _, h, w = x.shape
+        (kh, kw), (ph, pw), (sh, sw) = self.kernel_size, self.padding, self.stride
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (n, c*kh*kw, ho*wo)
+        out = torch.matmul(self.weight.flatten(1), cols)  # (n, out, ho*wo)
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(n, self.out_channels, ho, wo)
+
+
+class AvgPool2x2(nn.Module):
+    """``nn.AvgPool2d(2, 2)`` (floor mode: an odd last row/column is dropped) as a reshape and a mean.
+
+    The same numbers; its backward is a broadcast, which ``torch.compile`` fuses into the norm's
+    backward as plain vector code, where ``avg_pool2d_backward``'s index arithmetic made the fused
+    layer-1 kernel of the DC real gradients 3x slower (docs/PERFORMANCE.md, Dataset Condensation).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        *lead, h, w = x.shape
+        h2, w2 = h // 2, w // 2
+        x = x[..., : 2 * h2, : 2 * w2]
+        return x.reshape(*lead, h2, 2, w2, 2).mean((-3, -1))
+
+
 class ConvNet(ClassifierNet):
     def __init__(
         self,
@@ -67,13 +107,14 @@ class ConvNet(ClassifierNet):
         c, s = in_channels, image_size
         for d in range(depth):
             pad = 3 if (d == 0 and image_size == 28) else 1  # 28 -> 32 on the first conv
-            layers.append(nn.Conv2d(c, width, kernel_size=3, padding=pad))
+            conv = FewChannelConv2d if c <= 4 else nn.Conv2d  # same parameters; see FewChannelConv2d
+            layers.append(conv(c, width, kernel_size=3, padding=pad))
             c, s = width, s + 2 * pad - 2
             if norm != "none":
                 layers.append(_norm(norm, c, s, s))
             layers.append(_act(act))
             if pooling != "none":
-                layers.append(nn.AvgPool2d(2, 2) if pooling == "avgpooling" else nn.MaxPool2d(2, 2))
+                layers.append(AvgPool2x2() if pooling == "avgpooling" else nn.MaxPool2d(2, 2))
                 s //= 2
             if s < 1:
                 raise CvlabError(f"convnet depth {depth} pools a {image_size}px image to nothing")
