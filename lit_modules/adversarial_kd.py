@@ -26,6 +26,19 @@ generator steps; the student's optimizer steps are not counted). The memory rece
 ``memory_push_every_n_epochs``-th epoch (epochs 0, 5, 10, ... as the public code), into a cyclic buffer
 of ``memory_slots`` slots; a student step replays one slot chosen at random.
 
+**Generative replay** (``replay: generator``, the paper's second memory variant, as its public code
+builds it): in place of the buffer, a *memory generator* (a second DAFL generator, Adam at
+``generator_lr / 40``) and an encoder (:class:`lit_modules.nets.LatentEncoder`) are trained as an
+auto-encoder of the generated images during the first ``memory_generator_updates`` (4) student steps of
+every generator step: target = [first half of the new batch; the current memory samples], loss = L1 on
+the images + L1 on the teacher's logits + 1e-5 KL (:func:`lit_modules.lra_losses.reconstruction_loss`).
+A student step's memory samples are ``memory_per_push`` images of the memory generator (eval mode) at
+latents refined by one fresh-Adam step (lr ``generator_lr``) towards confident, class-balanced teacher
+outputs and the N(0, I) batch statistics. Before its first update the memory is empty (plain KD).
+Differences from the public code: the student's memory samples of a step are also the memory part of
+that step's auto-encoder target (the public code draws a second set in train mode), and the encoder's
+input is not L2-normalised along the image height.
+
 **Retention.** Each validation (``val_check_interval``, by default once per epoch) measures the student's
 accuracy on the real test set of the teacher's task: ``val/acc`` is the accuracy curve over generator
 steps; ``retention/drops`` counts the evaluations where it fell and ``retention/drop_total`` sums the
@@ -48,7 +61,7 @@ generator step, student step)``, so a run resumed from ``last.ckpt`` continues a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -58,9 +71,17 @@ from torch import Tensor
 from callbacks.atomic_io import atomic_write_json
 from callbacks.image_grid import log_image_grid
 from datamodules.errors import CvlabError
-from lit_modules.lra_losses import GeneratorLossWeights, generator_loss
+from lit_modules.lra_losses import (
+    GeneratorLossWeights,
+    adam_first_step,
+    class_balance_loss,
+    generator_loss,
+    latent_prior_loss,
+    one_hot_loss,
+    reconstruction_loss,
+)
 from lit_modules.lra_update import MetaMode, Reduce, all_reduce_mean, no_reduce, student_gradients
-from lit_modules.nets import create_generator, create_net
+from lit_modules.nets import LatentEncoder, create_generator, create_net
 from lit_modules.optim import ScheduleName, build_optimizer, build_schedule
 from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher, read_checkpoint
 
@@ -158,6 +179,12 @@ class AdversarialKD(L.LightningModule):
         memory_slots: slots of the cyclic memory (10; 0 disables memory and replay).
         memory_per_push: images pushed per device (default ``batch_size // 8``).
         memory_push_every_n_epochs: push at the end of epochs 0, n, 2n, ... (5).
+        replay: ``buffer`` (the cyclic memory above) or ``generator`` (generative replay, see the module
+            docstring; ``memory_slots`` and the push cadence are then unused).
+        memory_generator_lr: Adam learning rate of the memory generator and its encoder (default
+            ``generator_lr / 40``, as the public code).
+        memory_generator_updates: memory-generator updates per generator step, on the first student steps (4).
+        memory_kl_weight: weight of the encoder's KL term (1e-5).
         image_every_n_epochs: generated-image grid cadence (and at the end of training).
         channels_last: run generator, teacher and student in channels-last memory format.
         bf16_generator: run the generator under bf16 autocast (its images are cast back to float32
@@ -196,6 +223,10 @@ class AdversarialKD(L.LightningModule):
         memory_slots: int = 10,
         memory_per_push: int | None = None,
         memory_push_every_n_epochs: int = 5,
+        replay: Literal["buffer", "generator"] = "buffer",
+        memory_generator_lr: float | None = None,
+        memory_generator_updates: int = 4,
+        memory_kl_weight: float = 1e-5,
         image_every_n_epochs: int = 5,
         channels_last: bool = False,
         bf16_generator: bool = False,
@@ -210,9 +241,14 @@ class AdversarialKD(L.LightningModule):
             raise CvlabError(f"retain_weight must be >= 0; got {retain_weight}")
         if memory_slots < 0 or batch_size < 1 or student_steps < 1 or memory_push_every_n_epochs < 1:
             raise CvlabError("memory_slots must be >= 0; batch_size, student_steps and memory_push_every_n_epochs >= 1")
-        if meta != "none" and memory_slots == 0:
+        if replay not in ("buffer", "generator"):
+            raise CvlabError(f"replay must be buffer or generator; got {replay!r}")
+        if replay == "generator" and not 1 <= memory_generator_updates <= student_steps:
+            raise CvlabError(f"memory_generator_updates must be in [1, student_steps={student_steps}]; "
+                             f"got {memory_generator_updates}")
+        if meta != "none" and replay == "buffer" and memory_slots == 0:
             raise CvlabError(f"meta: {meta} replays memory on the adapted weights; it needs memory_slots >= 1 "
-                             "(or set meta: none for plain adversarial DFKD)")
+                             "or replay: generator (or set meta: none for plain adversarial DFKD)")
         self.memory_per_push = memory_per_push if memory_per_push is not None else max(1, batch_size // 8)
         if not 1 <= self.memory_per_push <= batch_size:
             raise CvlabError(f"memory_per_push must be in [1, batch_size={batch_size}]; got {self.memory_per_push}")
@@ -223,6 +259,12 @@ class AdversarialKD(L.LightningModule):
         gkw = {"channels_last": channels_last, **(generator_kwargs or {})}
         self.generator = create_generator(generator, latent_dim=latent_dim, out_channels=in_channels,
                                           image_size=image_size, **gkw)
+        self.memory_generator: torch.nn.Module | None = None
+        self.encoder: LatentEncoder | None = None
+        if replay == "generator":
+            self.memory_generator = create_generator(generator, latent_dim=latent_dim, out_channels=in_channels,
+                                                     image_size=image_size, **gkw)
+            self.encoder = LatentEncoder(latent_dim, in_channels)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
             self.teacher.to(memory_format=torch.channels_last)
@@ -230,10 +272,12 @@ class AdversarialKD(L.LightningModule):
         acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc, self.test_acc, self.test_teacher_acc = acc.clone(), acc.clone(), acc.clone()
 
-        self.memory = CyclicMemory(memory_slots)
+        self.memory = CyclicMemory(memory_slots if replay == "buffer" else 0)
+        self.memory_generator_steps = 0  # updates of the memory generator so far (generative replay)
         self.acc_curve: list[list[float]] = []  # [[generator step, test accuracy], ...]
         self.drops, self.drop_total, self.max_drop = 0, 0.0, 0.0
         self._last_new: Tensor | None = None  # the last generated batch (memory pushes, image grids)
+        self._last_mem: Tensor | None = None  # the last replayed memory samples (image grids)
         self._reduce: Reduce = no_reduce
         self._mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
@@ -297,10 +341,10 @@ class AdversarialKD(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(_seed(hp.seed, self.global_rank, step, k + 1))
         return torch.randn(hp.batch_size, hp.latent_dim, generator=g, device=self.device)
 
-    def generate(self, z: Tensor) -> Tensor:
-        """``G(z)`` as float32 ``(B, C, H, W)`` (under bf16 autocast with ``bf16_generator``)."""
+    def generate(self, z: Tensor, generator: torch.nn.Module | None = None) -> Tensor:
+        """``G(z)`` (or ``generator(z)``) as float32 ``(B, C, H, W)`` (under bf16 autocast with ``bf16_generator``)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.hparams.bf16_generator):
-            x = self.generator(z)
+            x = (self.generator if generator is None else generator)(z)
         return x.float()
 
     def _set_grads_and_step(self, opt: Any, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -337,24 +381,64 @@ class AdversarialKD(L.LightningModule):
                                 hp.meta, hp.inner_lr, hp.inner_weight_decay, reduce=self._reduce,
                                 retain_weight=hp.retain_weight)
         self._set_grads_and_step(opt, list(params.values()), [out.grads[n] for n in params])
-        self._last_new = x_new
+        self._last_new, self._last_mem = x_new, x_mem
         return out
 
     def _replay(self, step: int, k: int) -> Tensor | None:
-        """This rank's share of one random memory slot (the same slot on every rank)."""
+        """This rank's memory samples: its share of one random slot of the buffer (the same slot on every
+        rank), or the memory generator's samples (generative replay; None before its first update)."""
+        if self.hparams.replay == "generator":
+            return self.memory_samples(step, k) if self.memory_generator_steps else None
         slot = self.memory.sample(_seed(self.hparams.seed, step, k, 7))
         if slot is None:
             return None
         world, rank = self.trainer.world_size, self.trainer.global_rank
         return slot.view(world, -1, *slot.shape[1:])[rank]  # pushes are gathered rank-major
 
+    @torch.no_grad()
+    def memory_samples(self, step: int, k: int) -> Tensor:
+        """``memory_per_push`` images of the memory generator (eval mode) at latents refined by one
+        fresh-Adam step towards confident, class-balanced teacher outputs with N(0, I) batch statistics."""
+        hp = self.hparams
+        g = torch.Generator(device=self.device).manual_seed(_seed(hp.seed, self.global_rank, step, k + 1, 11))
+        z = torch.randn(self.memory_per_push, hp.latent_dim, generator=g, device=self.device)
+        self.memory_generator.eval()
+        with torch.enable_grad():
+            z.requires_grad_(True)
+            t = self.teacher(self.generate(z, self.memory_generator))
+            loss = (hp.weight_one_hot * one_hot_loss(t) + hp.weight_balance * class_balance_loss(t)
+                    + latent_prior_loss(z))
+            (grad,) = torch.autograd.grad(loss, z)
+        return self.generate(adam_first_step(z.detach(), grad, hp.generator_lr), self.memory_generator)
+
+    def memory_generator_step(self, x_new: Tensor, x_mem: Tensor | None, step: int, k: int, opt: Any) -> Tensor:
+        """One auto-encoder update of the memory generator and its encoder on [x_new[:B/2]; x_mem]."""
+        hp = self.hparams
+        x = x_new[: max(1, x_new.shape[0] // 2)]
+        x = x if x_mem is None else torch.cat([x, x_mem])
+        self.memory_generator.train()
+        self.encoder.train()
+        g = torch.Generator(device=self.device).manual_seed(_seed(hp.seed, self.global_rank, step, k + 1, 13))
+        z, mu, log_var = self.encoder(x, generator=g)
+        x_rec = self.generate(z, self.memory_generator)
+        with torch.no_grad():
+            t = self.teacher(torch.cat([x, x_rec.detach()]))[: x.shape[0]]  # target logits (one teacher pass)
+        loss = reconstruction_loss(x_rec, x, self.teacher(x_rec), t, mu, log_var, hp.memory_kl_weight)
+        params = [p for p in [*self.memory_generator.parameters(), *self.encoder.parameters()] if p.requires_grad]
+        self._set_grads_and_step(opt, params, self._reduce(list(torch.autograd.grad(loss, params))))
+        self.memory_generator_steps += 1
+        return loss.detach()
+
     def training_step(self, batch: int, batch_idx: int) -> dict[str, Tensor]:
         hp = self.hparams
-        opt_s, opt_g = self.optimizers()
+        opts = self.optimizers()
+        opt_s, opt_g = opts[0], opts[1]
         step = self.global_step  # generator steps done so far
         g_loss, terms = self.generator_step(step, opt_g)
         for k in range(hp.student_steps):
             s = self.student_step(step, k, opt_s.optimizer)  # the raw optimizer: not counted as a global step
+            if hp.replay == "generator" and k < hp.memory_generator_updates:  # raw optimizer, as the student's
+                m_loss = self.memory_generator_step(self._last_new, self._last_mem, step, k, opts[2].optimizer)
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -365,7 +449,10 @@ class AdversarialKD(L.LightningModule):
         self.log("train/generator_loss", g_loss)
         for name, v in terms.items():
             self.log(f"train/g_{name}", v)
-        self.log("train/memory_slots", float(len(self.memory)))
+        if hp.replay == "generator":
+            self.log("train/memory_generator_loss", m_loss)
+        else:
+            self.log("train/memory_slots", float(len(self.memory)))
         self.log("train/lr", opt_s.optimizer.param_groups[0]["lr"])
         return {"loss": s.kd + g_loss}  # checked for NaN by the CLI's StopOnNonFiniteLoss
 
@@ -373,7 +460,7 @@ class AdversarialKD(L.LightningModule):
         hp = self.hparams
         if batch_idx + 1 != self.trainer.num_training_batches:  # the epoch's last generator step
             return
-        if hp.memory_slots and self.current_epoch % hp.memory_push_every_n_epochs == 0:
+        if hp.replay == "buffer" and hp.memory_slots and self.current_epoch % hp.memory_push_every_n_epochs == 0:
             x = self._last_new[: self.memory_per_push]
             if self.trainer.world_size > 1:
                 x = self.all_gather(x).flatten(0, 1)  # (world * m, C, H, W), rank-major
@@ -388,7 +475,12 @@ class AdversarialKD(L.LightningModule):
     def _log_images(self) -> None:
         if self._last_new is None or not self.trainer.is_global_zero:
             return
-        x = self._last_new[:100]
+        self._log_grid("lra/generated", self._last_new)
+        if self.hparams.replay == "generator" and self._last_mem is not None:
+            self._log_grid("lra/memory", self._last_mem)
+
+    def _log_grid(self, key: str, x: Tensor) -> None:
+        x = x[:100]
         order = torch.argsort(self.teacher(x).argmax(-1), stable=True)  # grouped by the teacher's class
         x = x[order].float()
         if self._mean_std is not None:
@@ -397,7 +489,7 @@ class AdversarialKD(L.LightningModule):
         else:  # min-max per image
             lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
             x = (x - lo) / (hi - lo).clamp_min(1e-8)
-        log_image_grid(self.trainer, "lra/generated", x.clamp(0, 1), nrow=10, caption="sorted by the teacher's class")
+        log_image_grid(self.trainer, key, x.clamp(0, 1), nrow=10, caption="sorted by the teacher's class")
 
     # --- retention: accuracy on the real test set ----------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -448,13 +540,18 @@ class AdversarialKD(L.LightningModule):
         opt_s = build_optimizer(self.net.parameters(), "sgd", hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.generator_lr)
         sched = build_schedule(opt_s, hp.lr_schedule, self.trainer.estimated_stepping_batches)
-        return [opt_s, opt_g], ([sched] if sched is not None else [])
+        opts = [opt_s, opt_g]
+        if hp.replay == "generator":
+            lr_m = hp.memory_generator_lr if hp.memory_generator_lr is not None else hp.generator_lr / 40
+            opts.append(torch.optim.Adam([*self.memory_generator.parameters(), *self.encoder.parameters()], lr=lr_m))
+        return opts, ([sched] if sched is not None else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lra"] = {
             "memory": self.memory.state_dict(),
             "acc_curve": [list(p) for p in self.acc_curve],
             "drops": self.drops, "drop_total": self.drop_total, "max_drop": self.max_drop,
+            "memory_generator_steps": self.memory_generator_steps,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -464,3 +561,4 @@ class AdversarialKD(L.LightningModule):
         self.memory.load_state_dict(state["memory"])
         self.acc_curve = [[int(s), float(a)] for s, a in state["acc_curve"]]
         self.drops, self.drop_total, self.max_drop = int(state["drops"]), float(state["drop_total"]), float(state["max_drop"])
+        self.memory_generator_steps = int(state.get("memory_generator_steps", 0))

@@ -113,3 +113,33 @@ def generator_loss(
         + weights.disagreement * terms["disagreement"]
     )
     return total, terms
+
+
+# --- generative replay (the paper's second memory variant) ---------------------------------------------
+def latent_prior_loss(z: Tensor) -> Tensor:
+    """Keep a batch of latents ``(B, D)`` near N(0, I): ``mse(var_b z, 1) + mse(mean_b z, 0)`` over the D
+    dimensions (unbiased variance over the batch; a batch of one has variance 0, a constant term).
+    ``(B, D) -> ()``; 0 when every dimension has mean 0 and variance 1 over the batch."""
+    var = z.var(0, correction=min(1, z.shape[0] - 1))
+    return F.mse_loss(var, torch.ones_like(var)) + F.mse_loss(z.mean(0), torch.zeros_like(var))
+
+
+def gaussian_kl(mu: Tensor, log_var: Tensor) -> Tensor:
+    """``KL(N(mu, exp(log_var)) || N(0, I))`` summed over dimensions, mean over the batch. ``(B, D), (B, D) -> ()``."""
+    return (-0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(-1)).mean()
+
+
+def reconstruction_loss(
+    x_rec: Tensor, x: Tensor, t_rec: Tensor, t: Tensor, mu: Tensor, log_var: Tensor, kl_weight: float = 1e-5
+) -> Tensor:
+    """The memory generator's objective (an encoder -> memory generator auto-encoder on generated images):
+    ``mean|x_rec - x| + mean|T(x_rec) - T(x)| + kl_weight * KL(q(z|x) || N(0, I))``; the images and teacher
+    logits of the target ``x`` are constants. Weights as LRA's public code (1, 1, 1e-5)."""
+    return F.l1_loss(x_rec, x.detach()) + F.l1_loss(t_rec, t.detach()) + kl_weight * gaussian_kl(mu, log_var)
+
+
+def adam_first_step(x: Tensor, grad: Tensor, lr: float, eps: float = 1e-8) -> Tensor:
+    """One step of a freshly created Adam (any betas, no weight decay): its bias-corrected moments are
+    ``g`` and ``g^2``, so the step is ``x - lr * g / (|g| + eps)``. How the memory latents are refined
+    (LRA's public code builds a new Adam for them and steps it once)."""
+    return x - lr * grad / (grad.abs() + eps)

@@ -34,6 +34,8 @@ _LRA = ["--model.init_args.batch_size=8", "--model.init_args.student_steps=1", "
         "--data.init_args.eval_batch_size=8"]
 SMOKE: list[tuple[str, str, list[str]]] = [
     ("experiments/lra/[mf]*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA]),
+    ("experiments/lra/generative_replay.yaml", "fit",
+     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA, "--model.init_args.memory_generator_updates=1"]),
     ("experiments/lra/cifar100/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x100", *_LRA]),
     ("experiments/lra/*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_LRA]),
     ("experiments/dc/cpu.yaml", "fit", [*_DC, "--model.init_args.compile_real=false"]),  # compile: a slow test
@@ -66,6 +68,7 @@ SMOKE: list[tuple[str, str, list[str]]] = [
 OVERLAYS = {
     "experiments/lra/mnist/cpu_hour.yaml": "experiments/lra/mnist/lra.yaml",
     "experiments/dc/cpu.yaml": "experiments/dc/mnist/ipc1.yaml",
+    "experiments/lra/generative_replay.yaml": "experiments/lra/mnist/lra.yaml",
 }
 
 GENERIC = [

@@ -26,14 +26,18 @@ from lit_modules.adversarial_kd import CyclicMemory, ImageSizeMismatchError
 from lit_modules.classifier import ClassifierModule
 from lit_modules.lra_losses import (
     activation_loss,
+    adam_first_step,
     class_balance_loss,
+    gaussian_kl,
     generator_loss,
     js_disagreement_loss,
     l1_kd_loss,
+    latent_prior_loss,
     one_hot_loss,
+    reconstruction_loss,
 )
 from lit_modules.lra_update import all_reduce_mean, kd_gradients, meta_gradients, student_gradients
-from lit_modules.nets import create_generator, create_net
+from lit_modules.nets import LatentEncoder, create_generator, create_net
 from lit_modules.nets.generator import upsample2x_conv3x3
 from tests.cli_runs import KillAtEpoch, SimulatedKill, read_metrics, run_cli
 from tests.conftest import REPO
@@ -136,6 +140,42 @@ def test_l1_kd_and_generator_loss_weights() -> None:
 
 
 # --- the meta gradient: closed forms on a linear student ---------------------------------------------------------
+def test_generative_replay_losses_worked_answers() -> None:
+    # per dimension over the batch: (1, -1) mean 0 var 2; (1, 3) mean 2 var 2 -> mse(var, 1) = 1, mse(mean, 0) = 2
+    assert latent_prior_loss(torch.tensor([[1.0, 1.0], [-1.0, 3.0]])).item() == pytest.approx(3.0)
+    # KL(N((1, 0), diag(1, 2)) || N(0, I)) = 0.5 * (1 + 1) + 0.5 * (2 - 1 - log 2) = 1.5 - 0.5 log 2 ... per the formula:
+    # -0.5 * [(1 + 0 - 1 - 1) + (1 + log 2 - 0 - 2)] = 1 - 0.5 log 2
+    kl = gaussian_kl(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)]]))
+    assert kl.item() == pytest.approx(1 - 0.5 * math.log(2.0))
+    x_rec, x = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)  # L1 1
+    t_rec, t = torch.zeros(1, 2), torch.tensor([[1.0, 3.0]])  # L1 2
+    zero = torch.zeros(1, 1)
+    assert reconstruction_loss(x_rec, x, t_rec, t, zero, zero).item() == pytest.approx(3.0)
+    # KL of N(2, 1) is 2; weight 0.5 adds 1
+    assert reconstruction_loss(x_rec, x, t_rec, t, torch.tensor([[2.0]]), zero, kl_weight=0.5).item() == pytest.approx(4.0)
+
+
+def test_adam_first_step_is_a_fresh_adam_step() -> None:
+    torch.manual_seed(0)
+    z, g = torch.randn(4, 6), torch.randn(4, 6)
+    p = z.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=0.02)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(adam_first_step(z, g, 0.02), p.detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+def test_latent_encoder_shapes_and_seeded_sampling(size: int, channels: int) -> None:
+    enc = LatentEncoder(latent_dim=5, in_channels=channels)
+    x = torch.randn(3, channels, size, size)
+    z1, mu, log_var = enc(x, generator=torch.Generator().manual_seed(1))
+    z2, _, _ = enc(x, generator=torch.Generator().manual_seed(1))
+    assert z1.shape == mu.shape == log_var.shape == (3, 5) and torch.equal(z1, z2)
+    eps = torch.randn((3, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(z1, mu + torch.exp(0.5 * log_var) * eps)
+
+
 def _linear_problem(seed: int = 0):
     torch.manual_seed(seed)
     D, K, N, M = 5, 3, 6, 4
@@ -328,6 +368,50 @@ def test_memory_and_retention_state_survive_checkpoint_and_resume(tmp_path: Path
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
+def test_generative_replay_trains_the_memory_generator_and_replays_it(tmp_path: Path) -> None:
+    teacher, data = save_teacher(tmp_path / "t.ckpt"), _fake_mnist(tmp_path / "data")
+    L.seed_everything(0)
+    m = _module(teacher, replay="generator", memory_generator_updates=1, memory_slots=0)
+    before = copy.deepcopy(m.memory_generator.state_dict())
+    seen: list[int] = []
+    real_student_step = m.student_step
+
+    def spy(step, k, opt):  # records the memory batch size each student step replays
+        seen.append(-1 if m._replay(step, k) is None else m._replay(step, k).shape[0])
+        return real_student_step(step, k, opt)
+
+    m.student_step = spy
+    _trainer(tmp_path / "a", 2, enable_checkpointing=False).fit(m, datamodule=_dm(data))
+    assert m.memory_generator_steps == 2 * 2 * 1  # epochs x generator steps x updates
+    assert seen[0] == -1 and all(n == m.memory_per_push for n in seen[1:])  # empty until the first update
+    changed = [n for n, v in m.memory_generator.state_dict().items() if not torch.equal(v, before[n])]
+    assert "l1.weight" in changed
+    assert len(m.memory) == 0  # no buffer
+    x = m.memory_samples(0, 0)
+    assert x.shape == (m.memory_per_push, 1, 32, 32) and torch.isfinite(x).all()
+
+
+def test_generative_replay_state_survives_checkpoint_and_resume(tmp_path: Path) -> None:
+    teacher, data = save_teacher(tmp_path / "t.ckpt"), _fake_mnist(tmp_path / "data")
+    kw = dict(replay="generator", memory_generator_updates=2, memory_slots=0)
+    L.seed_everything(0)
+    straight = _module(teacher, **kw)
+    _trainer(tmp_path / "a", 3, enable_checkpointing=False).fit(straight, datamodule=_dm(data))
+
+    L.seed_everything(0)
+    first = _module(teacher, **kw)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", save_last=True)
+    with pytest.raises(SimulatedKill):
+        _trainer(tmp_path / "b", 3, callbacks=[ckpt, KillAtEpoch(2)]).fit(first, datamodule=_dm(data))
+    resumed = _module(teacher, **kw)
+    _trainer(tmp_path / "b", 3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", save_last=True)]).fit(
+        resumed, datamodule=_dm(data), ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    assert resumed.memory_generator_steps == straight.memory_generator_steps == 3 * 2 * 2
+    for name in ("net", "memory_generator", "encoder"):
+        for (n, a), b in zip(getattr(resumed, name).state_dict().items(), getattr(straight, name).state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}.{n}")
+
+
 def test_teacher_generator_image_size_mismatch_fails_clearly(tmp_path: Path) -> None:
     teacher = save_teacher(tmp_path / "t.ckpt", image_size=32)
     with pytest.raises(ImageSizeMismatchError, match="teacher/generator image-size mismatch.*32x32.*28x28"):
@@ -353,6 +437,11 @@ def test_bad_options_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(CvlabError, match="retain_weight must be >= 0"):
         _module(teacher, retain_weight=-1.0)
     _module(teacher, memory_slots=0, meta="none")  # plain adversarial DFKD without replay is fine
+    with pytest.raises(CvlabError, match="replay must be buffer or generator"):
+        _module(teacher, replay="vae")
+    with pytest.raises(CvlabError, match=r"memory_generator_updates must be in \[1, student_steps=2\]"):
+        _module(teacher, replay="generator", memory_generator_updates=3)
+    _module(teacher, memory_slots=0, replay="generator")  # generative replay needs no buffer
 
 
 def test_cli_fit_on_fake_mnist_logs_retention_images_and_memory(tmp_path: Path) -> None:
@@ -438,3 +527,22 @@ def test_two_process_ddp_cli_run_trains_and_gathers_memory_from_both_ranks(tmp_p
     mem = ckpt["lra"]["memory"]
     assert mem["count"] == 2 and mem["images"].shape == (10, 2, 1, 32, 32)  # 1 image per push from each of 2 ranks
     assert math.isfinite(read_metrics(run)["test/acc"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_cli_run_with_generative_replay(tmp_path: Path) -> None:
+    data, teacher = _fake_mnist(tmp_path / "data"), save_teacher(tmp_path / "t.ckpt")
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "experiments.cli", "fit", "--config", "experiments/lra/mnist/lra.yaml",
+           "--config", "experiments/lra/generative_replay.yaml", f"--model.init_args.teacher={teacher}",
+           f"--data.init_args.data_dir={data}", "--model.init_args.batch_size=8", "--model.init_args.student_steps=2",
+           "--model.init_args.latent_dim=8", "--model.init_args.generator_kwargs={widths: [8, 4]}",
+           "--model.init_args.memory_generator_updates=1", "--data.init_args.steps_per_epoch=2",
+           "--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+           "--trainer.enable_progress_bar=false", "--run.logger=csv", f"--run.dir={run}"]
+    subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, timeout=600)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["lra"]["memory_generator_steps"] == 2 * 2 * 1
+    assert any(k.startswith("memory_generator.") for k in ckpt["state_dict"])
+    assert math.isfinite(read_metrics(run)["test/acc"])
+    assert list((run / "images").glob("lra_memory_*.png"))

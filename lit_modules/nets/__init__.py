@@ -8,12 +8,13 @@ image_size=32)``.
 
 from lit_modules.nets import alexnet, convnet, lenet, resnet_cifar, wrn  # noqa: F401  (registration)
 from lit_modules.nets.base import ClassifierNet
-from lit_modules.nets.generator import DAFLGenerator, available_generators, create_generator
+from lit_modules.nets.generator import DAFLGenerator, LatentEncoder, available_generators, create_generator
 from lit_modules.nets.registry import available_nets, create_net, register_net
 
 __all__ = [
     "ClassifierNet",
     "DAFLGenerator",
+    "LatentEncoder",
     "available_generators",
     "available_nets",
     "create_generator",

@@ -160,3 +160,38 @@ class DAFLGenerator(nn.Module):
 def dafl(latent_dim: int = 1000, out_channels: int = 3, image_size: int = 32, **kwargs: Any) -> DAFLGenerator:
     """DAFL / LRA generator (see :class:`DAFLGenerator` for the keyword arguments)."""
     return DAFLGenerator(latent_dim=latent_dim, out_channels=out_channels, image_size=image_size, **kwargs)
+
+
+class LatentEncoder(nn.Module):
+    """The encoder of LRA's generative replay: ``(B, C, S, S) -> (z, mu, log_var)``, each ``(B, latent_dim)``.
+
+    conv3x3 C -> 64, BN, LReLU(0.2); conv3x3 64 -> 128 stride 2, BN, LReLU(0.2); conv3x3 128 -> 128 stride 2,
+    BN; average-pooled to 4 x 4 (2048 features, as the public code's at 32 px, for any ``image_size``);
+    two linear heads for the mean and log-variance of q(z | x); ``z = mu + exp(log_var / 2) * eps``. Weights
+    ~ U(-init_range, init_range), biases 0, as the generators. ``eps`` is drawn from ``generator`` when
+    given (seeded, resumable runs).
+    """
+
+    def __init__(self, latent_dim: int = 1000, in_channels: int = 3, widths: tuple[int, int] = (64, 128),
+                 init_range: float | None = 0.08) -> None:
+        super().__init__()
+        c1, c2 = widths
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.BatchNorm2d(c2), nn.LeakyReLU(0.2),
+            nn.Conv2d(c2, c2, 3, stride=2, padding=1), nn.BatchNorm2d(c2),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        )
+        self.fc_mu = nn.Linear(c2 * 16, latent_dim)
+        self.fc_log_var = nn.Linear(c2 * 16, latent_dim)
+        if init_range is not None:
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.uniform_(m.weight, -init_range, init_range)
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.features(x)
+        mu, log_var = self.fc_mu(h), self.fc_log_var(h)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * log_var) * eps, mu, log_var
