@@ -422,7 +422,7 @@ class AdversarialKD(L.LightningModule):
         z, mu, log_var = self.encoder(x, generator=g)
         x_rec = self.generate(z, self.memory_generator)
         with torch.no_grad():
-            t = self.teacher(torch.cat([x, x_rec.detach()]))[: x.shape[0]]  # target logits (one teacher pass)
+            t = self.teacher(x)  # the target logits
         loss = reconstruction_loss(x_rec, x, self.teacher(x_rec), t, mu, log_var, hp.memory_kl_weight)
         params = [p for p in [*self.memory_generator.parameters(), *self.encoder.parameters()] if p.requires_grad]
         self._set_grads_and_step(opt, params, self._reduce(list(torch.autograd.grad(loss, params))))

@@ -382,11 +382,16 @@ class DatasetCondensation(L.LightningModule):
             )
             for arch in self.eval_archs:
                 kw = (hp.arch_kwargs or {}) if arch == hp.arch else {}
+                show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
                 acc = train_and_test(
                     x, y, test_x, test_y, arch, hp.num_classes, kw,
                     num_nets=hp.whole_nets if whole else hp.eval_num_nets, recipe=recipe, seed=hp.seed,
+                    progress=f"eval {name} {arch}" if show else None,
                 )
                 mean, std = acc.mean() * 100, (acc.std(unbiased=False) * 100 if acc.numel() > 1 else acc.new_zeros(()))
+                if show:
+                    print(f"cvlab dc eval: {name} {arch}: {mean.item():.2f} +- {std.item():.2f} % "
+                          f"({acc.numel()} nets, {x.shape[0]} training images)", flush=True)
                 self.log(f"eval/{name}_{arch}_acc_mean", mean)
                 self.log(f"eval/{name}_{arch}_acc_std", std)
                 if name == "dc" and arch == self.eval_archs[0]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, stack_module_state, vmap
+from tqdm.auto import tqdm
 
 from datamodules.augment import dc_augment
 from lit_modules.nets import create_net
@@ -55,11 +56,13 @@ def train_and_test(
     num_nets: int = 10,
     recipe: EvalRecipe | None = None,
     seed: int = 0,
+    progress: str | None = None,
 ) -> Tensor:
     """Train ``num_nets`` fresh ``arch`` networks on ``(x, y)``, return their test accuracies ``(N,)``.
 
     ``x``: normalised float ``(n, C, H, W)``; ``test_x``: normalised float
-    ``(M, C, H, W)``. Seeded: the same arguments give the same accuracies.
+    ``(M, C, H, W)``. Seeded: the same arguments give the same accuracies. ``progress``: a progress bar
+    over the training epochs with this description (None: silent).
     """
     r = recipe or EvalRecipe()
     c, h = x.shape[1], x.shape[-1]
@@ -68,13 +71,15 @@ def train_and_test(
         nets = [create_net(arch, num_classes, c, h, **(arch_kwargs or {})).to(x.device) for _ in range(num_nets)]
     group = max(1, r.max_parallel_images // min(r.batch_size, x.shape[0]))
     return torch.cat([
-        _train_group(nets[i : i + group], x, y, test_x, test_y, r, seed * 1_000_003 + i)
+        _train_group(nets[i : i + group], x, y, test_x, test_y, r, seed * 1_000_003 + i,
+                     None if progress is None else f"{progress} (nets {i + 1}-{min(i + group, num_nets)} of {num_nets})")
         for i in range(0, num_nets, group)
     ])
 
 
 @torch.no_grad()
-def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tensor, r: EvalRecipe, seed: int) -> Tensor:
+def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tensor, r: EvalRecipe, seed: int,
+                 progress: str | None = None) -> Tensor:
     """Train and test ``nets`` together (one vmapped step for all of them)."""
     dev, num_nets, base = x.device, len(nets), nets[0]
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -88,7 +93,7 @@ def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tenso
     step = vmap(grad(loss), in_dims=(0, 0, 0, 0), randomness="different")
     n, bs = x.shape[0], min(r.batch_size, x.shape[0])
     base.train()
-    for epoch in range(r.epochs):
+    for epoch in tqdm(range(r.epochs), desc=progress, disable=progress is None, leave=False, unit="epoch"):
         lr = r.lr * (0.1 if epoch >= r.epochs // 2 else 1.0)
         order = torch.rand(num_nets, n, generator=g, device=dev).argsort(1)  # (N, n): own shuffle per net
         for i in range(0, n, bs):
