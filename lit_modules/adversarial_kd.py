@@ -338,8 +338,11 @@ class AdversarialKD(L.LightningModule):
     def _latent(self, step: int, k: int) -> Tensor:
         """``(batch_size, latent_dim)`` standard normal, seeded by (seed, rank, generator step, student step)."""
         hp = self.hparams
-        g = torch.Generator(device=self.device).manual_seed(_seed(hp.seed, self.global_rank, step, k + 1))
-        return torch.randn(hp.batch_size, hp.latent_dim, generator=g, device=self.device)
+        return torch.randn(hp.batch_size, hp.latent_dim, generator=self._rng(step, k), device=self.device)
+
+    def _rng(self, step: int, k: int, *salt: int) -> torch.Generator:
+        """A generator seeded by (seed, rank, generator step, student step, *salt): resumable draws."""
+        return torch.Generator(device=self.device).manual_seed(_seed(self.hparams.seed, self.global_rank, step, k + 1, *salt))
 
     def generate(self, z: Tensor, generator: torch.nn.Module | None = None) -> Tensor:
         """``G(z)`` (or ``generator(z)``) as float32 ``(B, C, H, W)`` (under bf16 autocast with ``bf16_generator``)."""
@@ -400,8 +403,7 @@ class AdversarialKD(L.LightningModule):
         """``memory_per_push`` images of the memory generator (eval mode) at latents refined by one
         fresh-Adam step towards confident, class-balanced teacher outputs with N(0, I) batch statistics."""
         hp = self.hparams
-        g = torch.Generator(device=self.device).manual_seed(_seed(hp.seed, self.global_rank, step, k + 1, 11))
-        z = torch.randn(self.memory_per_push, hp.latent_dim, generator=g, device=self.device)
+        z = torch.randn(self.memory_per_push, hp.latent_dim, generator=self._rng(step, k, 11), device=self.device)
         self.memory_generator.eval()
         with torch.enable_grad():
             z.requires_grad_(True)
@@ -418,8 +420,7 @@ class AdversarialKD(L.LightningModule):
         x = x if x_mem is None else torch.cat([x, x_mem])
         self.memory_generator.train()
         self.encoder.train()
-        g = torch.Generator(device=self.device).manual_seed(_seed(hp.seed, self.global_rank, step, k + 1, 13))
-        z, mu, log_var = self.encoder(x, generator=g)
+        z, mu, log_var = self.encoder(x, generator=self._rng(step, k, 13))
         x_rec = self.generate(z, self.memory_generator)
         with torch.no_grad():
             t = self.teacher(x)  # the target logits
