@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from callbacks.metrics_json import MetricsJsonWriter
 from callbacks.safety import RngStateCheckpoint, StopOnNonFiniteLoss
 from datamodules.errors import CvlabError
+from experiments.host_malloc import keep_freed_host_memory
 from experiments.run_folder import config_hash, make_logger
 
 
@@ -119,6 +120,7 @@ class CvlabCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        keep_freed_host_memory()
         if argv and argv[0] == "run":
             from experiments.pipeline import main as run_pipeline
 

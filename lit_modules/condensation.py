@@ -83,6 +83,9 @@ class DatasetCondensation(L.LightningModule):
         herding_pool: real examples per class considered by herding (None: all); herding uses the
             penultimate features of a randomly initialised ``arch`` network (seeded).
         eval_test_size: test images used by the protocol (None: the whole test set; the first N).
+        eval_parallel, eval_compile: how the evaluation networks train (``EvalRecipe.parallel``:
+            ``vmap`` all at once, ``loop`` one at a time, ``auto`` vmap on CUDA only) and whether the
+            loop's per-network step is ``torch.compile``d (``experiments/dc/cpu.yaml`` turns it on).
         condensed_path: a ``condensed.pt`` to start from / evaluate (``cvlab test`` without fitting).
         whole_epochs, whole_nets: the ``whole`` baseline's budget (the full training set is large).
         seed: seeds image init, the fresh networks, the real batches and the evaluation.
@@ -121,6 +124,8 @@ class DatasetCondensation(L.LightningModule):
         eval_baselines: list[str] | None = None,
         herding_pool: int | None = None,
         eval_test_size: int | None = None,
+        eval_parallel: str = "auto",
+        eval_compile: bool = False,
         condensed_path: str | None = None,
         whole_epochs: int = 2,
         whole_nets: int = 1,
@@ -142,6 +147,7 @@ class DatasetCondensation(L.LightningModule):
         self.eval_baselines = eval_baselines if eval_baselines is not None else ["random", "herding"]
         check_matchable(self._make_net(), distance)
         resolve_class_mode(class_mode, torch.device("cpu"))  # a bad value fails here, not mid-run
+        EvalRecipe(parallel=eval_parallel, compile=eval_compile)  # likewise for the evaluation options
         self._engine: list[tuple[nn.Module, RealGradients, str]] = []  # (net, real grads, mode): not a submodule
         # S: (K * ipc, C, H, W), class-major ([0]*ipc, [1]*ipc, ...), normalised pixel space
         self.images = nn.Parameter(torch.zeros(num_classes * ipc, in_channels, image_size, image_size))
@@ -379,6 +385,7 @@ class DatasetCondensation(L.LightningModule):
             recipe = EvalRecipe(
                 epochs=hp.whole_epochs if whole else hp.eval_epochs, lr=hp.eval_lr,
                 batch_size=hp.eval_batch_size, augment=hp.eval_augment,
+                parallel=hp.eval_parallel, compile=hp.eval_compile,
             )
             for arch in self.eval_archs:
                 kw = (hp.arch_kwargs or {}) if arch == hp.arch else {}

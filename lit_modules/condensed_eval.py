@@ -2,10 +2,12 @@
 ICLR 2021, Sec. 4): train fresh networks on a small labelled set and report their test accuracy.
 
 Recipe (paper and DC code): SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, lr / 10 after
-half of the epochs, 300 epochs (1000 when augmenting, as the DC code does for MNIST). All N networks
-train at once: their parameters are stacked (``torch.func.stack_module_state``) and one ``vmap`` step
-trains all of them, each on its own shuffled and augmented batch. Also the baselines' subset
-selection: random real images and herding.
+half of the epochs, 300 epochs (1000 when augmenting, as the DC code does for MNIST). The N networks'
+parameters are stacked (``torch.func.stack_module_state``) and each trains on its own shuffled and
+augmented batch. On a GPU one ``vmap`` step trains all of them; on a CPU a loop over the networks
+with the plain per-network step is faster (vmapped convolutions become grouped convolutions, which
+oneDNN runs slowly; docs/PERFORMANCE.md, Dataset Condensation), optionally ``torch.compile``d. Also
+the baselines' subset selection: random real images and herding.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from datamodules.augment import dc_augment
+from datamodules.errors import CvlabError
 from lit_modules.nets import create_net
 
 
@@ -35,6 +38,19 @@ class EvalRecipe:
     augment: str = "none"  # "none" or DC's strategies: "crop_scale_rotate", "crop_noise", ...
     test_batch_size: int = 2000  # images per forward, summed over the networks evaluated together
     max_parallel_images: int = 1024  # nets trained together x batch: bounds the activation memory
+    parallel: str = "auto"  # "vmap" (one step for all nets), "loop" (one per net); auto: vmap on CUDA only
+    compile: bool = False  # torch.compile the per-network step of the loop (first epoch compiles, ~30 s)
+
+    def __post_init__(self) -> None:
+        if self.parallel not in ("auto", "vmap", "loop"):
+            raise CvlabError(f"evaluation parallel must be auto, vmap or loop; got {self.parallel!r}")
+        if self.compile and self.parallel == "vmap":
+            raise CvlabError("evaluation compile applies to the per-network loop; use parallel loop or auto")
+
+    def mode(self, device: torch.device) -> str:
+        if self.parallel != "auto":
+            return self.parallel
+        return "vmap" if device.type == "cuda" else "loop"
 
 
 def _sgd_(p: dict[str, Tensor], g: dict[str, Tensor], buf: dict[str, Tensor], lr: float, r: EvalRecipe) -> None:
@@ -90,7 +106,16 @@ def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tenso
     def loss(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
         return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
 
-    step = vmap(grad(loss), in_dims=(0, 0, 0, 0), randomness="different")
+    if r.mode(dev) == "vmap":
+        step = vmap(grad(loss), in_dims=(0, 0, 0, 0), randomness="different")
+    else:
+        one = grad(loss)
+        one = torch.compile(one, dynamic=False) if r.compile else one
+
+        def step(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> dict[str, Tensor]:
+            each = [one(_net(p, k), _net(b, k), xb[k], yb[k]) for k in range(xb.shape[0])]
+            return {name: torch.stack([g[name] for g in each]) for name in p}
+
     n, bs = x.shape[0], min(r.batch_size, x.shape[0])
     base.train()
     for epoch in tqdm(range(r.epochs), desc=progress, disable=progress is None, leave=False, unit="epoch"):
@@ -106,12 +131,25 @@ def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tenso
             _sgd_(params, grads, buf, lr, r)
     base.eval()
     correct = torch.zeros(num_nets, device=dev)
-    predict = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
-    tb = max(1, r.test_batch_size // num_nets)
-    for i in range(0, test_x.shape[0], tb):
-        logits = predict(params, buffers, test_x[i : i + tb])  # (N, tb, K)
-        correct += (logits.argmax(-1) == test_y[i : i + tb]).sum(1)
+    if r.mode(dev) == "vmap":
+        predict = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
+        tb = max(1, r.test_batch_size // num_nets)
+        for i in range(0, test_x.shape[0], tb):
+            logits = predict(params, buffers, test_x[i : i + tb])  # (N, tb, K)
+            correct += (logits.argmax(-1) == test_y[i : i + tb]).sum(1)
+    else:
+        tb = max(1, min(r.test_batch_size, 256))  # activations of a few hundred images stay in cache
+        for k in range(num_nets):
+            pk, bk = _net(params, k), _net(buffers, k)
+            for i in range(0, test_x.shape[0], tb):
+                logits = functional_call(base, (pk, bk), (test_x[i : i + tb],))
+                correct[k] += (logits.argmax(-1) == test_y[i : i + tb]).sum()
     return correct / test_x.shape[0]
+
+
+def _net(stacked: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    """Network ``k``'s tensors (views) out of ``stack_module_state``'s stacked ones."""
+    return {name: v[k] for name, v in stacked.items()}
 
 
 def random_subset(y: Tensor, ipc: int, num_classes: int, seed: int = 0) -> Tensor:

@@ -222,6 +222,28 @@ def test_evaluation_protocol_is_seeded_and_repeatable():
     assert a.shape == (2,) and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("other", [dict(parallel="vmap"), dict(parallel="loop", compile=True)], ids=["vmap", "compiled"])
+def test_evaluation_per_network_loop_equals_the_vmapped_step(other):
+    """The CPU loop over networks (eager or compiled) trains the same networks as one vmapped step."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 1, S, S, generator=g), torch.arange(3).repeat_interleave(2)
+    tx, ty = torch.randn(200, 1, S, S, generator=g), torch.randint(0, 3, (200,), generator=g)
+    kw = {"width": 4, "depth": 2}
+    loop = train_and_test(x, y, tx, ty, "convnet", 3, kw, num_nets=3, recipe=EvalRecipe(epochs=4, parallel="loop"), seed=2)
+    alt = train_and_test(x, y, tx, ty, "convnet", 3, kw, num_nets=3, recipe=EvalRecipe(epochs=4, **other), seed=2)
+    assert torch.equal(loop, alt), (loop, alt)
+    assert EvalRecipe().mode(torch.device("cpu")) == "loop" and EvalRecipe().mode(torch.device("cuda")) == "vmap"
+
+
+def test_evaluation_options_are_checked():
+    with pytest.raises(CvlabError, match="parallel"):
+        EvalRecipe(parallel="threads")
+    with pytest.raises(CvlabError, match="compile"):
+        EvalRecipe(parallel="vmap", compile=True)
+    with pytest.raises(CvlabError, match="parallel"):
+        _module(eval_parallel="threads")
+
+
 def test_dc_augment_keeps_shape_and_identity_when_no_strategy_moves():
     x = torch.rand(8, 3, 16, 16)
     g = torch.Generator().manual_seed(0)

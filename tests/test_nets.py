@@ -119,10 +119,13 @@ def test_convnet_variants(norm: str, pooling: str, in_channels: int, image_size:
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
+# compiled_form: the code path taken under torch.compile (forced here in eager by patching is_compiling)
+@pytest.mark.parametrize("compiled_form", [False, True], ids=["eager", "compiled-form"])
 @pytest.mark.parametrize("side", [8, 7])  # even; odd (floor mode drops the last row/column)
-def test_convnet_avgpool_equals_avg_pool2d_with_gradients(side: int) -> None:
+def test_convnet_avgpool_equals_avg_pool2d_with_gradients(side: int, compiled_form: bool, monkeypatch) -> None:
     from lit_modules.nets.convnet import AvgPool2x2
 
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiled_form)
     x = torch.randn(3, 5, side, side + 1, requires_grad=True)
     out = AvgPool2x2()(x)
     ref = torch.nn.functional.avg_pool2d(x, 2, 2)
@@ -133,10 +136,13 @@ def test_convnet_avgpool_equals_avg_pool2d_with_gradients(side: int) -> None:
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("compiled_form", [False, True], ids=["eager", "compiled-form"])
 @pytest.mark.parametrize(("c", "side", "pad"), [(1, 28, 3), (3, 32, 1), (2, 9, 1)])
-def test_convnet_few_channel_conv_equals_conv2d_to_second_order(c: int, side: int, pad: int) -> None:
+def test_convnet_few_channel_conv_equals_conv2d_to_second_order(c: int, side: int, pad: int, compiled_form: bool,
+                                                                monkeypatch) -> None:
     from lit_modules.nets.convnet import FewChannelConv2d
 
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiled_form)
     torch.manual_seed(0)
     ref = nn.Conv2d(c, 8, 3, padding=pad).double()
     mine = FewChannelConv2d(c, 8, 3, padding=pad).double()

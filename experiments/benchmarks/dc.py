@@ -126,3 +126,61 @@ def main(argv: list[str]) -> int:
             print(f"{ipc:<4} {variant:<21} {m.seconds_per_iter:7.3f}  {t_epoch:13.4f}  ({outer},{inner})".ljust(62)
                   + f"{per_outer:9.2f}  {1 / per_outer:10.4f}  {m.peak_mem_mb:7.0f}", flush=True)
     return 0
+
+
+EVAL_VARIANTS = ("vmap", "loop", "loop+compile")
+
+
+@register_benchmark("dc-eval")
+def eval_main(argv: list[str]) -> int:
+    """``cvlab bench dc-eval``: the evaluation protocol (N fresh ConvNets trained on a condensed set,
+    then tested), all networks vmapped vs a loop over them (eager or compiled).
+
+        uv run cvlab bench dc-eval --ipc 1 10 --epochs 20 --variants vmap loop loop+compile
+    """
+    import time
+
+    from lit_modules.condensed_eval import EvalRecipe, train_and_test
+
+    ap = argparse.ArgumentParser(prog="cvlab bench dc-eval", description=eval_main.__doc__.splitlines()[0])
+    ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--variants", nargs="+", default=list(EVAL_VARIANTS), choices=EVAL_VARIANTS)
+    ap.add_argument("--nets", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20, help="timed training epochs (the protocol runs 300-1000)")
+    ap.add_argument("--augment", default="crop_scale_rotate", help="DC augmentation (MNIST's by default)")
+    ap.add_argument("--test-images", type=int, default=2000)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--size", type=int, default=28)
+    add_device_args(ap, threads_default=2)
+    args = ap.parse_args(argv)
+    dev = device_from_args(args)
+    k, c, s = args.classes, args.channels, args.size
+    print(f"dc-eval benchmark on {hardware(dev)}; {args.nets} ConvNets, {k} classes, {c}x{s}x{s}, "
+          f"augment {args.augment}")
+    print("ipc  variant        s/epoch  test img/s  (x nets)  est. protocol min (1000 ep. + 10k test)")
+    g = torch.Generator().manual_seed(0)
+    tx = torch.randn(args.test_images, c, s, s, generator=g).to(dev)
+    ty = torch.randint(0, k, (args.test_images,), generator=g).to(dev)
+    for ipc in args.ipc:
+        x = torch.randn(k * ipc, c, s, s, generator=g).to(dev)
+        y = torch.arange(k, device=dev).repeat_interleave(ipc)
+        for variant in args.variants:
+            mode, compiled = variant.split("+")[0], variant.endswith("+compile")
+
+            def run(epochs: int, n_test: int) -> float:
+                r = EvalRecipe(epochs=epochs, augment=args.augment, parallel=mode, compile=compiled)
+                t0 = time.perf_counter()
+                train_and_test(x, y, tx[:n_test], ty[:n_test], "convnet", k, num_nets=args.nets, recipe=r)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                return time.perf_counter() - t0
+
+            run(2, 1)  # warm-up (and compilation, once per process and shape)
+            t_train = run(args.epochs, 1) / args.epochs
+            t_test = max(run(0, args.test_images), 1e-9)
+            per_img = t_test / args.test_images
+            protocol = (1000 * t_train + 10_000 * per_img) / 60
+            print(f"{ipc:<4} {variant:<13} {t_train:8.3f}  {args.test_images / t_test:10.0f}  "
+                  f"           {protocol:8.1f}", flush=True)
+    return 0
