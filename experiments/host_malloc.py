@@ -1,5 +1,12 @@
-"""Keep freed host memory inside the process, so big CPU tensors are not page-faulted in again on
-every allocation.
+"""Host-memory settings for CPU runs: fewer page faults for the large tensors of a training step.
+
+Two settings, both applied by every ``cvlab`` process on Linux:
+
+- :func:`prefer_huge_pages` (at import of :mod:`experiments`): PyTorch's transparent-huge-page
+  allocation for large CPU tensors (2 MB pages: ~20x fewer faults; docs/PERFORMANCE.md, "CPU
+  allocation"). Opt out with ``THP_MEM_ALLOC_ENABLE=0``.
+- :func:`keep_freed_host_memory` (at the start of ``cvlab``): freed blocks stay in the heap for reuse,
+  so they are not faulted in again at all. Described below.
 
 glibc's ``malloc`` serves blocks above its mmap threshold (at most 32 MB when it adapts the threshold
 itself) with a fresh ``mmap`` and gives them back with ``munmap`` when freed. A CPU training step
@@ -20,6 +27,12 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+def prefer_huge_pages() -> None:
+    """Default ``THP_MEM_ALLOC_ENABLE=1`` on Linux (read by PyTorch at the first large allocation)."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
