@@ -86,6 +86,8 @@ class DatasetCondensation(L.LightningModule):
         eval_parallel, eval_compile: how the evaluation networks train (``EvalRecipe.parallel``:
             ``vmap`` all at once, ``loop`` one at a time, ``auto`` vmap on CUDA only) and whether the
             loop's per-network step is ``torch.compile``d (``experiments/dc/cpu.yaml`` turns it on).
+        eval_condensed: evaluate the condensed set (False: only ``eval_baselines``, e.g. to add a
+            baseline to a finished run with ``cvlab test --model.init_args.condensed_path ...``).
         condensed_path: a ``condensed.pt`` to start from / evaluate (``cvlab test`` without fitting).
         whole_epochs, whole_nets: the ``whole`` baseline's budget (the full training set is large).
         seed: seeds image init, the fresh networks, the real batches and the evaluation.
@@ -126,6 +128,7 @@ class DatasetCondensation(L.LightningModule):
         eval_test_size: int | None = None,
         eval_parallel: str = "auto",
         eval_compile: bool = False,
+        eval_condensed: bool = True,
         condensed_path: str | None = None,
         whole_epochs: int = 2,
         whole_nets: int = 1,
@@ -148,6 +151,9 @@ class DatasetCondensation(L.LightningModule):
         check_matchable(self._make_net(), distance)
         resolve_class_mode(class_mode, torch.device("cpu"))  # a bad value fails here, not mid-run
         EvalRecipe(parallel=eval_parallel, compile=eval_compile)  # likewise for the evaluation options
+        if not eval_condensed and eval_baselines == []:
+            raise CvlabError("eval_condensed is false and eval_baselines is empty: the test stage would evaluate "
+                             "nothing; set --model.init_args.eval_baselines '[random]' (or herding, whole)")
         self._engine: list[tuple[nn.Module, RealGradients, str]] = []  # (net, real grads, mode): not a submodule
         # S: (K * ipc, C, H, W), class-major ([0]*ipc, [1]*ipc, ...), normalised pixel space
         self.images = nn.Parameter(torch.zeros(num_classes * ipc, in_channels, image_size, image_size))
@@ -354,7 +360,7 @@ class DatasetCondensation(L.LightningModule):
     def evaluation_sets(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{name: (normalised images, labels)}``: the condensed set and the requested baselines."""
         hp, dm = self.hparams, self.dm
-        sets = {"dc": (self.images.detach(), self.labels)}
+        sets = {"dc": (self.images.detach(), self.labels)} if hp.eval_condensed else {}
         y = dm.train_y.to(self.device)
         if "random" in self.eval_baselines:
             idx = random_subset(y, hp.ipc, hp.num_classes, seed=hp.seed)

@@ -242,6 +242,18 @@ def test_evaluation_options_are_checked():
         EvalRecipe(parallel="vmap", compile=True)
     with pytest.raises(CvlabError, match="parallel"):
         _module(eval_parallel="threads")
+    with pytest.raises(CvlabError, match="evaluate nothing"):
+        _module(eval_condensed=False, eval_baselines=[])
+
+
+def test_evaluation_can_skip_the_condensed_set(tmp_path):
+    """eval_condensed=False evaluates only the baselines (adding one to a finished run)."""
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    out = trainer.test(_module(eval_condensed=False, eval_baselines=["random"], outer_loop=1, inner_loop=1),
+                       datamodule=_shapes(), verbose=False)[0]
+    assert "eval/random_convnet_acc_mean" in out
+    assert not any(k.startswith("eval/dc_") or k == "eval/acc_mean" for k in out), out
 
 
 def test_dc_augment_keeps_shape_and_identity_when_no_strategy_moves():
