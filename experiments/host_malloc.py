@@ -28,6 +28,7 @@ import ctypes.util
 import os
 import sys
 
+
 def prefer_huge_pages() -> None:
     """Default ``THP_MEM_ALLOC_ENABLE=1`` on Linux (read by PyTorch at the first large allocation)."""
     if sys.platform.startswith("linux"):

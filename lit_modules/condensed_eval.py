@@ -96,8 +96,10 @@ def train_and_test(
 @torch.no_grad()
 def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tensor, r: EvalRecipe, seed: int,
                  progress: str | None = None) -> Tensor:
-    """Train and test ``nets`` together (one vmapped step for all of them)."""
+    """Train and test ``nets`` together: one vmapped step for all of them, or a loop over them
+    (``EvalRecipe.mode``); the same shuffles, augmentations and updates either way."""
     dev, num_nets, base = x.device, len(nets), nets[0]
+    mode = r.mode(dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     params, buffers = stack_module_state(nets)  # {name: (N, *shape)}
     params = {k: v.detach() for k, v in params.items()}
@@ -106,7 +108,7 @@ def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tenso
     def loss(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
         return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
 
-    if r.mode(dev) == "vmap":
+    if mode == "vmap":
         step = vmap(grad(loss), in_dims=(0, 0, 0, 0), randomness="different")
     else:
         one = grad(loss)
@@ -131,7 +133,7 @@ def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tenso
             _sgd_(params, grads, buf, lr, r)
     base.eval()
     correct = torch.zeros(num_nets, device=dev)
-    if r.mode(dev) == "vmap":
+    if mode == "vmap":
         predict = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, 0, None))
         tb = max(1, r.test_batch_size // num_nets)
         for i in range(0, test_x.shape[0], tb):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import nn
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
 from lit_modules.condensation import PAPER_LOOPS
+from lit_modules.condensed_eval import EvalRecipe, train_and_test
 from lit_modules.gradient_matching import RealGradients, gradient_match_distance, match_loss
 from lit_modules.nets import create_net
 from lit_modules.nets.convnet import AvgPool2x2, FewChannelConv2d
@@ -69,6 +71,14 @@ def _reference_step(net: nn.Module, images, x_real, ipc: int, opt) -> None:
     opt.step()
 
 
+def _add_task_args(ap: argparse.ArgumentParser) -> None:
+    """The task shape (MNIST's by default) and ``--device``/``--threads``, shared by both DC benchmarks."""
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--size", type=int, default=28)
+    add_device_args(ap, threads_default=2)
+
+
 VARIANTS = ("reference", "loop", "batched", "loop+bf16", "loop+compile", "loop+bf16+compile", "batched+bf16+compile")
 
 
@@ -83,13 +93,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch-real", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=None,
                     help="real images per pass within a class (RealGradients chunk; default: the whole batch)")
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--channels", type=int, default=1)
-    ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    add_device_args(ap, threads_default=2)
+    _add_task_args(ap)
     args = ap.parse_args(argv)
     dev = device_from_args(args)
     k, c, s = args.classes, args.channels, args.size
@@ -138,10 +145,6 @@ def eval_main(argv: list[str]) -> int:
 
         uv run cvlab bench dc-eval --ipc 1 10 --epochs 20 --variants vmap loop loop+compile
     """
-    import time
-
-    from lit_modules.condensed_eval import EvalRecipe, train_and_test
-
     ap = argparse.ArgumentParser(prog="cvlab bench dc-eval", description=eval_main.__doc__.splitlines()[0])
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--variants", nargs="+", default=list(EVAL_VARIANTS), choices=EVAL_VARIANTS)
@@ -149,10 +152,7 @@ def eval_main(argv: list[str]) -> int:
     ap.add_argument("--epochs", type=int, default=20, help="timed training epochs (the protocol runs 300-1000)")
     ap.add_argument("--augment", default="crop_scale_rotate", help="DC augmentation (MNIST's by default)")
     ap.add_argument("--test-images", type=int, default=2000)
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--channels", type=int, default=1)
-    ap.add_argument("--size", type=int, default=28)
-    add_device_args(ap, threads_default=2)
+    _add_task_args(ap)
     args = ap.parse_args(argv)
     dev = device_from_args(args)
     k, c, s = args.classes, args.channels, args.size
