@@ -76,6 +76,9 @@ class DatasetCondensation(L.LightningModule):
             CPU / Triton on GPU; the first outer iteration compiles).
         real_chunk: pass each class's real batch in chunks of this many images (the same gradient;
             faster on CPU, where smaller activations stay in cache; None: the whole batch at once).
+        bf16_inner: bf16 autocast for the inner-loop network training on S (the ``inner_loop`` SGD
+            epochs between matches, most of an ipc >= 10 iteration; the weights and the SGD update
+            stay float32). compile_inner: ``torch.compile`` that network's forward (and backward).
         image_every_n_steps, save_every_n_steps: grid image / ``condensed.pt`` cadence (and at the end).
         eval_*: the evaluation protocol run by ``test`` (after ``fit`` by default): ``eval_num_nets``
             fresh networks of each of ``eval_archs`` trained with the paper's recipe on the condensed
@@ -115,6 +118,8 @@ class DatasetCondensation(L.LightningModule):
         bf16_real: bool = False,
         compile_real: bool = False,
         real_chunk: int | None = None,
+        bf16_inner: bool = False,
+        compile_inner: bool = False,
         image_every_n_steps: int = 100,
         save_every_n_steps: int = 100,
         eval_num_nets: int = 10,
@@ -154,7 +159,8 @@ class DatasetCondensation(L.LightningModule):
         if not eval_condensed and eval_baselines == []:
             raise CvlabError("eval_condensed is false and eval_baselines is empty: the test stage would evaluate "
                              "nothing; set --model.init_args.eval_baselines '[random]' (or herding, whole)")
-        self._engine: list[tuple[nn.Module, RealGradients, str]] = []  # (net, real grads, mode): not a submodule
+        # (net, real grads, mode, the net's inner-loop forward): not a submodule
+        self._engine: list[tuple[nn.Module, RealGradients, str, nn.Module]] = []
         # S: (K * ipc, C, H, W), class-major ([0]*ipc, [1]*ipc, ...), normalised pixel space
         self.images = nn.Parameter(torch.zeros(num_classes * ipc, in_channels, image_size, image_size))
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(ipc), persistent=False)
@@ -224,14 +230,15 @@ class DatasetCondensation(L.LightningModule):
         hp = self.hparams
         return create_net(hp.arch, hp.num_classes, hp.in_channels, hp.image_size, **(hp.arch_kwargs or {}))
 
-    def _matching_engine(self) -> tuple[nn.Module, RealGradients, str]:
+    def _matching_engine(self) -> tuple[nn.Module, RealGradients, str, nn.Module]:
         """One local network reused (re-initialised) every outer iteration, so compiled code is reused."""
         if not self._engine:
             hp = self.hparams
             mode = resolve_class_mode(hp.class_mode, self.device)
             net = self._make_net().to(self.device)
             real = RealGradients(net, mode, bf16=hp.bf16_real, compile=hp.compile_real, chunk=hp.real_chunk)
-            self._engine.append((net, real, mode))
+            inner = torch.compile(net, dynamic=False) if hp.compile_inner else net  # shares net's parameters
+            self._engine.append((net, real, mode, inner))
         return self._engine[0]
 
     def _fresh_net(self, it: int) -> nn.Module:
@@ -267,7 +274,7 @@ class DatasetCondensation(L.LightningModule):
     def match(self, net: nn.Module, key: tuple[int, ...]) -> Tensor:
         """Eq. (10) for this rank's classes; sets ``images.grad`` (summed over ranks). Returns D."""
         hp = self.hparams
-        _, real_grads, mode = self._matching_engine()
+        _, real_grads, mode, _ = self._matching_engine()
         cls = self._my_classes()  # (k,)
         params = {n: p.detach() for n, p in net.named_parameters()}
         buffers = dict(net.named_buffers())
@@ -292,12 +299,16 @@ class DatasetCondensation(L.LightningModule):
         x, y = self.images.detach(), self.labels
         g = torch.Generator(device=self.device).manual_seed(_mix(hp.seed, *key, 5))
         net.train()
+        template, _, _, forward = self._matching_engine()  # forward: ``net``, compiled if compile_inner
+        assert net is template, "train_net trains the engine's network (the one _fresh_net returns)"
         for _ in range(self.inner_loop):
             perm = torch.randperm(x.shape[0], generator=g, device=self.device)
             for i in range(0, x.shape[0], hp.batch_train):
                 b = perm[i : i + hp.batch_train]
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(net(x[b]), y[b]).backward()
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.bf16_inner):
+                    loss = F.cross_entropy(forward(x[b]), y[b])
+                loss.backward()
                 opt.step()
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

@@ -50,17 +50,25 @@ def initial_images(indices: Tensor, shape: Sequence[int], init: str, seed: int) 
 
 
 def synthesize(teacher: torch.nn.Module, x0: Tensor, targets: Tensor, iterations: int, lr: float,
-               temperature: float, progress=None) -> tuple[Tensor, Tensor]:
+               temperature: float, progress=None, pixel_l2: float = 0.0) -> tuple[Tensor, Tensor]:
     """Optimise ``x0 (B, C, H, W)`` (teacher input space) towards ``targets (B, K)``.
 
-    Returns ``(x, loss (B,))`` after ``iterations`` Adam steps. No host sync inside the loop.
+    Each impression minimises ``CE(y, softmax(T(x) / tau)) + pixel_l2 / 2 * ||x||^2`` (the penalty is
+    not in the paper; a public TF port adds it with weight 1e-3). Returns ``(x, CE (B,))`` after
+    ``iterations`` Adam steps. No host sync inside the loop.
     """
     x = x0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     with torch.enable_grad():
         for it in range(iterations):
             opt.zero_grad(set_to_none=True)
-            soft_cross_entropy(teacher(x), targets, temperature).sum().backward()  # sum: independent per impression
+            # an enclosing torch.autocast (cache on, its default) would keep x's first bf16 copy: the
+            # teacher would see the starting images at every step. Lightning's own autocast has no cache.
+            torch.clear_autocast_cache()
+            loss = soft_cross_entropy(teacher(x), targets, temperature).sum()  # sum: independent per impression
+            if pixel_l2:
+                loss = loss + 0.5 * pixel_l2 * x.float().square().sum()
+            loss.backward()
             opt.step()
             if progress is not None:
                 progress(it + 1)
@@ -82,6 +90,10 @@ class DataImpressionSynthesizer(L.LightningModule):
         betas, beta_split: Dirichlet scales and the share of impressions per scale (paper: 1.0 and 0.1, half each).
         renormalize: ``paper`` or ``public_code`` (min-max after scaling, which cancels beta; see
             :func:`lit_modules.data_impressions.concentration`).
+        pixel_l2: weight of an L2 penalty ``pixel_l2 / 2 * ||x||^2`` on each impression (teacher input
+            space); not in the paper, a public TF port uses 1e-3 (with Adam lr 3.0). 0: off.
+        clip: store the impressions clipped to the pixel range [0, 1], as the public codes do when they
+            save them as 8-bit images (the teacher's agreement is then measured on the clipped images).
         seed: seeds the targets and every impression's starting noise.
         grid_per_class: impressions per class in the logged grid (one row per class).
     """
@@ -97,6 +109,8 @@ class DataImpressionSynthesizer(L.LightningModule):
         betas: list[float] = [1.0, 0.1],  # noqa: B006  (a CLI default, never mutated)
         beta_split: list[float] = [0.5, 0.5],  # noqa: B006
         renormalize: Renormalize = "paper",
+        pixel_l2: float = 0.0,
+        clip: bool = False,
         seed: int = 0,
         grid_per_class: int = 10,
     ) -> None:
@@ -138,12 +152,17 @@ class DataImpressionSynthesizer(L.LightningModule):
             if hp.init == "uniform":
                 x0 = task.normalize(x0)  # pixels -> the teacher's input space
             y = self.targets[index]  # (B, K)
-            x, loss = synthesize(self.teacher, x0, y, hp.iterations, hp.lr, hp.temperature, self._progress(hp.iterations))
+            x, loss = synthesize(self.teacher, x0, y, hp.iterations, hp.lr, hp.temperature,
+                                 self._progress(hp.iterations), pixel_l2=hp.pixel_l2)
+            image = task.denormalize(x).float()  # pixel space, as stored
+            if hp.clip:
+                image = image.clamp(0, 1)
+                x = task.normalize(image)
             with torch.no_grad():
                 start = soft_cross_entropy(self.teacher(x0), y, hp.temperature)
                 pred = self.teacher(x).argmax(-1)
         cpu = index.cpu()
-        return {"index": index, "image": task.denormalize(x).float(), "target": y, "class": self.classes[cpu],
+        return {"index": index, "image": image, "target": y, "class": self.classes[cpu],
                 "beta": self.betas[cpu], "loss_start": start, "loss": loss, "teacher_pred": pred}
 
     def _progress(self, n: int):

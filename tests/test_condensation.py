@@ -131,6 +131,29 @@ def test_module_class_modes_give_the_same_images(tmp_path):
     torch.testing.assert_close(out["loop"], out["batched"], rtol=1e-3, atol=1e-4)
 
 
+def _inner_update(**kw) -> torch.Tensor:
+    """The parameter change of one ``train_net`` call (3 inner epochs on a random ipc-2 set)."""
+    model = _module(ipc=2, outer_loop=2, inner_loop=3, **kw)
+    with torch.no_grad():
+        model.images.copy_(torch.randn(model.images.shape, generator=torch.Generator().manual_seed(0)))
+    net = model._fresh_net(0)
+    before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    model.train_net(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5), (0, 0))
+    return torch.cat([p.detach().flatten() for p in net.parameters()]) - before
+
+
+def test_bf16_inner_training_stays_close_to_fp32():
+    ref, bf16 = _inner_update(), _inner_update(bf16_inner=True)
+    assert ref.abs().sum() > 0 and not torch.equal(ref, bf16)  # it trained, and autocast took effect
+    assert torch.nn.functional.cosine_similarity(ref, bf16, dim=0) > 0.99
+    torch.testing.assert_close(bf16, ref, rtol=0.1, atol=0.1 * ref.abs().max().item())
+
+
+@pytest.mark.slow
+def test_compiled_inner_training_equals_eager():
+    torch.testing.assert_close(_inner_update(compile_inner=True), _inner_update(), rtol=1e-4, atol=1e-6)
+
+
 def test_distance_gradients_reach_the_synthetic_images():
     net = _tiny_net()
     p, b = _params(net)

@@ -136,6 +136,16 @@ def test_synthesis_lowers_the_teachers_loss_on_its_targets(tmp_path: Path) -> No
     assert teacher.training is False and all(not p.requires_grad for p in teacher.parameters())
 
 
+def test_synthesis_works_inside_a_caching_autocast(tmp_path: Path) -> None:
+    # LeNet-5's first op is a conv on x itself, the tensor autocast would cache
+    teacher = load_teacher(save_teacher(tmp_path / "t.ckpt", arch="lenet5", in_channels=1))
+    y, _, _ = dirichlet_targets(class_similarity(final_linear(teacher).weight), 10)
+    x0 = initial_images(torch.arange(10), (1, 32, 32), "uniform", 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cache_enabled=True by default
+        _, loss = synthesize(teacher, x0, y, iterations=30, lr=0.1, temperature=1.0)
+    assert (loss < soft_cross_entropy(teacher(x0), y, 1.0) - 0.05).all()
+
+
 def test_batched_synthesis_equals_one_class_at_a_time(tmp_path: Path) -> None:
     teacher = load_teacher(save_teacher(tmp_path / "t.ckpt"))
     y, classes, _ = dirichlet_targets(class_similarity(final_linear(teacher).weight), 20)
@@ -145,6 +155,25 @@ def test_batched_synthesis_equals_one_class_at_a_time(tmp_path: Path) -> None:
         m = classes == k
         xk, lk = synthesize(teacher, x0[m], y[m], 10, 0.05, 20.0)
         torch.testing.assert_close(xk, xb[m], rtol=1e-4, atol=1e-5)
+
+
+def test_pixel_penalty_shrinks_the_impressions(tmp_path: Path) -> None:
+    teacher = load_teacher(save_teacher(tmp_path / "t.ckpt"))
+    y, _, _ = dirichlet_targets(class_similarity(final_linear(teacher).weight), 10)
+    x0 = initial_images(torch.arange(10), (3, 32, 32), "gaussian", 0) * 3
+    free, _ = synthesize(teacher, x0, y, 30, 0.1, 20.0)
+    held, _ = synthesize(teacher, x0, y, 30, 0.1, 20.0, pixel_l2=1.0)
+    assert held.flatten(1).norm(dim=1).max() < 0.5 * free.flatten(1).norm(dim=1).min()
+
+
+def test_clipped_impressions_are_stored_in_the_pixel_range(tmp_path: Path) -> None:
+    teacher = save_teacher(tmp_path / "t.ckpt")
+    over = {"model.init_args.init": "gaussian", "model.init_args.lr": "1.0"}
+    cvlab(_synth_args(teacher, tmp_path / "raw", n=10, **over))
+    cvlab(_synth_args(teacher, tmp_path / "clip", n=10, **over, **{"model.init_args.clip": "true"}))
+    raw, clipped = load_shards(tmp_path / "raw" / "shards")["image"], load_shards(tmp_path / "clip" / "shards")["image"]
+    assert raw.min() < 0 and raw.max() > 1  # the check below can fail
+    torch.testing.assert_close(clipped, raw.clamp(0, 1))
 
 
 def _synth_args(teacher: Path, run: Path, n: int = 30, **over: str) -> list[str]:

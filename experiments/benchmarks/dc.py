@@ -7,6 +7,10 @@ times one match+update and one inner epoch on random MNIST-shaped data and compo
 
     uv run cvlab bench dc --ipc 1 10 50 --variants loop batched loop+bf16+compile --iters 3
     uv run cvlab bench dc --ipc 1 --variants reference loop+bf16+compile --chunk 64   # vs the public code's structure
+    uv run cvlab bench dc --ipc 10 --variants reference loop+bf16+compile loop+bf16+compile+inner16
+
+``+inner16``: the inner epochs in bf16 autocast, compiled (``bf16_inner`` + ``compile_inner``); every
+other row times the inner epoch as the public code runs it (fp32, eager).
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ def _add_task_args(ap: argparse.ArgumentParser) -> None:
     add_device_args(ap, threads_default=2)
 
 
-VARIANTS = ("reference", "loop", "batched", "loop+bf16", "loop+compile", "loop+bf16+compile", "batched+bf16+compile")
+VARIANTS = ("reference", "loop", "batched", "loop+bf16", "loop+compile", "loop+bf16+compile", "batched+bf16+compile",
+            "loop+bf16+compile+inner16")
 
 
 @register_benchmark("dc")
@@ -111,15 +116,28 @@ def main(argv: list[str]) -> int:
         opt = torch.optim.SGD([images], lr=0.1, momentum=0.5)
         net_opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
 
-        def inner_epoch() -> None:
+        def inner_epoch(forward: nn.Module, bf16: bool) -> None:
             for i in range(0, images.shape[0], 256):
                 net_opt.zero_grad(set_to_none=True)
-                F.cross_entropy(net(images[i : i + 256].detach()), labels[i : i + 256]).backward()
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(forward(images[i : i + 256].detach()), labels[i : i + 256])
+                loss.backward()
                 net_opt.step()
 
-        t_epoch = measure(inner_epoch, dev, warmup=1, iters=max(1, args.iters)).seconds_per_iter if outer > 1 else 0.0
+        epoch_s: dict[bool, float] = {}  # inner16 -> s per inner epoch
+
+        def t_inner(inner16: bool) -> float:
+            if outer == 1:
+                return 0.0
+            if inner16 not in epoch_s:
+                fwd = torch.compile(net, dynamic=False) if inner16 else net
+                epoch_s[inner16] = measure(lambda: inner_epoch(fwd, inner16), dev, warmup=2 if inner16 else 1,
+                                           iters=max(1, args.iters)).seconds_per_iter
+            return epoch_s[inner16]
+
         for variant in args.variants:
             mode = variant.split("+")[0]
+            t_epoch = t_inner(variant.endswith("+inner16"))
             if variant == "reference":
                 ref = _reference_net(net)
                 step = lambda: _reference_step(ref, images, x_real, ipc, opt)  # noqa: E731
