@@ -69,6 +69,7 @@ OVERLAYS = {
     "experiments/lra/mnist/cpu_hour.yaml": "experiments/lra/mnist/lra.yaml",
     "experiments/dc/cpu.yaml": "experiments/dc/mnist/ipc1.yaml",
     "experiments/lra/generative_replay.yaml": "experiments/lra/mnist/lra.yaml",
+    "experiments/zskd/tf_port_impressions.yaml": "experiments/zskd/mnist/synthesize.yaml",
 }
 
 GENERIC = [
@@ -149,10 +150,11 @@ def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkey
         return
     base = OVERLAYS.get(config, config)
     sub, extra = "fit", []
-    for pattern, s, e in SMOKE:
-        if fnmatch.fnmatch(config, pattern):
-            sub, extra = s, e
-            break
+    # the config's own smoke arguments, else (an overlay) its base config's
+    found = [(s, e) for p, s, e in SMOKE if fnmatch.fnmatch(config, p)] or \
+        [(s, e) for p, s, e in SMOKE if fnmatch.fnmatch(base, p)]
+    if found:
+        sub, extra = found[0]
     if base != config:
         spec = yaml.safe_load((REPO / base).read_text())
     data_cls = (spec.get("data") or {}).get("class_path", "")
