@@ -21,6 +21,7 @@ all-reduce, so every rank applies the same update. ``trainer.global_step`` count
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,34 @@ def _mix(*xs: int) -> int:
     for x in xs:
         h = (h * 1_000_003 + int(x)) % (2**61 - 1)
     return h
+
+
+def train_on_set(forward: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, epochs: int,
+                 batch_size: int, generator: torch.Generator, bf16: bool = False) -> None:
+    """``epochs`` of minibatch training of ``forward`` on ``(x, y)``, reshuffled by ``generator`` every
+    epoch: Algorithm 1's inner loop on S. ``bf16``: the forward pass under bf16 autocast (the
+    parameters and ``opt``'s update stay as they are)."""
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+        for i in range(0, x.shape[0], batch_size):
+            b = perm[i : i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(forward(x[b]), y[b])
+            loss.backward()
+            opt.step()
+
+
+@dataclass
+class _Engine:
+    """The matching network (re-initialised in place every outer iteration, so compiled code is reused),
+    its real-gradient function, the resolved class mode, and its inner-loop forward (``net`` itself, or
+    ``net`` compiled: the same parameters)."""
+
+    net: nn.Module
+    real: RealGradients
+    mode: str
+    inner: nn.Module
 
 
 def load_condensed(path: str | Path) -> dict[str, Any]:
@@ -159,8 +188,7 @@ class DatasetCondensation(L.LightningModule):
         if not eval_condensed and eval_baselines == []:
             raise CvlabError("eval_condensed is false and eval_baselines is empty: the test stage would evaluate "
                              "nothing; set --model.init_args.eval_baselines '[random]' (or herding, whole)")
-        # (net, real grads, mode, the net's inner-loop forward): not a submodule
-        self._engine: list[tuple[nn.Module, RealGradients, str, nn.Module]] = []
+        self._engine_: _Engine | None = None  # built on first use, on the module's device; not a submodule
         # S: (K * ipc, C, H, W), class-major ([0]*ipc, [1]*ipc, ...), normalised pixel space
         self.images = nn.Parameter(torch.zeros(num_classes * ipc, in_channels, image_size, image_size))
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(ipc), persistent=False)
@@ -230,23 +258,23 @@ class DatasetCondensation(L.LightningModule):
         hp = self.hparams
         return create_net(hp.arch, hp.num_classes, hp.in_channels, hp.image_size, **(hp.arch_kwargs or {}))
 
-    def _matching_engine(self) -> tuple[nn.Module, RealGradients, str, nn.Module]:
-        """One local network reused (re-initialised) every outer iteration, so compiled code is reused."""
-        if not self._engine:
+    @property
+    def _engine(self) -> _Engine:
+        if self._engine_ is None:
             hp = self.hparams
             mode = resolve_class_mode(hp.class_mode, self.device)
             net = self._make_net().to(self.device)
             real = RealGradients(net, mode, bf16=hp.bf16_real, compile=hp.compile_real, chunk=hp.real_chunk)
-            inner = torch.compile(net, dynamic=False) if hp.compile_inner else net  # shares net's parameters
-            self._engine.append((net, real, mode, inner))
-        return self._engine[0]
+            inner = torch.compile(net, dynamic=False) if hp.compile_inner else net
+            self._engine_ = _Engine(net, real, mode, inner)
+        return self._engine_
 
     def _fresh_net(self, it: int) -> nn.Module:
         """A randomly initialised network, identical on every rank (seeded by the iteration)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix(self.hparams.seed, it, 7))
             fresh = self._make_net()
-        net = self._matching_engine()[0]
+        net = self._engine.net
         net.load_state_dict(fresh.state_dict())
         return net.train()
 
@@ -274,7 +302,7 @@ class DatasetCondensation(L.LightningModule):
     def match(self, net: nn.Module, key: tuple[int, ...]) -> Tensor:
         """Eq. (10) for this rank's classes; sets ``images.grad`` (summed over ranks). Returns D."""
         hp = self.hparams
-        _, real_grads, mode, _ = self._matching_engine()
+        real_grads, mode = self._engine.real, self._engine.mode
         cls = self._my_classes()  # (k,)
         params = {n: p.detach() for n, p in net.named_parameters()}
         buffers = dict(net.named_buffers())
@@ -293,23 +321,14 @@ class DatasetCondensation(L.LightningModule):
         self.images.grad = grad_img
         return loss.detach()
 
-    def train_net(self, net: nn.Module, opt: torch.optim.Optimizer, key: tuple[int, ...]) -> None:
-        """``inner_loop`` epochs of SGD on the (detached) synthetic set, seeded shuffles."""
-        hp = self.hparams
-        x, y = self.images.detach(), self.labels
+    def train_net(self, opt: torch.optim.Optimizer, key: tuple[int, ...]) -> None:
+        """``inner_loop`` epochs of SGD of the engine's network (the one :meth:`_fresh_net` returns) on the
+        (detached) synthetic set, seeded shuffles."""
+        hp, engine = self.hparams, self._engine
         g = torch.Generator(device=self.device).manual_seed(_mix(hp.seed, *key, 5))
-        net.train()
-        template, _, _, forward = self._matching_engine()  # forward: ``net``, compiled if compile_inner
-        assert net is template, "train_net trains the engine's network (the one _fresh_net returns)"
-        for _ in range(self.inner_loop):
-            perm = torch.randperm(x.shape[0], generator=g, device=self.device)
-            for i in range(0, x.shape[0], hp.batch_train):
-                b = perm[i : i + hp.batch_train]
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.bf16_inner):
-                    loss = F.cross_entropy(forward(x[b]), y[b])
-                loss.backward()
-                opt.step()
+        engine.net.train()
+        train_on_set(engine.inner, opt, self.images.detach(), self.labels, self.inner_loop, hp.batch_train, g,
+                     bf16=hp.bf16_inner)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         hp = self.hparams
@@ -323,7 +342,7 @@ class DatasetCondensation(L.LightningModule):
             total = total + self.match(net, (it, ol))  # match
             if ol < self.outer_loop - 1:
                 opt_img.optimizer.step()  # update S (inner steps do not count as global steps)
-                self.train_net(net, opt_net, (it, ol))  # train theta on S
+                self.train_net(opt_net, (it, ol))  # train theta on S
             else:
                 opt_img.step()  # update S; global_step += 1
         loss = total / (hp.num_classes * self.outer_loop)  # the DC code's reported average

@@ -67,7 +67,7 @@ def synthesize(teacher: torch.nn.Module, x0: Tensor, targets: Tensor, iterations
             torch.clear_autocast_cache()
             loss = soft_cross_entropy(teacher(x), targets, temperature).sum()  # sum: independent per impression
             if pixel_l2:
-                loss = loss + 0.5 * pixel_l2 * x.float().square().sum()
+                loss = loss + 0.5 * pixel_l2 * x.square().sum()
             loss.backward()
             opt.step()
             if progress is not None:

@@ -138,7 +138,7 @@ def _inner_update(**kw) -> torch.Tensor:
         model.images.copy_(torch.randn(model.images.shape, generator=torch.Generator().manual_seed(0)))
     net = model._fresh_net(0)
     before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
-    model.train_net(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5), (0, 0))
+    model.train_net(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5), (0, 0))
     return torch.cat([p.detach().flatten() for p in net.parameters()]) - before
 
 

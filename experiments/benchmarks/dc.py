@@ -25,7 +25,7 @@ from torch import nn
 
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
-from lit_modules.condensation import PAPER_LOOPS
+from lit_modules.condensation import PAPER_LOOPS, train_on_set
 from lit_modules.condensed_eval import EvalRecipe, train_and_test
 from lit_modules.gradient_matching import RealGradients, gradient_match_distance, match_loss
 from lit_modules.nets import create_net
@@ -67,7 +67,8 @@ def _reference_step(net: nn.Module, images, x_real, ipc: int, opt) -> None:
     for c in range(x_real.shape[0]):
         y = torch.full((x_real.shape[1],), c, device=x_real.device)
         g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(x_real[c]), y), params)]
-        g_syn = torch.autograd.grad(F.cross_entropy(net(images[c * ipc : (c + 1) * ipc]), y[:ipc]), params,
+        y_syn = torch.full((ipc,), c, device=x_real.device)
+        g_syn = torch.autograd.grad(F.cross_entropy(net(images[c * ipc : (c + 1) * ipc]), y_syn), params,
                                     create_graph=True)
         loss = loss + gradient_match_distance(list(g_syn), g_real)
     opt.zero_grad(set_to_none=True)
@@ -116,28 +117,16 @@ def main(argv: list[str]) -> int:
         opt = torch.optim.SGD([images], lr=0.1, momentum=0.5)
         net_opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
 
-        def inner_epoch(forward: nn.Module, bf16: bool) -> None:
-            for i in range(0, images.shape[0], 256):
-                net_opt.zero_grad(set_to_none=True)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = F.cross_entropy(forward(images[i : i + 256].detach()), labels[i : i + 256])
-                loss.backward()
-                net_opt.step()
-
-        epoch_s: dict[bool, float] = {}  # inner16 -> s per inner epoch
-
-        def t_inner(inner16: bool) -> float:
-            if outer == 1:
-                return 0.0
-            if inner16 not in epoch_s:
-                fwd = torch.compile(net, dynamic=False) if inner16 else net
-                epoch_s[inner16] = measure(lambda: inner_epoch(fwd, inner16), dev, warmup=2 if inner16 else 1,
-                                           iters=max(1, args.iters)).seconds_per_iter
-            return epoch_s[inner16]
+        shuffle = torch.Generator(device=dev).manual_seed(0)
+        epoch_s: dict[bool, float] = {}  # inner16 -> s per inner epoch (no inner loop when outer == 1)
+        for inner16 in sorted({v.endswith("+inner16") for v in args.variants} if outer > 1 else set()):
+            fwd = torch.compile(net, dynamic=False) if inner16 else net
+            epoch = lambda: train_on_set(fwd, net_opt, images.detach(), labels, 1, 256, shuffle, bf16=inner16)  # noqa: B023, E731
+            epoch_s[inner16] = measure(epoch, dev, warmup=2 if inner16 else 1, iters=max(1, args.iters)).seconds_per_iter
 
         for variant in args.variants:
             mode = variant.split("+")[0]
-            t_epoch = t_inner(variant.endswith("+inner16"))
+            t_epoch = epoch_s.get(variant.endswith("+inner16"), 0.0)
             if variant == "reference":
                 ref = _reference_net(net)
                 step = lambda: _reference_step(ref, images, x_real, ipc, opt)  # noqa: E731
