@@ -139,3 +139,19 @@ def random_affine(
     theta[:, :, 2] = torch.stack([u(), u()], 1) * 2 * translate  # grid units: 2 = the image width
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_mix(x: Tensor, max_weight: float, generator: torch.Generator | None = None) -> Tensor:
+    """Blend each image with a random partner from the same batch: ``(1 - w) x_i + w x_perm(i)``,
+    ``w ~ U(0, max_weight)`` per image (the image itself stays dominant for ``max_weight <= 0.5``).
+
+    With a teacher that labels the blended batch, ``max_weight = 0.5`` is mixup with ``alpha = 1``
+    (Zhang et al., ICLR 2018): ``min(lam, 1 - lam)`` of ``lam ~ U(0, 1)`` is ``U(0, 0.5)``. Blending is
+    linear, so it commutes with :func:`normalize`. ``x``: float ``(B, C, H, W)``.
+    """
+    if max_weight <= 0:
+        return x
+    b = x.shape[0]
+    perm = torch.randperm(b, device=x.device, generator=generator)
+    w = (torch.rand(b, device=x.device, generator=generator) * max_weight).to(x.dtype).view(b, 1, 1, 1)
+    return torch.lerp(x, x[perm], w)

@@ -174,7 +174,7 @@ class TensorImageDataModule(L.LightningDataModule):
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=EpochSeededRandomSampler(len(ds), self.seed) if train else None,
-            shuffle=False if train else False,
+            shuffle=False,  # the sampler shuffles the training split
             drop_last=False,
             num_workers=self.num_workers,
             collate_fn=batch_collate,

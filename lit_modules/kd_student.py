@@ -22,7 +22,7 @@ import torchmetrics
 from torch import Tensor
 
 from callbacks.metrics_json import merge_metrics
-from datamodules.augment import random_affine
+from datamodules.augment import random_affine, random_mix
 from datamodules.errors import CvlabError
 from lit_modules.kd import distillation_loss
 from lit_modules.nets import create_net
@@ -45,6 +45,9 @@ class KDStudent(L.LightningModule):
         aug_scale, aug_translate, aug_rotate, aug_flip: batched augmentation of each training batch
             (zoom +-scale, shift +-translate of the size, +-rotate degrees, left-right flip), applied
             before both networks see it.
+        aug_mix: after the affine augmentation, blend each image with a random partner of its batch
+            at a weight ``~ U(0, aug_mix)`` (:func:`datamodules.augment.random_mix`; 0.5 is mixup with
+            alpha 1; not in ZSKD). The teacher labels the blend; a hard label stays the dominant image's.
     """
 
     def __init__(
@@ -66,9 +69,12 @@ class KDStudent(L.LightningModule):
         aug_translate: float = 0.0,
         aug_rotate: float = 0.0,
         aug_flip: bool = False,
+        aug_mix: float = 0.0,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= aug_mix <= 0.5:
+            raise CvlabError(f"aug_mix is the partner's largest blend weight, in [0, 0.5]; got {aug_mix}")
         self.save_hyperparameters()
         self.teacher = load_teacher(teacher, arch=teacher_arch, num_classes=num_classes, in_channels=in_channels,
                                     image_size=image_size)
@@ -79,6 +85,7 @@ class KDStudent(L.LightningModule):
                               **(arch_kwargs or {}))
         acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc, self.test_acc, self.test_teacher_acc = acc.clone(), acc.clone(), acc.clone()
+        self.test_class_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average=None)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -102,7 +109,8 @@ class KDStudent(L.LightningModule):
         hp = self.hparams
         g = torch.Generator(device=x.device)
         g.manual_seed(hash((hp.seed, self.global_rank, self.global_step)) % (2**62))  # same after resume
-        return random_affine(x, hp.aug_scale, hp.aug_translate, hp.aug_rotate, hp.aug_flip, g)
+        x = random_affine(x, hp.aug_scale, hp.aug_translate, hp.aug_rotate, hp.aug_flip, g)
+        return random_mix(x, hp.aug_mix, g)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch  # normalised (B, C, H, W); labels (B,), -1 where the transfer set has none
@@ -123,10 +131,19 @@ class KDStudent(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.test_acc(self(x), y)
+        out = self(x)
+        self.test_acc(out, y)
+        self.test_class_acc.update(out, y)
         self.test_teacher_acc(self.teacher(x), y)
         self.log("test/acc", self.test_acc)
         self.log("test/teacher_acc", self.test_teacher_acc)
+
+    def on_test_epoch_end(self) -> None:
+        # which classes transfer: a zero-shot student can miss a whole class the teacher knows
+        per_class = self.test_class_acc.compute()  # (K,), reduced over processes
+        self.test_class_acc.reset()
+        for k, a in enumerate(per_class):
+            self.log(f"test/acc_class/{k}", a)
 
     def configure_optimizers(self):
         hp = self.hparams

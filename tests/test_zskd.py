@@ -16,7 +16,7 @@ from torch import nn
 
 from callbacks.shard_writer import ShardMismatchError
 from datamodules.shards import load_shards
-from datamodules.augment import random_affine
+from datamodules.augment import random_affine, random_mix
 from experiments.cli import main as cvlab
 from lit_modules.classifier import ClassifierModule
 from lit_modules.data_impressions import (
@@ -122,6 +122,21 @@ def test_random_affine_identity_and_flip() -> None:
     torch.testing.assert_close(random_affine(x, scale=0.0, rotate=0.0, flip=False, translate=0.0), x)
     y = random_affine(x, scale=0.2, translate=0.1, rotate=15, flip=True, generator=torch.Generator().manual_seed(0))
     assert y.shape == x.shape and torch.isfinite(y).all() and not torch.equal(y, x)
+
+
+def test_random_mix_blends_each_image_with_one_partner_at_a_uniform_weight() -> None:
+    b = 2000
+    x = torch.eye(b).view(b, b, 1, 1)  # image i is the one-hot e_i: a blend shows its partner and weight
+    assert torch.equal(random_mix(x, 0.0), x)
+    out = random_mix(x, 0.5, torch.Generator().manual_seed(0)).view(b, b)
+    torch.testing.assert_close(out.sum(1), torch.ones(b))  # a convex blend of two images
+    own = out.diagonal()
+    assert (own >= 0.5).all() and ((out > 0).sum(1) <= 2).all()  # the image stays dominant; one partner at most
+    partner = (out - torch.diag(own)).argmax(1)
+    moved = own < 1
+    assert partner[moved].unique().numel() == int(moved.sum())  # partners are a permutation: no image used twice
+    w = 1 - own[moved]  # U(0, 0.5): mean 0.25, sd 0.144
+    assert abs(w.mean().item() - 0.25) < 0.015 and w.max() <= 0.5
 
 
 # --- synthesis ---------------------------------------------------------------------------------------------
@@ -248,6 +263,9 @@ def test_student_distils_from_impressions_and_rejects_wrong_class_count(tmp_path
     cli = CvlabCLI(args=args)
     m = json.loads((run / "metrics.json").read_text())
     assert {"test/acc", "test/teacher_acc", "train/kd"} <= set(m) and math.isfinite(m["train/kd"])
+    counts = torch.bincount(cli.datamodule.test_y, minlength=10).double()
+    per_class = torch.tensor([m[f"test/acc_class/{k}"] for k in range(10)], dtype=torch.float64)
+    assert math.isclose((per_class * counts).sum().item() / counts.sum().item(), m["test/acc"], abs_tol=1e-6)
     assert cli.datamodule.train_x.shape[0] == 40 and cli.datamodule.train_x.dtype == torch.float32
     # a student checkpoint is itself a teacher
     t2 = load_teacher(run / "checkpoints" / "last.ckpt")
@@ -259,6 +277,10 @@ def test_student_distils_from_impressions_and_rejects_wrong_class_count(tmp_path
     with pytest.raises(CvlabError, match="7 classes but the task"):
         CvlabCLI(args=[a if "pool.init_args.folder" not in a else f"--data.init_args.pool.init_args.folder={synth7}"
                        for a in args] + [f"--run.dir={tmp_path / 'student7'}"])
+    from lit_modules.kd_student import KDStudent
+
+    with pytest.raises(CvlabError, match="aug_mix.*0.7"):
+        KDStudent(teacher=str(teacher), aug_mix=0.7)
 
 
 @pytest.mark.slow
