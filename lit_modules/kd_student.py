@@ -142,8 +142,7 @@ class KDStudent(L.LightningModule):
         # which classes transfer: a zero-shot student can miss a whole class the teacher knows
         per_class = self.test_class_acc.compute()  # (K,), reduced over processes
         self.test_class_acc.reset()
-        for k, a in enumerate(per_class):
-            self.log(f"test/acc_class/{k}", a)
+        self.log_dict({f"test/acc_class/{k}": a for k, a in enumerate(per_class)})
 
     def configure_optimizers(self):
         hp = self.hparams
