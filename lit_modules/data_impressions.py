@@ -5,6 +5,8 @@
 
 * Class similarity (Sec. 3.1): rows of the final weight ``W (K, D)`` are L2-normalised, ``C = W W^T``
   (cosine similarity), min-max normalised to [0, 1] over the whole matrix.
+* Image prior (not in the paper): :func:`total_variation`, the squared differences of neighbouring
+  pixels, an optional smoothness term of the synthesis objective (``pixel_tv``).
 * Targets (Sec. 3.2): for class ``k`` and scale ``beta``, ``alpha = beta * c_k + 1e-4`` where ``c_k`` is
   row ``k`` re-normalised to [0, 1]; ``y ~ Dir(alpha)``. The paper uses beta in {1.0, 0.1}, half each.
   The public TF code min-max re-normalises *after* multiplying by beta, which cancels beta = 0.1
@@ -121,3 +123,12 @@ def dirichlet_targets(
     classes, b = impression_plan(num_impressions, similarity.shape[0], betas, beta_split)
     alpha = concentration(similarity.cpu(), classes, b, renormalize)
     return sample_dirichlet(alpha, seed), classes, b
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Squared total variation of each image in ``x (B, C, H, W)``: ``sum (x[h+1, w] - x[h, w])^2 +
+    sum (x[h, w+1] - x[h, w])^2`` over channels and positions, shape ``(B,)``. The smoothness prior of
+    DeepInversion's ``l2`` variation term (there a mean, here a sum, so it is per impression like the CE)."""
+    dh = (x[..., 1:, :] - x[..., :-1, :]).square().flatten(1).sum(1)
+    dw = (x[..., :, 1:] - x[..., :, :-1]).square().flatten(1).sum(1)
+    return dh + dw

@@ -31,7 +31,8 @@ from callbacks.metrics_json import merge_metrics
 from callbacks.shard_writer import check_manifest, with_shard_writer
 from datamodules.shards import all_shards_on_rank_zero, shard_folder
 from datamodules.errors import CvlabError
-from lit_modules.data_impressions import Renormalize, class_similarity, dirichlet_targets, final_linear
+from lit_modules.data_impressions import (Renormalize, class_similarity, dirichlet_targets, final_linear,
+                                          total_variation)
 from lit_modules.kd import soft_cross_entropy
 from lit_modules.teacher import load_teacher
 
@@ -50,11 +51,13 @@ def initial_images(indices: Tensor, shape: Sequence[int], init: str, seed: int) 
 
 
 def synthesize(teacher: torch.nn.Module, x0: Tensor, targets: Tensor, iterations: int, lr: float,
-               temperature: float, progress=None, pixel_l2: float = 0.0) -> tuple[Tensor, Tensor]:
+               temperature: float, progress=None, pixel_l2: float = 0.0,
+               pixel_tv: float = 0.0) -> tuple[Tensor, Tensor]:
     """Optimise ``x0 (B, C, H, W)`` (teacher input space) towards ``targets (B, K)``.
 
-    Each impression minimises ``CE(y, softmax(T(x) / tau)) + pixel_l2 / 2 * ||x||^2`` (the penalty is
-    not in the paper; a public TF port adds it with weight 1e-3). Returns ``(x, CE (B,))`` after
+    Each impression minimises ``CE(y, softmax(T(x) / tau)) + pixel_l2 / 2 * ||x||^2 + pixel_tv * TV(x)``
+    (neither penalty is in the paper; a public TF port adds the L2 one with weight 1e-3; ``TV`` is
+    :func:`lit_modules.data_impressions.total_variation`). Returns ``(x, CE (B,))`` after
     ``iterations`` Adam steps. No host sync inside the loop.
     """
     x = x0.detach().clone().requires_grad_(True)
@@ -68,6 +71,8 @@ def synthesize(teacher: torch.nn.Module, x0: Tensor, targets: Tensor, iterations
             loss = soft_cross_entropy(teacher(x), targets, temperature).sum()  # sum: independent per impression
             if pixel_l2:
                 loss = loss + 0.5 * pixel_l2 * x.square().sum()
+            if pixel_tv:
+                loss = loss + pixel_tv * total_variation(x).sum()
             loss.backward()
             opt.step()
             if progress is not None:
@@ -92,6 +97,8 @@ class DataImpressionSynthesizer(L.LightningModule):
             :func:`lit_modules.data_impressions.concentration`).
         pixel_l2: weight of an L2 penalty ``pixel_l2 / 2 * ||x||^2`` on each impression (teacher input
             space); not in the paper, a public TF port uses 1e-3 (with Adam lr 3.0). 0: off.
+        pixel_tv: weight of a smoothness prior ``pixel_tv * TV(x)``, the squared differences of
+            neighbouring pixels (teacher input space); not in the paper. 0: off.
         clip: store the impressions clipped to the pixel range [0, 1], as the public codes do when they
             save them as 8-bit images (the teacher's agreement is then measured on the clipped images).
         seed: seeds the targets and every impression's starting noise.
@@ -111,6 +118,7 @@ class DataImpressionSynthesizer(L.LightningModule):
         renormalize: Renormalize = "paper",
         pixel_l2: float = 0.0,
         clip: bool = False,
+        pixel_tv: float = 0.0,
         seed: int = 0,
         grid_per_class: int = 10,
     ) -> None:
@@ -153,7 +161,7 @@ class DataImpressionSynthesizer(L.LightningModule):
                 x0 = task.normalize(x0)  # pixels -> the teacher's input space
             y = self.targets[index]  # (B, K)
             x, loss = synthesize(self.teacher, x0, y, hp.iterations, hp.lr, hp.temperature,
-                                 self._progress(hp.iterations), pixel_l2=hp.pixel_l2)
+                                 self._progress(hp.iterations), pixel_l2=hp.pixel_l2, pixel_tv=hp.pixel_tv)
             image = task.denormalize(x).float()  # pixel space, as stored
             if hp.clip:
                 image = image.clamp(0, 1)
@@ -202,6 +210,8 @@ class DataImpressionSynthesizer(L.LightningModule):
             "synthesis/loss_start_mean": r["loss_start"].mean().item(),
             "synthesis/loss_mean": r["loss"].mean().item(),
             "synthesis/teacher_agrees_with_target": (r["teacher_pred"] == r["target"].argmax(-1)).float().mean().item(),
+            # smoothness of the stored images (pixel space), per impression
+            "synthesis/total_variation_mean": total_variation(r["image"].float()).mean().item(),
         }
         if wall is not None:
             metrics["synthesis/wall_s"] = wall

@@ -70,6 +70,7 @@ OVERLAYS = {
     "experiments/dc/cpu.yaml": "experiments/dc/mnist/ipc1.yaml",
     "experiments/lra/generative_replay.yaml": "experiments/lra/mnist/lra.yaml",
     "experiments/zskd/tf_port_impressions.yaml": "experiments/zskd/mnist/synthesize.yaml",
+    "experiments/zskd/smooth_impressions.yaml": "experiments/zskd/fashion_mnist/synthesize.yaml",
 }
 
 GENERIC = [

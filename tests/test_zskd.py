@@ -27,6 +27,7 @@ from lit_modules.data_impressions import (
     final_linear,
     impression_plan,
     sample_dirichlet,
+    total_variation,
 )
 from lit_modules.impression_synthesis import initial_images, synthesize
 from lit_modules.kd import distillation_loss, kd_kl_loss, soft_cross_entropy
@@ -179,6 +180,24 @@ def test_pixel_penalty_shrinks_the_impressions(tmp_path: Path) -> None:
     free, _ = synthesize(teacher, x0, y, 30, 0.1, 20.0)
     held, _ = synthesize(teacher, x0, y, 30, 0.1, 20.0, pixel_l2=1.0)
     assert held.flatten(1).norm(dim=1).max() < 0.5 * free.flatten(1).norm(dim=1).min()
+
+
+def test_total_variation_worked_answer() -> None:
+    x = torch.tensor([[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]).view(1, 1, 2, 3)
+    # across columns: (1-0)^2 + (3-1)^2 + 0 + 0 = 5; across rows: 0^2 + 1^2 + 3^2 = 10
+    torch.testing.assert_close(total_variation(x), torch.tensor([15.0]))
+    # per image, summed over channels; a constant image has none
+    batch = torch.cat([x.expand(1, 3, 2, 3), torch.full((1, 3, 2, 3), 0.7)])
+    torch.testing.assert_close(total_variation(batch), torch.tensor([45.0, 0.0]))
+
+
+def test_smoothness_prior_lowers_the_impressions_variation(tmp_path: Path) -> None:
+    teacher = load_teacher(save_teacher(tmp_path / "t.ckpt"))
+    y, _, _ = dirichlet_targets(class_similarity(final_linear(teacher).weight), 10)
+    x0 = initial_images(torch.arange(10), (3, 32, 32), "gaussian", 0)
+    free, _ = synthesize(teacher, x0, y, 30, 0.1, 20.0)
+    smooth, _ = synthesize(teacher, x0, y, 30, 0.1, 20.0, pixel_tv=1.0)
+    assert total_variation(smooth).max() < 0.5 * total_variation(free).min()
 
 
 def test_clipped_impressions_are_stored_in_the_pixel_range(tmp_path: Path) -> None:
