@@ -31,6 +31,7 @@ from lit_modules.data_impressions import (
 )
 from lit_modules.impression_synthesis import initial_images, synthesize
 from lit_modules.kd import distillation_loss, kd_kl_loss, soft_cross_entropy
+from lit_modules.kd_student import KDStudent
 from lit_modules.teacher import load_teacher
 from tests.conftest import REPO
 
@@ -296,8 +297,6 @@ def test_student_distils_from_impressions_and_rejects_wrong_class_count(tmp_path
     with pytest.raises(CvlabError, match="7 classes but the task"):
         CvlabCLI(args=[a if "pool.init_args.folder" not in a else f"--data.init_args.pool.init_args.folder={synth7}"
                        for a in args] + [f"--run.dir={tmp_path / 'student7'}"])
-    from lit_modules.kd_student import KDStudent
-
     with pytest.raises(CvlabError, match="aug_mix.*0.7"):
         KDStudent(teacher=str(teacher), aug_mix=0.7)
 
