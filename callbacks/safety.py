@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 
 class NonFiniteLossError(CvlabError):

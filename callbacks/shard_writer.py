@@ -17,7 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from callbacks.atomic_io import atomic_torch_save, atomic_write_json, read_json
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 
 class ShardMismatchError(CvlabError):

@@ -1,10 +1,10 @@
-"""Errors that speak to the user: one line, what was expected, what was found, what to do."""
+"""Errors of the data layer (the base class lives in :mod:`cvlab.errors`)."""
 
 from __future__ import annotations
 
+from cvlab.errors import CvlabError
 
-class CvlabError(RuntimeError):
-    """Base class of every user-facing error. The CLI prints it as one line and exits non-zero."""
+__all__ = ["CvlabError", "DatasetNotFoundError"]
 
 
 class DatasetNotFoundError(CvlabError, FileNotFoundError):

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 
 def shard_files(folder: str | Path) -> list[Path]:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from datamodules.augment import resize, to_float
 from datamodules.base import TensorImageDataModule
 from datamodules.shards import load_shards, pending_indices, shard_folder
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 
 class TransferSetError(CvlabError):

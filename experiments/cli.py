@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from callbacks.metrics_json import MetricsJsonWriter
 from callbacks.safety import RngStateCheckpoint, StopOnNonFiniteLoss
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 from experiments.host_malloc import keep_freed_host_memory
 from experiments.run_folder import config_hash, make_logger
 

@@ -51,7 +51,7 @@ def keep_freed_host_memory(environ: os._Environ[str] | dict[str, str] | None = N
     if choice == "default":
         return False
     if choice != "keep":
-        from datamodules.errors import CvlabError
+        from cvlab.errors import CvlabError
 
         raise CvlabError(f"CVLAB_MALLOC must be 'keep' (the default) or 'default'; got {choice!r}")
     if not sys.platform.startswith("linux"):

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from callbacks.atomic_io import atomic_write_json, read_json
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 _COMMANDS = ("fit", "validate", "test", "predict")
 _REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")

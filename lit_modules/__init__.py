@@ -1,8 +1,26 @@
-"""LightningModules (training systems), one per method; networks live in :mod:`lit_modules.nets`."""
+"""Training systems, one package per family; what every family shares stays at this level.
 
-from lit_modules.adversarial_kd import AdversarialKD
+- shared: :mod:`lit_modules.classifier` (supervised training of any network), :mod:`lit_modules.teacher`
+  (any network plus weights plus its input contract, frozen), :mod:`lit_modules.optim`;
+- :mod:`lit_modules.nets`: plain ``nn.Module`` networks (the zoo), reachable by name or class path;
+- families: :mod:`lit_modules.distillation` (ZSKD, transfer sets, LRA), :mod:`lit_modules.condensation`
+  (DC), :mod:`lit_modules.leakage` (DLG / iDLG).
+"""
+
 from lit_modules.classifier import ClassifierModule
 from lit_modules.condensation import DatasetCondensation
+from lit_modules.distillation import AdversarialKD, DataImpressionSynthesizer, KDStudent
+from lit_modules.leakage import LeakageAttack
 from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher
 
-__all__ = ["AdversarialKD", "ClassifierModule", "DatasetCondensation", "FrozenTeacher", "TeacherLoadError", "load_teacher"]
+__all__ = [
+    "AdversarialKD",
+    "ClassifierModule",
+    "DataImpressionSynthesizer",
+    "DatasetCondensation",
+    "FrozenTeacher",
+    "KDStudent",
+    "LeakageAttack",
+    "TeacherLoadError",
+    "load_teacher",
+]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 from lit_modules.nets import create_net
 from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
 

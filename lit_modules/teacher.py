@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 from lit_modules.nets import create_net
 
 

@@ -15,9 +15,9 @@ from torch import nn
 from datamodules import CvlabError
 from datamodules.augment import dc_augment
 from datamodules.synthetic import ShapesDataModule
-from lit_modules.condensation import DatasetCondensation, load_condensed
-from lit_modules.condensed_eval import EvalRecipe, herding_subset, train_and_test
-from lit_modules.gradient_matching import (
+from lit_modules.condensation.dc import DatasetCondensation, load_condensed
+from lit_modules.condensation.dc_eval import EvalRecipe, herding_subset, train_and_test
+from lit_modules.condensation.gradient_matching import (
     RealGradients,
     check_matchable,
     class_gradients,
@@ -301,7 +301,7 @@ def test_dc_configs_parse():
     assert len(files) >= 15
     for f in files:
         cfg = yaml.safe_load(f.read_text())
-        assert cfg["model"]["class_path"] == "lit_modules.DatasetCondensation", f
+        assert cfg["model"]["class_path"] == "lit_modules.condensation.DatasetCondensation", f
 
 
 # --- distributed ----------------------------------------------------------------------------------------

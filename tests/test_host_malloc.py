@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 from experiments.host_malloc import keep_freed_host_memory
 
 # Allocate and free a 48 MB tensor 20 times (the first allocation is not counted), as a training step

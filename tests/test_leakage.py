@@ -15,8 +15,8 @@ from torch import nn
 
 from datamodules.shards import load_shards
 from experiments.cli import main as cvlab
-from lit_modules.batched_optim import batched_lbfgs
-from lit_modules.gradient_leakage import (
+from lit_modules.leakage.batched_optim import batched_lbfgs
+from lit_modules.leakage.gradient_leakage import (
     StackedVictims,
     VictimAssumptionError,
     attack_objective,

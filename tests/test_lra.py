@@ -22,9 +22,9 @@ from torch.func import functional_call
 from datamodules import CvlabError, MNISTDataModule
 from datamodules.data_free import DataFreeDataModule
 from lit_modules import AdversarialKD
-from lit_modules.adversarial_kd import CyclicMemory, ImageSizeMismatchError
+from lit_modules.distillation.lra import CyclicMemory, ImageSizeMismatchError
 from lit_modules.classifier import ClassifierModule
-from lit_modules.lra_losses import (
+from lit_modules.distillation.lra_losses import (
     activation_loss,
     adam_first_step,
     class_balance_loss,
@@ -36,7 +36,7 @@ from lit_modules.lra_losses import (
     one_hot_loss,
     reconstruction_loss,
 )
-from lit_modules.lra_update import all_reduce_mean, kd_gradients, meta_gradients, student_gradients
+from lit_modules.distillation.lra_update import all_reduce_mean, kd_gradients, meta_gradients, student_gradients
 from lit_modules.nets import LatentEncoder, create_generator, create_net
 from lit_modules.nets.generator import upsample2x_conv3x3
 from tests.cli_runs import KillAtEpoch, SimulatedKill, read_metrics, run_cli

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 from lit_modules.nets import ClassifierNet, available_nets, create_net
 
 NUM_CLASSES = 7

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 from experiments.pipeline import load_pipeline, run_pipeline
 from tests.cli_runs import QUICKSTART, TINY_SHAPES
 

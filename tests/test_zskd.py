@@ -19,7 +19,7 @@ from datamodules.shards import load_shards
 from datamodules.augment import random_affine, random_mix
 from experiments.cli import main as cvlab
 from lit_modules.classifier import ClassifierModule
-from lit_modules.data_impressions import (
+from lit_modules.distillation.data_impressions import (
     FinalLayerError,
     class_similarity,
     concentration,
@@ -29,9 +29,9 @@ from lit_modules.data_impressions import (
     sample_dirichlet,
     total_variation,
 )
-from lit_modules.impression_synthesis import initial_images, synthesize
-from lit_modules.kd import distillation_loss, kd_kl_loss, soft_cross_entropy
-from lit_modules.kd_student import KDStudent
+from lit_modules.distillation.zskd import initial_images, synthesize
+from lit_modules.distillation.kd_loss import distillation_loss, kd_kl_loss, soft_cross_entropy
+from lit_modules.distillation.kd_student import KDStudent
 from lit_modules.teacher import load_teacher
 from tests.conftest import REPO
 
@@ -259,7 +259,7 @@ def test_shard_folder_from_another_config_is_refused(tmp_path: Path) -> None:
 
 def test_synthesis_needs_a_teacher_for_the_tasks_classes(tmp_path: Path) -> None:
     teacher = save_teacher(tmp_path / "t.ckpt", num_classes=7)
-    from datamodules.errors import CvlabError
+    from cvlab.errors import CvlabError
     from experiments.cli import CvlabCLI
 
     with pytest.raises(CvlabError, match="7 classes"):
@@ -268,7 +268,7 @@ def test_synthesis_needs_a_teacher_for_the_tasks_classes(tmp_path: Path) -> None
 
 # --- the student on impressions ---------------------------------------------------------------------------
 def test_student_distils_from_impressions_and_rejects_wrong_class_count(tmp_path: Path) -> None:
-    from datamodules.errors import CvlabError
+    from cvlab.errors import CvlabError
     from experiments.cli import CvlabCLI
 
     teacher = save_teacher(tmp_path / "t.ckpt")

@@ -25,9 +25,9 @@ from torch import nn
 
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
-from lit_modules.condensation import PAPER_LOOPS, train_on_set
-from lit_modules.condensed_eval import EvalRecipe, train_and_test
-from lit_modules.gradient_matching import RealGradients, gradient_match_distance, match_loss
+from lit_modules.condensation.dc import PAPER_LOOPS, train_on_set
+from lit_modules.condensation.dc_eval import EvalRecipe, train_and_test
+from lit_modules.condensation.gradient_matching import RealGradients, gradient_match_distance, match_loss
 from lit_modules.nets import create_net
 from lit_modules.nets.convnet import AvgPool2x2, FewChannelConv2d
 

@@ -1,6 +1,6 @@
 """``cvlab bench idlg``: DLG/iDLG trials per second, batched (vmap over trials) vs one trial at a time.
 
-Both paths run the same attack (:mod:`lit_modules.gradient_leakage`, :func:`batched_lbfgs`) on the
+Both paths run the same attack (:mod:`lit_modules.leakage.gradient_leakage`, :func:`batched_lbfgs`) on the
 papers' victim (sigmoid LeNet, U(-0.5, 0.5)) with MNIST-shaped random images; "sequential" calls it with
 one trial, as the papers' script does. Sequential time for ``--trials`` is extrapolated from
 ``--sequential-trials``.
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
-from lit_modules.batched_optim import batched_lbfgs
-from lit_modules.gradient_leakage import StackedVictims, attack_objective, extract_labels_from_gradients
+from lit_modules.leakage.batched_optim import batched_lbfgs
+from lit_modules.leakage.gradient_leakage import StackedVictims, attack_objective, extract_labels_from_gradients
 from lit_modules.nets import create_net
 
 

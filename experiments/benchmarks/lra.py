@@ -8,7 +8,7 @@ ResNet-18, 3x32x32. Networks are randomly initialised (the cost does not depend 
 Measured, each for ``meta`` = none (the baseline with replay), first_order, second_order:
 
 * ``update``: one student update on a given batch: one teacher pass over [new; memory], the
-  gradients (:func:`lit_modules.lra_update.student_gradients`) and the SGD step;
+  gradients (:func:`lit_modules.distillation.lra_update.student_gradients`) and the SGD step;
 * ``step``: the same plus generating the new batch (what each of the 10 student steps per generator
   step costs in training);
 
@@ -37,8 +37,8 @@ from torch.func import functional_call
 
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
-from lit_modules.lra_losses import generator_loss
-from lit_modules.lra_update import student_gradients
+from lit_modules.distillation.lra_losses import generator_loss
+from lit_modules.distillation.lra_update import student_gradients
 from lit_modules.nets import create_generator, create_net
 from lit_modules.teacher import FrozenTeacher
 

@@ -1,7 +1,7 @@
 """``cvlab bench zskd``: Data Impressions per second and peak memory at the paper's settings, and one
 batched synthesis vs a per-class loop of the same total work (ZSKD, Nayak et al., ICML 2019).
 
-Both paths call :func:`lit_modules.impression_synthesis.synthesize` on a randomly initialised teacher
+Both paths call :func:`lit_modules.distillation.zskd.synthesize` on a randomly initialised teacher
 (the cost does not depend on its weights): "batched" optimises ``--per-class`` impressions of every
 class in one batch; "per-class" makes one call per class, as a loop over classes would.
 """
@@ -14,8 +14,8 @@ import torch
 
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
-from lit_modules.data_impressions import class_similarity, dirichlet_targets, final_linear
-from lit_modules.impression_synthesis import initial_images, synthesize
+from lit_modules.distillation.data_impressions import class_similarity, dirichlet_targets, final_linear
+from lit_modules.distillation.zskd import initial_images, synthesize
 from lit_modules.nets import create_net
 from lit_modules.teacher import FrozenTeacher
 

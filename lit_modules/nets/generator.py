@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 from lit_modules.nets.registry import Registry
 
 GENERATORS = Registry("generator")

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 NetBuilder = Callable[..., nn.Module]
 

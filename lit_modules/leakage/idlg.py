@@ -26,8 +26,8 @@ from callbacks.image_grid import log_image_grid
 from callbacks.metrics_json import merge_metrics
 from callbacks.shard_writer import check_manifest, with_shard_writer
 from datamodules.shards import all_shards_on_rank_zero, shard_folder
-from lit_modules.batched_optim import BatchedResult, batched_adam, batched_lbfgs
-from lit_modules.gradient_leakage import (
+from lit_modules.leakage.batched_optim import BatchedResult, batched_adam, batched_lbfgs
+from lit_modules.leakage.gradient_leakage import (
     Method,
     StackedVictims,
     attack_objective,

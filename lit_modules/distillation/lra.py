@@ -11,7 +11,7 @@ iteration of the paper's loop (and of its public code)::
     repeat student_steps (10) times, each on a fresh batch x_new = G(z) (no gradient to G):
         x_mem = one random slot of the memory (empty at the start: plain KD)
         meta = second_order | first_order:  acquire on x_new (one inner SGD step, lr 0.9) -> theta',
-                  retain on x_mem at theta', plus KD(theta) on [x_new; x_mem]      (lit_modules.lra_update)
+                  retain on x_mem at theta', plus KD(theta) on [x_new; x_mem]      (lit_modules.distillation.lra_update)
         meta = none:  KD(theta) on [x_new; x_mem]   (the adversarial DFKD baseline with replay)
         SGD step of the student (lr 0.1, momentum 0.9, wd 5e-4, cosine over all generator steps)
 
@@ -31,7 +31,7 @@ builds it): in place of the buffer, a *memory generator* (a second DAFL generato
 ``generator_lr / 40``) and an encoder (:class:`lit_modules.nets.LatentEncoder`) are trained as an
 auto-encoder of the generated images during the first ``memory_generator_updates`` (4) student steps of
 every generator step: target = [first half of the new batch; the current memory samples], loss = L1 on
-the images + L1 on the teacher's logits + 1e-5 KL (:func:`lit_modules.lra_losses.reconstruction_loss`).
+the images + L1 on the teacher's logits + 1e-5 KL (:func:`lit_modules.distillation.lra_losses.reconstruction_loss`).
 A student step's memory samples are ``memory_per_push`` images of the memory generator (eval mode) at
 latents refined by one fresh-Adam step (lr ``generator_lr``) towards confident, class-balanced teacher
 outputs and the N(0, I) batch statistics. Before its first update the memory is empty (plain KD).
@@ -70,8 +70,8 @@ from torch import Tensor
 
 from callbacks.atomic_io import atomic_write_json
 from callbacks.image_grid import log_image_grid
-from datamodules.errors import CvlabError
-from lit_modules.lra_losses import (
+from cvlab.errors import CvlabError
+from lit_modules.distillation.lra_losses import (
     GeneratorLossWeights,
     adam_first_step,
     class_balance_loss,
@@ -80,7 +80,7 @@ from lit_modules.lra_losses import (
     one_hot_loss,
     reconstruction_loss,
 )
-from lit_modules.lra_update import MetaMode, Reduce, all_reduce_mean, no_reduce, student_gradients
+from lit_modules.distillation.lra_update import MetaMode, Reduce, all_reduce_mean, no_reduce, student_gradients
 from lit_modules.nets import LatentEncoder, create_generator, create_net
 from lit_modules.optim import ScheduleName, build_optimizer, build_schedule
 from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher, read_checkpoint

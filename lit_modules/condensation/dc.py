@@ -11,7 +11,7 @@ iteration of Algorithm 1:
         train:  theta <- inner_loop epochs of SGD on S  (lr_net 0.01, momentum 0.5; skipped after the last ol)
 
 All classes are matched in one batched computation (``vmap`` over classes, see
-:mod:`lit_modules.gradient_matching`) on accelerators; on CPU the per-class loop is faster
+:mod:`lit_modules.condensation.gradient_matching`) on accelerators; on CPU the per-class loop is faster
 (``class_mode``). The real-batch gradients (the targets, >95% of the work) can run in bf16 and be
 ``torch.compile``d. The matching gradients never go through the DDP wrapper: the network is a plain
 local module (not a submodule of this one) called with ``torch.func.functional_call``; under DDP each rank matches
@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from callbacks.atomic_io import atomic_torch_save
 from callbacks.image_grid import log_image_grid
 from datamodules.augment import to_float
-from datamodules.errors import CvlabError
-from lit_modules.condensed_eval import EvalRecipe, herding_subset, random_subset, train_and_test
-from lit_modules.gradient_matching import ClassMode, Metric, RealGradients, check_matchable, match_loss
-from lit_modules.gradient_matching import resolve_class_mode
+from cvlab.errors import CvlabError
+from lit_modules.condensation.dc_eval import EvalRecipe, herding_subset, random_subset, train_and_test
+from lit_modules.condensation.gradient_matching import ClassMode, Metric, RealGradients, check_matchable, match_loss
+from lit_modules.condensation.gradient_matching import resolve_class_mode
 from lit_modules.nets import create_net
 
 #: the paper's (outer_loop, inner_loop) per images-per-class (DC code's get_loops)

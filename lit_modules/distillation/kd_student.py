@@ -23,8 +23,8 @@ from torch import Tensor
 
 from callbacks.metrics_json import merge_metrics
 from datamodules.augment import random_affine, random_mix
-from datamodules.errors import CvlabError
-from lit_modules.kd import distillation_loss
+from cvlab.errors import CvlabError
+from lit_modules.distillation.kd_loss import distillation_loss
 from lit_modules.nets import create_net
 from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
 from lit_modules.teacher import load_teacher

@@ -3,7 +3,7 @@ sampled Dirichlet soft labels.
 
 "Zero-Shot Knowledge Distillation in Deep Networks", Nayak, Mopuri, Shaj, Babu, Chakraborty, ICML 2019
 (arXiv 1905.08114), Algorithm 1: for each target ``y ~ Dir(alpha_k)`` (see
-:mod:`lit_modules.data_impressions`), start from noise and minimise ``CE(y, softmax(T(x) / tau))``
+:mod:`lit_modules.distillation.data_impressions`), start from noise and minimise ``CE(y, softmax(T(x) / tau))``
 (tau = 20, Adam, 1500 iterations, batches of 100). Also the generator of "Data Impressions", TPAMI 2022.
 
 The datamodule (:class:`datamodules.transfer_sets.ImpressionTargets`) hands out impression indices;
@@ -30,10 +30,10 @@ from callbacks.image_grid import log_image_grid
 from callbacks.metrics_json import merge_metrics
 from callbacks.shard_writer import check_manifest, with_shard_writer
 from datamodules.shards import all_shards_on_rank_zero, shard_folder
-from datamodules.errors import CvlabError
-from lit_modules.data_impressions import (Renormalize, class_similarity, dirichlet_targets, final_linear,
+from cvlab.errors import CvlabError
+from lit_modules.distillation.data_impressions import (Renormalize, class_similarity, dirichlet_targets, final_linear,
                                           total_variation)
-from lit_modules.kd import soft_cross_entropy
+from lit_modules.distillation.kd_loss import soft_cross_entropy
 from lit_modules.teacher import load_teacher
 
 
@@ -57,7 +57,7 @@ def synthesize(teacher: torch.nn.Module, x0: Tensor, targets: Tensor, iterations
 
     Each impression minimises ``CE(y, softmax(T(x) / tau)) + pixel_l2 / 2 * ||x||^2 + pixel_tv * TV(x)``
     (neither penalty is in the paper; a public TF port adds the L2 one with weight 1e-3; ``TV`` is
-    :func:`lit_modules.data_impressions.total_variation`). Returns ``(x, CE (B,))`` after
+    :func:`lit_modules.distillation.data_impressions.total_variation`). Returns ``(x, CE (B,))`` after
     ``iterations`` Adam steps. No host sync inside the loop.
     """
     x = x0.detach().clone().requires_grad_(True)
@@ -94,7 +94,7 @@ class DataImpressionSynthesizer(L.LightningModule):
         init: ``uniform`` (U(0, 1) pixels, the paper) or ``gaussian`` (N(0, 1) in normalised space).
         betas, beta_split: Dirichlet scales and the share of impressions per scale (paper: 1.0 and 0.1, half each).
         renormalize: ``paper`` or ``public_code`` (min-max after scaling, which cancels beta; see
-            :func:`lit_modules.data_impressions.concentration`).
+            :func:`lit_modules.distillation.data_impressions.concentration`).
         pixel_l2: weight of an L2 penalty ``pixel_l2 / 2 * ||x||^2`` on each impression (teacher input
             space); not in the paper, a public TF port uses 1e-3 (with Adam lr 3.0). 0: off.
         pixel_tv: weight of a smoothness prior ``pixel_tv * TV(x)``, the squared differences of

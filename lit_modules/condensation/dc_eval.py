@@ -22,7 +22,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from datamodules.augment import dc_augment
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 from lit_modules.nets import create_net
 
 

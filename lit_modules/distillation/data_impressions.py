@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 Renormalize = Literal["paper", "public_code"]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 Method = Literal["idlg", "dlg"]
 
@@ -118,7 +118,7 @@ def gradient_distance(dummy: Sequence[Tensor], target: Sequence[Tensor]) -> Tens
 def attack_objective(victims: StackedVictims, shared: Sequence[Tensor], shape: tuple[int, ...], method: Method,
                      labels: Tensor | None = None, num_classes: int = 10):
     """``objective(z, ids) -> (distance (n,), d distance / dz (n, P))`` for the batched optimisers
-    (:mod:`lit_modules.batched_optim`), ``ids`` the trials in ``z``.
+    (:mod:`lit_modules.leakage.batched_optim`), ``ids`` the trials in ``z``.
 
     ``z`` holds each trial's dummy batch ``(B, C, H, W)`` flattened, followed for DLG by its label
     logits ``(B, K)``; iDLG's fixed ``labels`` ``(T, B)`` come from :func:`extract_labels_from_gradients`.

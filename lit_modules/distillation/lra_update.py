@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lit_modules.lra_losses import l1_kd_loss
+from lit_modules.distillation.lra_losses import l1_kd_loss
 
 MetaMode = Literal["none", "first_order", "second_order"]
 KDLoss = Callable[[Tensor, Tensor], Tensor]

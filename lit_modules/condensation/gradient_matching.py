@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from datamodules.errors import CvlabError
+from cvlab.errors import CvlabError
 
 Metric = Literal["ours", "mse", "cos"]
 ClassMode = Literal["auto", "batched", "loop"]

@@ -1,0 +1,15 @@
+"""Distillation without the training data.
+
+- ``zskd``: Zero-Shot KD's Data Impression synthesis (:class:`DataImpressionSynthesizer`), its math in
+  ``data_impressions``;
+- ``kd_student``: the KD student (:class:`KDStudent`) that distils on impressions, arbitrary transfer
+  sets (selection in :mod:`datamodules.transfer_sets`) or real data; the KD losses in ``kd_loss``;
+- ``lra``: Learning to Retain while Acquiring (:class:`AdversarialKD`), its math in ``lra_losses``
+  and ``lra_update``.
+"""
+
+from lit_modules.distillation.kd_student import KDStudent
+from lit_modules.distillation.lra import AdversarialKD
+from lit_modules.distillation.zskd import DataImpressionSynthesizer
+
+__all__ = ["AdversarialKD", "DataImpressionSynthesizer", "KDStudent"]
