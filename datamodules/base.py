@@ -2,8 +2,9 @@
 
 A dataset is decoded once into uint8 tensors ``(N, C, H, W)`` and int64 labels ``(N,)``. The loader
 hands out whole uint8 batches with one index operation (``__getitems__``, no per-image work), and
-``on_after_batch_transfer`` converts, augments and normalises the batch where it lives (on the GPU
-when training there). Subclasses only say how to read their files (:meth:`load_split`) and what their
+``on_after_batch_transfer`` converts and augments the batch where it lives (on the GPU when training
+there). Methods receive [0, 1] pixels: every network normalises its own input (a network trained here
+with the task's ``mean``/``std``, which this class publishes; a teacher with its own). Subclasses only say how to read their files (:meth:`load_split`) and what their
 images look like (class attributes).
 """
 
@@ -203,7 +204,7 @@ class TensorImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.training and self.augment != "none":
             x = self.augment_batch(x, self._augment_generator(x.device, trainer))
-        return self.normalize(x), y
+        return x, y
 
     # --- batch transforms -------------------------------------------------------------------
     def _augment_generator(self, device: torch.device, trainer: L.Trainer) -> torch.Generator:
@@ -221,7 +222,7 @@ class TensorImageDataModule(L.LightningDataModule):
         return x
 
     def normalize(self, x: Tensor) -> Tensor:
-        """[0, 1] pixels -> the normalised space the networks see."""
+        """[0, 1] pixels -> the task's normalised space (what a network trained here sees inside)."""
         return normalize(x, self.mean, self.std)
 
     def denormalize(self, x: Tensor) -> Tensor:

@@ -129,8 +129,10 @@ class ImpressionPool(TransferPool):
                 f"impressions in {self.folder} are for {target.shape[1]} classes but the task "
                 f"{type(task).__name__} has {task.num_classes}; synthesize them with this task's teacher"
             )
-        if tuple(x.shape[1:]) != tuple(task.input_shape):
-            raise TransferSetError(f"impressions in {self.folder} are {tuple(x.shape[1:])}, the task expects {task.input_shape}")
+        if x.shape[1] != task.in_channels:
+            raise TransferSetError(f"impressions in {self.folder} have {x.shape[1]} channels, the task {type(task).__name__} "
+                                   f"has {task.in_channels}; synthesize them with a teacher of this task")
+        x = resize(x, task.image_size)  # impressions at the teacher's size -> the student's
         if self.max_size is not None and self.max_size < x.shape[0]:
             x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[: self.max_size]]
         return x, torch.full((x.shape[0],), -1, dtype=torch.long)
@@ -183,7 +185,7 @@ class TransferSetDataModule(TensorImageDataModule):
         self.setup("fit")
         preds, confs = [], []
         for i in range(0, self.train_x.shape[0], self.eval_batch_size):
-            x = self.normalize(to_float(self.train_x[i : i + self.eval_batch_size].to(device)))
+            x = to_float(self.train_x[i : i + self.eval_batch_size].to(device))  # pixels: the teacher normalises
             p = teacher(x).float().softmax(-1)  # (B, K)
             c, k = p.max(-1)
             preds.append(k.cpu())

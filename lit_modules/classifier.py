@@ -11,23 +11,28 @@ import torchmetrics
 from torch import Tensor
 
 from cvlab.errors import CvlabError
-from lit_modules.nets import create_net
+from lit_modules.nets import InputNormalization, NetSpec, create_net
 from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
 
 
 class ClassifierModule(L.LightningModule):
     """Train any network of the zoo on any cvlab datamodule with cross-entropy.
 
-    The network is built from its registered name, so a checkpoint alone is enough to rebuild it
-    (:func:`lit_modules.teacher.load_teacher`). Logs ``train/loss``, ``train/acc``, ``val/acc``,
-    ``test/acc`` (torchmetrics, synced across devices).
+    The network is built from its zoo name or class path, and its input normalisation is part of the
+    hyper-parameters, so a checkpoint alone is enough to rebuild it with its input contract
+    (:func:`lit_modules.teacher.load_teacher`). Batches arrive as [0, 1] pixels; the module normalises
+    them (pixels in, normalisation inside). Logs ``train/loss``, ``train/acc``, ``val/acc``, ``test/acc``
+    (torchmetrics, synced across devices).
 
     Args:
-        arch: a name from :func:`lit_modules.nets.available_nets`.
+        arch: a name from :func:`lit_modules.nets.available_nets`, or any ``nn.Module`` as
+            ``{class_path: ..., init_args: {...}}``.
         num_classes: classes of the task (checked against the datamodule).
         in_channels: image channels (checked against the datamodule).
         image_size: input size the network is built for (checked against the datamodule).
         arch_kwargs: extra keyword arguments of the network builder.
+        mean, std: the input normalisation of the network (per channel, on [0, 1] pixels); ``None``:
+            the datamodule's statistics, recorded in the checkpoint at the start of training.
         optimizer: sgd, adam or adamw.
         lr, momentum, weight_decay: optimizer settings.
         lr_schedule: none, cosine or step (per optimisation step over the whole run).
@@ -38,11 +43,13 @@ class ClassifierModule(L.LightningModule):
 
     def __init__(
         self,
-        arch: str = "lenet5",
+        arch: NetSpec = "lenet5",
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 32,
         arch_kwargs: dict[str, Any] | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
         momentum: float = 0.9,
@@ -60,6 +67,7 @@ class ClassifierModule(L.LightningModule):
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.normalize = InputNormalization(mean, std)
         metric = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.train_acc = metric.clone()
         self.val_acc = metric.clone()
@@ -68,7 +76,7 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(self.normalize(x))
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -85,6 +93,7 @@ class ClassifierModule(L.LightningModule):
             raise CvlabError(
                 f"model and data disagree ({diff}); set --model.<key> to match {type(dm).__name__}"
             )
+        adopt_data_normalization(self, dm)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -119,3 +128,13 @@ class ClassifierModule(L.LightningModule):
         if sched is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def adopt_data_normalization(module: L.LightningModule, dm: Any) -> None:
+    """A network trained here normalises with the task's statistics unless its config names its own:
+    take the datamodule's ``mean``/``std`` into the module's hyper-parameters (so the checkpoint carries
+    the input contract) and its :class:`InputNormalization`."""
+    hp = module.hparams
+    if hp.get("mean") is None and getattr(dm, "mean", None) is not None:
+        hp["mean"], hp["std"] = [float(m) for m in dm.mean], [float(s) for s in dm.std]
+        module.normalize = InputNormalization(hp["mean"], hp["std"]).to(module.device)

@@ -322,8 +322,8 @@ def _dm(root: Path, steps: int = 2) -> DataFreeDataModule:
     return DataFreeDataModule(MNISTDataModule(data_dir=str(root), image_size=32), steps_per_epoch=steps, eval_batch_size=20)
 
 
-def _module(teacher: Path, **kw) -> AdversarialKD:
-    args = dict(teacher=str(teacher), batch_size=8, student_steps=2, latent_dim=8, generator_kwargs=TINY_GEN,
+def _module(teacher: Path | dict, **kw) -> AdversarialKD:
+    args = dict(teacher=teacher if isinstance(teacher, dict) else str(teacher), batch_size=8, student_steps=2, latent_dim=8, generator_kwargs=TINY_GEN,
                 memory_slots=2, memory_push_every_n_epochs=1, image_every_n_epochs=1)
     args.update(kw)
     return AdversarialKD(**args)
@@ -412,15 +412,17 @@ def test_generative_replay_state_survives_checkpoint_and_resume(tmp_path: Path) 
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}.{n}")
 
 
-def test_teacher_generator_image_size_mismatch_fails_clearly(tmp_path: Path) -> None:
+def test_generator_takes_the_teachers_input_contract_and_the_data_must_match(tmp_path: Path) -> None:
     teacher = save_teacher(tmp_path / "t.ckpt", image_size=32)
-    with pytest.raises(ImageSizeMismatchError, match="teacher/generator image-size mismatch.*32x32.*28x28"):
-        _module(teacher, image_size=28)
-    # a plain state_dict records no size: the teacher is probed with the generator's images
+    m = _module(teacher)  # no shape in the config: the teacher's contract gives it
+    assert (m.hparams.num_classes, m.hparams.in_channels, m.hparams.image_size) == (10, 1, 32)
+    assert m.generate(torch.randn(2, 8)).shape == (2, 1, 32, 32)
+    # a plain state_dict with a contract that its network cannot take fails before any step
     plain = tmp_path / "plain.pt"
     torch.save(create_net("lenet5", 10, 1, 32).state_dict(), plain)
-    with pytest.raises(ImageSizeMismatchError, match="do not fit.*teacher/generator image-size mismatch"):
-        _module(plain, teacher_arch="lenet5", image_size=28)
+    with pytest.raises(ImageSizeMismatchError, match="cannot take the generator's 3x32x32 images"):
+        _module({"weights": str(plain), "arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32},
+                in_channels=3)
     # the datamodule's images must be the generator's size too
     data = _fake_mnist(tmp_path / "data")
     dm = DataFreeDataModule(MNISTDataModule(data_dir=str(data), image_size=28), steps_per_epoch=1)

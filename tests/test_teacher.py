@@ -27,9 +27,10 @@ def test_teacher_from_cvlab_checkpoint_is_frozen_eval_and_equal(trained) -> None
     assert all(not p.requires_grad for p in teacher.parameters())
     teacher.train()  # an enclosing module's .train() must not unfreeze it
     assert not teacher.net.training
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.rand(4, 3, 32, 32)  # pixels: both normalise inside, with the data's statistics
     module.eval()
-    torch.testing.assert_close(teacher(x), module.net(x))
+    assert teacher.spec.mean == list(module.hparams.mean) and teacher.spec.mean is not None
+    torch.testing.assert_close(teacher(x), module(x))
     # gradients still reach the inputs (synthesis and attacks need them)
     x.requires_grad_(True)
     teacher(x).sum().backward()
@@ -45,7 +46,7 @@ def test_teacher_from_plain_state_dict(tmp_path: Path) -> None:
     torch.testing.assert_close(teacher(x), net.eval()(x))
     with pytest.raises(TeacherLoadError, match="plain state_dict: give its architecture"):
         load_teacher(path)
-    with pytest.raises(TeacherLoadError, match="do not fit architecture 'lenet5_half'"):
+    with pytest.raises(TeacherLoadError, match="do not fit lenet5_half: missing .*; the closest zoo architecture is 'lenet5'"):
         load_teacher(path, arch="lenet5_half", num_classes=10, in_channels=1, image_size=32)
 
 

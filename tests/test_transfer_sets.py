@@ -79,8 +79,8 @@ def test_balanced_noise_transfer_set_through_the_teacher(tmp_path: Path) -> None
     dm = cli.datamodule
     pool, _ = NoisePool("uniform", 3000).load(dm.task, seed=0)
     with torch.no_grad():
-        counts = torch.bincount(cli.model.teacher(dm.normalize(dm.train_x.float() / 255)).argmax(-1), minlength=10)
-        available = torch.bincount(cli.model.teacher(dm.normalize(pool.float() / 255)).argmax(-1), minlength=10)
+        counts = torch.bincount(cli.model.teacher(dm.train_x.float() / 255).argmax(-1), minlength=10)
+        available = torch.bincount(cli.model.teacher(pool.float() / 255).argmax(-1), minlength=10)
     assert counts.max() == 5 and torch.equal(counts, available.clamp(max=5))  # equal, where the pool has enough
     m = json.loads((run / "metrics.json").read_text())
     assert m["data/transfer_max_per_class"] == 5 and m["data/pool_size"] == 3000 and "test/acc" in m

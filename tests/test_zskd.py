@@ -91,8 +91,11 @@ def test_dirichlet_targets_peak_at_their_class_for_large_beta() -> None:
 
 
 def test_teacher_without_a_final_linear_layer_fails_clearly() -> None:
-    with pytest.raises(FinalLayerError, match="no final nn.Linear"):
-        final_linear(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+    with pytest.raises(FinalLayerError, match="no final linear layer"):
+        final_linear(nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    # any network whose last layer is an nn.Linear will do (cvlab's zoo or not)
+    fc = nn.Linear(4, 3)
+    assert final_linear(nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), fc)) is fc
 
 
 # --- KD loss -----------------------------------------------------------------------------------------------

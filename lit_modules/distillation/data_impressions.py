@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvlab.errors import CvlabError
+from lit_modules.nets import classifier_layer
 
 Renormalize = Literal["paper", "public_code"]
 
@@ -34,14 +35,16 @@ class FinalLayerError(CvlabError):
     """The teacher has no final linear layer to read the class similarity from."""
 
 
-def final_linear(net: nn.Module) -> nn.Linear:
-    """The teacher's final ``nn.Linear`` (``get_classifier()`` of cvlab's :class:`ClassifierNet`)."""
+def final_linear(net: nn.Module) -> nn.Module:
+    """The teacher's final linear layer (:func:`lit_modules.nets.classifier_layer`: ``get_classifier()``, else
+    the last ``nn.Linear`` of the network, TorchScript included)."""
     get = getattr(net, "get_classifier", None)
-    fc = get() if callable(get) else None
-    if not isinstance(fc, nn.Linear):
+    fc = get() if callable(get) else classifier_layer(net)
+    weight = getattr(fc, "weight", None)
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
         raise FinalLayerError(
-            f"teacher {type(net).__name__} has no final nn.Linear (get_classifier() returned "
-            f"{type(fc).__name__}); ZSKD reads the class similarity from it: use a cvlab ClassifierNet teacher"
+            f"teacher {type(net).__name__} has no final linear layer (found {type(fc).__name__}); ZSKD reads the "
+            "class similarity from its weights: use a network whose last layer is an nn.Linear"
         )
     return fc
 

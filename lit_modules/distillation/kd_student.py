@@ -7,8 +7,10 @@ natural pools (balanced or not), or the real training data.
   a target-class balanced pool (see :mod:`datamodules.transfer_sets`).
 
 The teacher labels every (augmented) training batch on the fly; the student is evaluated on the real
-test set of the teacher's task (the datamodule's val/test split). A student checkpoint is itself a
-teacher for :func:`lit_modules.teacher.load_teacher` (same ``arch``/``net.`` layout as ClassifierModule).
+test set of the teacher's task (the datamodule's val/test split). Batches are [0, 1] pixels: the
+teacher applies its own input contract, the student normalises with the task's statistics (recorded
+in its hyper-parameters). A student checkpoint is itself a teacher for
+:func:`lit_modules.teacher.load_teacher` (same ``arch``/``net.`` layout and contract as ClassifierModule).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
@@ -25,19 +28,23 @@ from callbacks.metrics_json import merge_metrics
 from datamodules.augment import random_affine, random_mix
 from cvlab.errors import CvlabError
 from lit_modules.distillation.kd_loss import distillation_loss
-from lit_modules.nets import create_net
+from lit_modules.classifier import adopt_data_normalization
+from lit_modules.nets import InputNormalization, NetSpec, create_net
 from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
-from lit_modules.teacher import load_teacher
+from lit_modules.teacher import TeacherArg, load_teacher
 
 
 class KDStudent(L.LightningModule):
     """Temperature-scaled KD from a frozen teacher checkpoint into a fresh student.
 
     Args:
-        teacher: path of the teacher (a ClassifierModule checkpoint, or a state_dict with ``teacher_arch``).
-        teacher_arch: the teacher's architecture, only for a plain state_dict.
-        arch, arch_kwargs: the student, from the network zoo (ZSKD: ``lenet5_half``, ``alexnet_cifar_half``).
-        num_classes, in_channels, image_size: the task (checked against the teacher and the datamodule).
+        teacher: the teacher: a cvlab checkpoint or TorchScript path, or a
+            :class:`lit_modules.teacher.TeacherSpec` (weights, architecture, input contract, key map).
+        arch, arch_kwargs: the student: a zoo name (ZSKD: ``lenet5_half``, ``alexnet_cifar_half``) or any
+            ``nn.Module`` as ``{class_path: ..., init_args: {...}}``.
+        num_classes, in_channels, image_size: the student's classes and input shape; ``None`` takes the
+            teacher's (its contract). Batches of another size are resized on the device.
+        mean, std: the student's input normalisation; ``None``: the datamodule's statistics.
         temperature: KD temperature tau (ZSKD: 20); the KD term is weighted by tau^2.
         hard_label_weight: weight ``w`` of cross-entropy on labels where the transfer set has them
             (``(1 - w) KD + w CE``); 0 is pure KD, as in ZSKD.
@@ -52,13 +59,14 @@ class KDStudent(L.LightningModule):
 
     def __init__(
         self,
-        teacher: str,
-        teacher_arch: str | None = None,
-        arch: str = "lenet5_half",
+        teacher: TeacherArg,
+        arch: NetSpec = "lenet5_half",
         arch_kwargs: dict[str, Any] | None = None,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        image_size: int = 32,
+        num_classes: int | None = None,
+        in_channels: int | None = None,
+        image_size: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
         temperature: float = 20.0,
         hard_label_weight: float = 0.0,
         optimizer: OptimizerName = "adam",
@@ -76,29 +84,40 @@ class KDStudent(L.LightningModule):
         if not 0.0 <= aug_mix <= 0.5:
             raise CvlabError(f"aug_mix is the partner's largest blend weight, in [0, 0.5]; got {aug_mix}")
         self.save_hyperparameters()
-        self.teacher = load_teacher(teacher, arch=teacher_arch, num_classes=num_classes, in_channels=in_channels,
-                                    image_size=image_size)
-        k = self.teacher.get_classifier().out_features
-        if k != num_classes:
-            raise CvlabError(f"teacher {teacher} has {k} classes but the student is configured for {num_classes}")
-        self.net = create_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+        self.teacher = load_teacher(teacher)
+        spec, hp = self.teacher.spec, self.hparams
+        for key in ("num_classes", "in_channels", "image_size"):  # the student's shape: the teacher's unless given
+            if hp[key] is None:
+                hp[key] = getattr(spec, key)
+            if hp[key] is None:
+                raise CvlabError(f"the teacher {spec.weights} does not say its {key}: set --model.init_args.{key}")
+        if spec.num_classes is not None and spec.num_classes != hp.num_classes:
+            raise CvlabError(f"teacher {spec.weights} has {spec.num_classes} classes but the student is configured "
+                             f"for {hp.num_classes}")
+        self.net = create_net(arch, num_classes=hp.num_classes, in_channels=hp.in_channels, image_size=hp.image_size,
                               **(arch_kwargs or {}))
+        self.normalize = InputNormalization(mean, std)
+        num_classes = hp.num_classes
         acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc, self.test_acc, self.test_teacher_acc = acc.clone(), acc.clone(), acc.clone()
         self.test_class_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average=None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        size = self.hparams.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return self.net(self.normalize(x))
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None:
             return
         hp = self.hparams
-        found = {k: getattr(dm, k, getattr(hp, k)) for k in ("num_classes", "in_channels", "image_size")}
+        found = {k: getattr(dm, k, getattr(hp, k)) for k in ("num_classes", "in_channels")}
         diff = [f"{k}: model {getattr(hp, k)} vs data {v}" for k, v in found.items() if v != getattr(hp, k)]
         if diff:
             raise CvlabError(f"student and data disagree ({', '.join(diff)}); set --model.init_args.<key> to match")
+        adopt_data_normalization(self, dm)
         if stage == "fit" and hasattr(dm, "select_with_teacher"):  # target-class balancing of a pool
             device = self.trainer.strategy.root_device  # setup runs before the module is moved there
             dm.select_with_teacher(self.teacher.to(device), device)
@@ -113,7 +132,7 @@ class KDStudent(L.LightningModule):
         return random_mix(x, hp.aug_mix, g)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch  # normalised (B, C, H, W); labels (B,), -1 where the transfer set has none
+        x, y = batch  # [0, 1] pixels (B, C, H, W); labels (B,), -1 where the transfer set has none
         x = self.augment(x)
         with torch.no_grad():
             t = self.teacher(x)  # (B, K)

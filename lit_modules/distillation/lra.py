@@ -81,9 +81,10 @@ from lit_modules.distillation.lra_losses import (
     reconstruction_loss,
 )
 from lit_modules.distillation.lra_update import MetaMode, Reduce, all_reduce_mean, no_reduce, student_gradients
-from lit_modules.nets import LatentEncoder, create_generator, create_net
+from lit_modules.nets import InputNormalization, LatentEncoder, NetSpec, create_generator, create_net
 from lit_modules.optim import ScheduleName, build_optimizer, build_schedule
-from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher, read_checkpoint
+from lit_modules.classifier import adopt_data_normalization
+from lit_modules.teacher import TeacherArg, load_teacher
 
 
 class ImageSizeMismatchError(CvlabError):
@@ -148,23 +149,19 @@ class CyclicMemory:
         self.count, self.pos, self.images = int(state["count"]), int(state["pos"]), state["images"]
 
 
-def _trained_image_size(path: str) -> int | None:
-    """The image size a cvlab teacher checkpoint was trained at (``None`` for a plain state_dict)."""
-    ckpt = read_checkpoint(path)
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt.get("hyper_parameters"), dict) else None
-    return int(hp["image_size"]) if hp and hp.get("image_size") is not None else None
-
-
 class AdversarialKD(L.LightningModule):
     """Adversarial data-free KD with the LRA student update (see the module docstring).
 
     Args:
-        teacher: the teacher checkpoint (a cvlab ClassifierModule checkpoint, or a state_dict with
-            ``teacher_arch``).
-        teacher_arch: the teacher's architecture, only for a plain state_dict.
-        arch, arch_kwargs: the student (LRA: ``lenet5_half`` for MNIST/FMNIST, ``resnet18`` for CIFAR/SVHN).
-        num_classes, in_channels, image_size: the task; the generator makes ``in_channels x image_size^2``
-            images, which must be what the teacher was trained on and what the datamodule holds.
+        teacher: the teacher: a cvlab checkpoint or TorchScript path, or a
+            :class:`lit_modules.teacher.TeacherSpec` (weights, architecture, input contract, key map). With
+            ``weight_activation > 0`` it must expose penultimate features (not TorchScript).
+        arch, arch_kwargs: the student (LRA: ``lenet5_half`` for MNIST/FMNIST, ``resnet18`` for CIFAR/SVHN), a
+            zoo name or ``{class_path: ..., init_args: ...}``.
+        num_classes, in_channels, image_size: the generator makes ``in_channels x image_size^2`` images for the
+            teacher and the student; ``None`` takes the teacher's (its contract). The datamodule must hold
+            images of that shape.
+        mean, std: the student's input normalisation; ``None``: the datamodule's statistics.
         meta: ``second_order`` (LRA), ``first_order`` (no Hessian term, cheaper) or ``none`` (baseline).
         batch_size: generated images per step and device (512).
         student_steps: student steps per generator step (10).
@@ -194,13 +191,14 @@ class AdversarialKD(L.LightningModule):
 
     def __init__(
         self,
-        teacher: str,
-        teacher_arch: str | None = None,
-        arch: str = "lenet5_half",
+        teacher: TeacherArg,
+        arch: NetSpec = "lenet5_half",
         arch_kwargs: dict[str, Any] | None = None,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        image_size: int = 32,
+        num_classes: int | None = None,
+        in_channels: int | None = None,
+        image_size: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
         meta: MetaMode = "second_order",
         batch_size: int = 512,
         student_steps: int = 10,
@@ -253,7 +251,15 @@ class AdversarialKD(L.LightningModule):
         if not 1 <= self.memory_per_push <= batch_size:
             raise CvlabError(f"memory_per_push must be in [1, batch_size={batch_size}]; got {self.memory_per_push}")
 
-        self.teacher = self._load_teacher(teacher, teacher_arch, num_classes, in_channels, image_size)
+        self.teacher = load_teacher(teacher)
+        for key in ("num_classes", "in_channels", "image_size"):  # the generator's and student's: the teacher's
+            if self.hparams[key] is None:
+                self.hparams[key] = getattr(self.teacher.spec, key)
+            if self.hparams[key] is None:
+                raise CvlabError(f"the teacher {self.teacher.spec.weights} does not say its {key}: set --model.init_args.{key}")
+        num_classes, in_channels, image_size = self.hparams.num_classes, self.hparams.in_channels, self.hparams.image_size
+        self._check_teacher(num_classes, in_channels, image_size)
+        self.normalize = InputNormalization(mean, std)  # the student's; None: the task's (setup)
         self.net = create_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                               **(arch_kwargs or {}))
         gkw = {"channels_last": channels_last, **(generator_kwargs or {})}
@@ -279,39 +285,20 @@ class AdversarialKD(L.LightningModule):
         self._last_new: Tensor | None = None  # the last generated batch (memory pushes, image grids)
         self._last_mem: Tensor | None = None  # the last replayed memory samples (image grids)
         self._reduce: Reduce = no_reduce
-        self._mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     # --- construction checks ----------------------------------------------------------------------
-    @staticmethod
-    def _load_teacher(path: str, arch: str | None, k: int, c: int, s: int) -> FrozenTeacher:
-        trained = _trained_image_size(path)
-        if trained is not None and trained != s:
-            raise ImageSizeMismatchError(
-                f"teacher/generator image-size mismatch: the teacher {path} was trained on {trained}x{trained} images "
-                f"but the generator is configured for {s}x{s}; set --model.init_args.image_size {trained} "
-                f"(and the datamodule's image_size to {trained})"
-            )
-        try:
-            teacher = load_teacher(path, arch=arch, num_classes=k, in_channels=c, image_size=s)
-        except TeacherLoadError as e:
-            if trained is not None:
-                raise
-            raise ImageSizeMismatchError(  # a plain state_dict records no image size: say what it may be
-                f"{e}; if the teacher was trained on images other than {c}x{s}x{s}, this is a teacher/generator "
-                f"image-size mismatch: set --model.init_args.image_size (and in_channels) to what it was trained on"
-            ) from None
+    def _check_teacher(self, k: int, c: int, s: int) -> None:
+        spec = self.teacher.spec
         try:
             with torch.no_grad():
-                out = teacher(torch.zeros(2, c, s, s))
+                out = self.teacher(torch.zeros(2, c, s, s))
         except RuntimeError as e:
             raise ImageSizeMismatchError(
-                f"teacher/generator image-size mismatch: the teacher {path} cannot take the generator's {c}x{s}x{s} "
-                f"images ({str(e).strip().splitlines()[0]}); set --model.init_args.image_size / in_channels to what it "
-                "was trained on"
+                f"the teacher {spec.weights} cannot take the generator's {c}x{s}x{s} images "
+                f"({str(e).strip().splitlines()[0]}); set the teacher's image_size / in_channels to what it was trained on"
             ) from None
         if out.shape[-1] != k:
-            raise CvlabError(f"teacher {path} has {out.shape[-1]} classes but the student is configured for {k}")
-        return teacher
+            raise CvlabError(f"teacher {spec.weights} has {out.shape[-1]} classes but the student is configured for {k}")
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -328,8 +315,15 @@ class AdversarialKD(L.LightningModule):
         diff = [f"{k}: model {getattr(hp, k)} vs data {v}" for k, v in found.items() if v != getattr(hp, k)]
         if diff:
             raise CvlabError(f"model and data disagree ({', '.join(diff)}); set --model.init_args.<key> to match")
-        if hasattr(dm, "mean") and hasattr(dm, "std"):
-            self._mean_std = (tuple(dm.mean), tuple(dm.std))
+        adopt_data_normalization(self, dm)
+
+    def student_view(self, u: Tensor) -> Tensor:
+        """Generated images live in the teacher's normalised input space (DAFL's generator ends in an
+        affine-free BatchNorm: zero-mean, unit-variance images); the student sees the same pixels through its
+        own normalisation. The identity when both normalise alike (a teacher trained on the task)."""
+        if self.normalize.same_as(self.teacher.normalization):
+            return u
+        return self.normalize(self.teacher.normalization.inverse(u))
 
     def on_train_start(self) -> None:
         self.memory.to(self.device)
@@ -360,9 +354,13 @@ class AdversarialKD(L.LightningModule):
         """Update G to make confident, class-balanced, strongly activating images on which S and T disagree."""
         self.generator.train()
         x = self.generate(self._latent(step, -1))  # (B, C, H, W)
-        feats = self.teacher.forward_features(x)  # (B, D)
-        t = self.teacher.get_classifier()(feats)  # (B, K)
-        loss, terms = generator_loss(t, feats, self.net(x), self.loss_weights, self.hparams.js_temperature)
+        if self.loss_weights.activation:
+            feats, t = self.teacher.features_and_logits(x, normalized=True)  # (B, D), (B, K)
+        else:  # no activation term: any teacher will do, TorchScript included
+            t = self.teacher.forward_normalized(x)
+            feats = t.new_zeros(t.shape[0], 1)
+        loss, terms = generator_loss(t, feats, self.net(self.student_view(x)), self.loss_weights,
+                                     self.hparams.js_temperature)
         params = [p for p in self.generator.parameters() if p.requires_grad]
         # opt is the LightningOptimizer: its step is the one trainer.global_step counts
         self._set_grads_and_step(opt, params, self._reduce(list(torch.autograd.grad(loss, params))))
@@ -375,12 +373,13 @@ class AdversarialKD(L.LightningModule):
             x_new = self.generate(self._latent(step, k))  # (B, C, H, W); G in train mode, as the public code
             x_mem = self._replay(step, k)  # (m, C, H, W) or None
             x_all = x_new if x_mem is None else torch.cat([x_new, x_mem])
-            t_all = self.teacher(x_all)  # one teacher pass over [new; memory]
+            t_all = self.teacher.forward_normalized(x_all)  # one teacher pass over [new; memory]
         B = x_new.shape[0]
         t_new, t_mem = t_all[:B], (None if x_mem is None else t_all[B:])
         self.net.train()
         params = dict(self.net.named_parameters())
-        out = student_gradients(self.net, params, dict(self.net.named_buffers()), x_new, t_new, x_mem, t_mem,
+        out = student_gradients(self.net, params, dict(self.net.named_buffers()), self.student_view(x_new), t_new,
+                                None if x_mem is None else self.student_view(x_mem), t_mem,
                                 hp.meta, hp.inner_lr, hp.inner_weight_decay, reduce=self._reduce,
                                 retain_weight=hp.retain_weight)
         self._set_grads_and_step(opt, list(params.values()), [out.grads[n] for n in params])
@@ -407,7 +406,7 @@ class AdversarialKD(L.LightningModule):
         self.memory_generator.eval()
         with torch.enable_grad():
             z.requires_grad_(True)
-            t = self.teacher(self.generate(z, self.memory_generator))
+            t = self.teacher.forward_normalized(self.generate(z, self.memory_generator))
             loss = (hp.weight_one_hot * one_hot_loss(t) + hp.weight_balance * class_balance_loss(t)
                     + latent_prior_loss(z))
             (grad,) = torch.autograd.grad(loss, z)
@@ -423,8 +422,8 @@ class AdversarialKD(L.LightningModule):
         z, mu, log_var = self.encoder(x, generator=self._rng(step, k, 13))
         x_rec = self.generate(z, self.memory_generator)
         with torch.no_grad():
-            t = self.teacher(x)  # the target logits
-        loss = reconstruction_loss(x_rec, x, self.teacher(x_rec), t, mu, log_var, hp.memory_kl_weight)
+            t = self.teacher.forward_normalized(x)  # the target logits
+        loss = reconstruction_loss(x_rec, x, self.teacher.forward_normalized(x_rec), t, mu, log_var, hp.memory_kl_weight)
         params = [p for p in [*self.memory_generator.parameters(), *self.encoder.parameters()] if p.requires_grad]
         self._set_grads_and_step(opt, params, self._reduce(list(torch.autograd.grad(loss, params))))
         self.memory_generator_steps += 1
@@ -482,11 +481,10 @@ class AdversarialKD(L.LightningModule):
 
     def _log_grid(self, key: str, x: Tensor) -> None:
         x = x[:100]
-        order = torch.argsort(self.teacher(x).argmax(-1), stable=True)  # grouped by the teacher's class
+        order = torch.argsort(self.teacher.forward_normalized(x).argmax(-1), stable=True)  # by the teacher's class
         x = x[order].float()
-        if self._mean_std is not None:
-            mean, std = self._mean_std
-            x = x * torch.tensor(std, device=x.device).view(1, -1, 1, 1) + torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+        if not self.teacher.normalization.is_identity:
+            x = self.teacher.normalization.inverse(x)  # pixels
         else:  # min-max per image
             lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
             x = (x - lo) / (hi - lo).clamp_min(1e-8)
@@ -495,7 +493,7 @@ class AdversarialKD(L.LightningModule):
     # --- retention: accuracy on the real test set ----------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.val_acc.update(self.net(x), y)
+        self.val_acc.update(self(x), y)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()  # synced over ranks
@@ -527,13 +525,14 @@ class AdversarialKD(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.test_acc(self.net(x), y)
+        self.test_acc(self(x), y)
         self.test_teacher_acc(self.teacher(x), y)
         self.log("test/acc", self.test_acc)
         self.log("test/teacher_acc", self.test_teacher_acc)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        """The student's logits of [0, 1] pixels."""
+        return self.net(self.normalize(x))
 
     # --- optimizers and checkpoint state ---------------------------------------------------------------
     def configure_optimizers(self):

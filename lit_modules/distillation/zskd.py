@@ -12,11 +12,15 @@ loss is the *sum* of per-impression losses and Adam is element-wise, so each imp
 same path as if it were optimised alone (the benchmark compares with a per-class loop). Each index's
 target and starting noise depend on ``(seed, index)`` only, so a resumed or multi-device run gives the
 same impressions as one uninterrupted run. :class:`callbacks.ShardWriter` stores them (pixel space).
+
+Any teacher works (:func:`lit_modules.teacher.load_teacher`): the impressions have the teacher's own
+input shape, and each is parametrised in the teacher's normalised input space ``u = (x - mean) / std``
+(the teacher's own statistics), where the recipes' learning rate, N(0, 1) start and L2 / TV penalties
+are defined; the stored image is the pixel image ``x = u * std + mean``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +38,7 @@ from cvlab.errors import CvlabError
 from lit_modules.distillation.data_impressions import (Renormalize, class_similarity, dirichlet_targets, final_linear,
                                           total_variation)
 from lit_modules.distillation.kd_loss import soft_cross_entropy
-from lit_modules.teacher import load_teacher
+from lit_modules.teacher import TeacherArg, load_teacher, teacher_file_digest
 
 
 def initial_images(indices: Tensor, shape: Sequence[int], init: str, seed: int) -> Tensor:
@@ -53,7 +57,8 @@ def initial_images(indices: Tensor, shape: Sequence[int], init: str, seed: int) 
 def synthesize(teacher: torch.nn.Module, x0: Tensor, targets: Tensor, iterations: int, lr: float,
                temperature: float, progress=None, pixel_l2: float = 0.0,
                pixel_tv: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Optimise ``x0 (B, C, H, W)`` (teacher input space) towards ``targets (B, K)``.
+    """Optimise ``x0 (B, C, H, W)`` (the teacher's normalised input space: ``teacher`` maps it to logits,
+    e.g. :meth:`FrozenTeacher.forward_normalized`) towards ``targets (B, K)``.
 
     Each impression minimises ``CE(y, softmax(T(x) / tau)) + pixel_l2 / 2 * ||x||^2 + pixel_tv * TV(x)``
     (neither penalty is in the paper; a public TF port adds the L2 one with weight 1e-3; ``TV`` is
@@ -86,8 +91,8 @@ class DataImpressionSynthesizer(L.LightningModule):
     """The synthesis stage; its arguments are the config (defaults: the paper's).
 
     Args:
-        teacher: path of the frozen teacher (ClassifierModule checkpoint, or state_dict with ``teacher_arch``).
-        teacher_arch: architecture of a plain state_dict teacher.
+        teacher: the frozen teacher: a cvlab checkpoint or TorchScript path, or a
+            :class:`lit_modules.teacher.TeacherSpec` (weights, architecture, input contract, key map).
         temperature: tau of the impression objective (20).
         iterations: Adam steps per impression (1500).
         lr: Adam learning rate (paper 1e-3; a third-party PyTorch port uses 1e-2).
@@ -107,8 +112,7 @@ class DataImpressionSynthesizer(L.LightningModule):
 
     def __init__(
         self,
-        teacher: str,
-        teacher_arch: str | None = None,
+        teacher: TeacherArg,
         temperature: float = 20.0,
         iterations: int = 1500,
         lr: float = 1e-3,
@@ -124,7 +128,7 @@ class DataImpressionSynthesizer(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher = load_teacher(teacher, arch=teacher_arch)
+        self.teacher = load_teacher(teacher)
         self.similarity = class_similarity(final_linear(self.teacher).weight)  # (K, K), fails early without one
         self._t0, self._summarized = 0.0, False
 
@@ -145,30 +149,36 @@ class DataImpressionSynthesizer(L.LightningModule):
         self.classes, self.betas = classes, betas
         if self.trainer.is_global_zero:  # a shard folder holds the impressions of one config only
             fp = {f"model.{k}": v for k, v in hp.items() if k not in ("grid_per_class", "teacher")}
-            fp["model.teacher_sha256"] = hashlib.sha256(Path(hp.teacher).read_bytes()).hexdigest()[:16]
+            fp.update({f"model.teacher.{k}": v for k, v in teacher_file_digest(self.teacher.spec).items()})
+            fp["model.impression_shape"] = list(self.impression_shape)
             check_manifest(shard_folder(self.trainer), {**fp, **dm.fingerprint()})
         self.trainer.strategy.barrier()
+
+    @property
+    def impression_shape(self) -> tuple[int, int, int]:
+        """The teacher's input shape (its contract), else the task's."""
+        return self.teacher.input_shape or tuple(self.trainer.datamodule.task.input_shape)
 
     def on_predict_start(self) -> None:
         self._t0 = time.perf_counter()
 
     def predict_step(self, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        hp, task = self.hparams, self.trainer.datamodule.task
+        hp, norm = self.hparams, self.teacher.normalization
         with torch.inference_mode(False):  # also works under Trainer(inference_mode=True)
             index = index.clone()  # (B,)
-            x0 = initial_images(index, task.input_shape, hp.init, hp.seed).to(self.device)  # (B, C, H, W)
+            u0 = initial_images(index, self.impression_shape, hp.init, hp.seed).to(self.device)  # (B, C, H, W)
             if hp.init == "uniform":
-                x0 = task.normalize(x0)  # pixels -> the teacher's input space
+                u0 = norm(u0)  # pixels -> the teacher's normalised input space
             y = self.targets[index]  # (B, K)
-            x, loss = synthesize(self.teacher, x0, y, hp.iterations, hp.lr, hp.temperature,
+            u, loss = synthesize(self.teacher.forward_normalized, u0, y, hp.iterations, hp.lr, hp.temperature,
                                  self._progress(hp.iterations), pixel_l2=hp.pixel_l2, pixel_tv=hp.pixel_tv)
-            image = task.denormalize(x).float()  # pixel space, as stored
+            image = norm.inverse(u).float()  # pixel space, as stored
             if hp.clip:
                 image = image.clamp(0, 1)
-                x = task.normalize(image)
+                u = norm(image)
             with torch.no_grad():
-                start = soft_cross_entropy(self.teacher(x0), y, hp.temperature)
-                pred = self.teacher(x).argmax(-1)
+                start = soft_cross_entropy(self.teacher.forward_normalized(u0), y, hp.temperature)
+                pred = self.teacher.forward_normalized(u).argmax(-1)
         cpu = index.cpu()
         return {"index": index, "image": image, "target": y, "class": self.classes[cpu],
                 "beta": self.betas[cpu], "loss_start": start, "loss": loss, "teacher_pred": pred}

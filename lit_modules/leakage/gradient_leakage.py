@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from cvlab.errors import CvlabError
+from lit_modules.nets import classifier_layer
 
 Method = Literal["idlg", "dlg"]
 
@@ -85,8 +86,16 @@ class StackedVictims:
 
     @classmethod
     def from_nets(cls, nets: Sequence[nn.Module]) -> StackedVictims:
+        if isinstance(nets[0], torch.jit.ScriptModule):
+            raise VictimAssumptionError(
+                "a TorchScript victim cannot be attacked here: the batched attack calls the victim functionally "
+                "(torch.func), which TorchScript does not support; give the network's class and a state_dict"
+            )
         params, _ = stack_module_state(list(nets))
-        fc = nets[0].get_classifier().weight
+        layer = classifier_layer(nets[0])
+        if layer is None:
+            raise VictimAssumptionError(f"victim {type(nets[0]).__name__} has no final nn.Linear (iDLG reads labels from it)")
+        fc = layer.weight
         name = next(n for n, p in nets[0].named_parameters() if p is fc)
         return cls(nets[0], {k: v.detach() for k, v in params.items()}, name)
 

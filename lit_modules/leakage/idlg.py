@@ -20,11 +20,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from callbacks.image_grid import log_image_grid
 from callbacks.metrics_json import merge_metrics
 from callbacks.shard_writer import check_manifest, with_shard_writer
+from cvlab.errors import CvlabError
 from datamodules.shards import all_shards_on_rank_zero, shard_folder
 from lit_modules.leakage.batched_optim import BatchedResult, batched_adam, batched_lbfgs
 from lit_modules.leakage.gradient_leakage import (
@@ -37,7 +38,8 @@ from lit_modules.leakage.gradient_leakage import (
     match_reconstructions,
     psnr,
 )
-from lit_modules.nets import create_net
+from lit_modules.nets import NetSpec, create_net
+from lit_modules.teacher import TeacherArg, load_teacher
 
 
 class LeakageAttack(L.LightningModule):
@@ -51,7 +53,11 @@ class LeakageAttack(L.LightningModule):
         lr: step size (1 for L-BFGS in the papers; Adam wants about 0.1).
         max_iter, history_size: torch's L-BFGS settings (its defaults, which the papers kept).
         stop_loss: a trial stops once its gradient distance is below this (the papers' 1e-6).
-        arch, arch_kwargs: the victim, from the network zoo; ``init_range`` U(-0.5, 0.5) as in the papers.
+        arch, arch_kwargs: the victim, a zoo name or ``{class_path: ..., init_args: ...}``, freshly
+            initialised per trial (the papers; ``init_range`` U(-0.5, 0.5) for the zoo's nets).
+        victim: instead, a trained network (:class:`lit_modules.teacher.TeacherSpec` or a checkpoint path),
+            attacked in every trial with its own weights and input contract (the shared gradient is of its
+            normalised input, the reconstruction is in pixels).
         num_classes: the victim's classes (default: the datamodule's).
         success_mse: a reconstruction with MSE (pixels in [0, 1]) below this counts as a success.
         seed: with the trial index, seeds each trial's victim and dummy start.
@@ -67,8 +73,9 @@ class LeakageAttack(L.LightningModule):
         max_iter: int = 20,
         history_size: int = 100,
         stop_loss: float = 1e-6,
-        arch: str = "lenet_sigmoid",
+        arch: NetSpec = "lenet_sigmoid",
         arch_kwargs: dict[str, Any] | None = None,
+        victim: TeacherArg | None = None,
         num_classes: int | None = None,
         success_mse: float = 1e-3,
         seed: int = 0,
@@ -76,7 +83,9 @@ class LeakageAttack(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.arch_kwargs = dict(arch_kwargs) if arch_kwargs is not None else {"init_range": 0.5}
+        default_kwargs = {"init_range": 0.5} if isinstance(arch, str) else {}
+        self.arch_kwargs = dict(arch_kwargs) if arch_kwargs is not None else default_kwargs
+        self.victim = None if victim is None else load_teacher(victim)
         self._t0 = 0.0
 
     # --- setup ---------------------------------------------------------------------------------------
@@ -90,6 +99,13 @@ class LeakageAttack(L.LightningModule):
         dm = self.trainer.datamodule
         if self.hparams.num_classes is None:
             self.hparams.num_classes = dm.num_classes
+        if self.victim is not None and self.victim.num_classes not in (None, self.hparams.num_classes):
+            raise CvlabError(f"victim {self.victim.spec.weights} has {self.victim.num_classes} classes but the data has "
+                             f"{self.hparams.num_classes}")
+        shape = self.victim.input_shape if self.victim is not None else None
+        if shape is not None and tuple(shape) != tuple(getattr(dm.source, "input_shape", shape)):
+            raise CvlabError(f"victim {self.victim.spec.weights} takes {shape} images but the data gives "
+                             f"{tuple(dm.source.input_shape)}; set the source's image_size to match")
         if self.trainer.is_global_zero:  # a shard folder holds the results of one config only
             fp = {**{f"model.{k}": v for k, v in self.hparams.items() if k != "grid_trials"},
                   **{f"data.{k}": v for k, v in getattr(dm, "hparams", {}).items() if k not in ("trials_per_batch", "num_trials")},
@@ -110,8 +126,11 @@ class LeakageAttack(L.LightningModule):
         for t in trials.tolist():  # set-up only: T small networks
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.hparams.seed * 1_000_003 + t)
-                nets.append(create_net(self.hparams.arch, K, C, H, **self.arch_kwargs))
+                if self.victim is None:
+                    nets.append(create_net(self.hparams.arch, K, C, H, **self.arch_kwargs))
                 z0.append(torch.randn(n_z))  # dummy x ~ N(0, 1) (and DLG's label logits)
+        if self.victim is not None:  # one trained network, attacked in every trial
+            nets = [nn.Sequential(self.victim.normalization, self.victim.net)] * len(z0)
         return StackedVictims.from_nets([n.to(self.device) for n in nets]), torch.stack(z0).to(self.device)
 
     def attack(self, victims: StackedVictims, shared: list[Tensor], z0: Tensor, shape: tuple[int, ...]) -> tuple[BatchedResult, Tensor]:

@@ -7,12 +7,19 @@ image_size=32)``.
 """
 
 from lit_modules.nets import alexnet, convnet, lenet, resnet_cifar, wrn  # noqa: F401  (registration)
-from lit_modules.nets.base import ClassifierNet
+from lit_modules.nets.base import ClassifierNet, classifier_layer, features_and_logits
 from lit_modules.nets.generator import DAFLGenerator, LatentEncoder, available_generators, create_generator
-from lit_modules.nets.registry import available_nets, create_net, register_net
+from lit_modules.nets.normalization import InputNormalization
+from lit_modules.nets.registry import NetSpec, available_nets, create_net, import_class, net_name, register_net
 
 __all__ = [
     "ClassifierNet",
+    "InputNormalization",
+    "NetSpec",
+    "classifier_layer",
+    "features_and_logits",
+    "import_class",
+    "net_name",
     "DAFLGenerator",
     "LatentEncoder",
     "available_generators",
