@@ -12,6 +12,9 @@ A pipeline file::
         command: fit
         config: [experiments/zskd/mnist/student.yaml]
         args: {model.init_args.teacher: "${teacher}/checkpoints/last.ckpt"}   # ${stage} = its folder
+      # or, instead of training one, start from an existing teacher file (any network, its input contract):
+      # - name: teacher
+      #   teacher: {weights: path/to/file.pth, arch: {class_path: my.nets.Net}, image_size: 28, mean: [0.5], std: [0.5]}
     paper:                            # optional: numbers to put beside the measured ones
       student:test/acc: 0.9877
     results_md: docs/RESULTS.md       # optional: append the final table there
@@ -21,6 +24,13 @@ named by a hash of its command, its config files' contents and its resolved argu
 whose folder holds ``stage.json`` is skipped; one with ``checkpoints/last.ckpt`` but no
 ``stage.json`` was killed and is resumed from it. Changing a config gives a new folder and keeps
 the old one.
+
+A stage with a ``teacher`` mapping (a :class:`lit_modules.teacher.TeacherSpec`) instead of
+``command``/``config`` imports an existing teacher: it is loaded (every check of the teacher loader
+runs here, before any later stage) and written to ``<folder>/checkpoints/last.ckpt`` in cvlab's layout
+with its input contract (a TorchScript teacher as TorchScript with the contract inside), so later
+stages refer to it as ``${teacher}/checkpoints/last.ckpt`` exactly as to a trained one; ``--only``
+can run it like any stage.
 """
 
 from __future__ import annotations
@@ -49,9 +59,10 @@ _REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
 @dataclass
 class Stage:
     name: str
-    command: str
+    command: str  # fit | validate | test | predict, or "teacher" for an imported teacher
     config: list[str]
     args: list[str] = field(default_factory=list)
+    teacher: dict[str, Any] | None = None
 
 
 def _as_arg_list(args: Any, where: str) -> list[str]:
@@ -80,9 +91,16 @@ def load_pipeline(path: str | Path) -> tuple[dict[str, Any], list[Stage]]:
         where = f"{path} stage {i}"
         if not isinstance(s, dict) or "name" not in s:
             raise CvlabError(f"{where}: each stage needs a 'name'")
-        bad = set(s) - {"name", "command", "config", "args"}
+        bad = set(s) - {"name", "command", "config", "args", "teacher"}
         if bad:
-            raise CvlabError(f"{where} ({s['name']}): unknown keys {sorted(bad)}; expected name, command, config, args")
+            raise CvlabError(f"{where} ({s['name']}): unknown keys {sorted(bad)}; expected name, command, config, args "
+                             "(or name, teacher)")
+        if "teacher" in s:
+            if set(s) - {"name", "teacher"} or not isinstance(s["teacher"], dict) or "weights" not in s["teacher"]:
+                raise CvlabError(f"{where} ({s['name']}): an imported teacher stage has only 'name' and 'teacher' "
+                                 "(a mapping with at least 'weights')")
+            stages.append(Stage(s["name"], "teacher", [], [], dict(s["teacher"])))
+            continue
         cmd = s.get("command", "fit")
         if cmd not in _COMMANDS:
             raise CvlabError(f"{where} ({s['name']}): command {cmd!r} is not one of {_COMMANDS}")
@@ -111,6 +129,11 @@ def _resolve(arg: str, dirs: dict[str, Path], stage: str) -> str:
 def stage_hash(stage: Stage, args: list[str]) -> str:
     h = hashlib.sha256()
     h.update(stage.command.encode())
+    if stage.teacher is not None:
+        h.update(json.dumps(stage.teacher, sort_keys=True).encode())
+        weights = Path(stage.teacher["weights"])
+        if weights.is_file():
+            h.update(weights.read_bytes())
     for c in stage.config:
         h.update(Path(c).read_bytes())
     for a in args:
@@ -166,6 +189,15 @@ def run_pipeline(
                 raise CvlabError(f"stage {stage.name!r} is needed by --only {only} but has not run; add it to --only")
             print(f"[{stage.name}] not in --only, not run", flush=True)
             continue
+        elif stage.command == "teacher":
+            print(f"[{stage.name}] importing teacher {stage.teacher['weights']}", flush=True)
+            if dry_run:
+                continue
+            t0 = time.perf_counter()
+            contract = import_teacher(stage.teacher, folder)
+            atomic_write_json(folder / "metrics.json", {f"teacher/{k}": v for k, v in contract.items() if isinstance(v, (int, float))})
+            atomic_write_json(marker, {"stage": stage.name, "teacher": stage.teacher, "contract": contract,
+                                       "wall_s": time.perf_counter() - t0})
         else:
             last = folder / "checkpoints" / "last.ckpt"
             if stage.command == "fit" and last.is_file():
@@ -188,6 +220,30 @@ def run_pipeline(
             f.write("\n" + table + "\n")
         print(f"appended to {target}")
     return metrics
+
+
+def import_teacher(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Load a teacher (all the loader's checks) and write it to ``folder/checkpoints/last.ckpt`` in cvlab's
+    layout with its input contract; return the contract."""
+    import shutil
+
+    from callbacks.atomic_io import atomic_torch_save
+    from lit_modules.teacher import export_torchscript, is_torchscript, load_teacher
+
+    teacher = load_teacher(spec)
+    s = teacher.spec
+    contract = {"num_classes": s.num_classes, "in_channels": s.in_channels, "image_size": s.image_size,
+                "mean": s.mean, "std": s.std}
+    out = folder / "checkpoints" / "last.ckpt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if is_torchscript(s.weights):
+        export_torchscript(teacher.net, out.with_suffix(".tmp"), s)
+        shutil.move(out.with_suffix(".tmp"), out)
+    else:
+        state = {f"net.{k}": v for k, v in teacher.net.state_dict().items()}
+        hp = {"arch": s.arch, "arch_kwargs": s.arch_kwargs, **contract, "imported_from": str(Path(s.weights).resolve())}
+        atomic_torch_save({"state_dict": state, "hyper_parameters": hp}, out)
+    return contract
 
 
 def results_table(spec: dict[str, Any], metrics: dict[str, dict[str, float]], dirs: dict[str, Path]) -> str:

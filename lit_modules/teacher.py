@@ -80,7 +80,7 @@ class TeacherSpec:
 
 #: what a config gives as ``teacher``: a path, or a mapping of :class:`TeacherSpec`'s fields (a plain
 #: mapping, so that it stays a weights-only-loadable hyper-parameter in checkpoints)
-TeacherArg = Union[str, dict[str, Any]]
+TeacherArg = Union[dict, str]
 
 
 def as_spec(teacher: TeacherArg | dict[str, Any]) -> TeacherSpec:
@@ -112,7 +112,9 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, net: nn.Module, spec: TeacherSpec | None = None) -> None:
         super().__init__()
-        self.net = net.requires_grad_(False)
+        for p in net.parameters():  # (TorchScript modules have no requires_grad_)
+            p.requires_grad_(False)
+        self.net = net
         self.spec = spec or TeacherSpec(weights="<in memory>")
         self.normalization = InputNormalization(self.spec.mean, self.spec.std)
         self.eval()

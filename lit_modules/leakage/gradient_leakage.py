@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from cvlab.errors import CvlabError
-from lit_modules.nets import classifier_layer
+from lit_modules.nets import classifier_layer, features_and_logits
 
 Method = Literal["idlg", "dlg"]
 
@@ -55,18 +55,21 @@ def check_label_extraction_assumptions(net: nn.Module, example: Tensor) -> None:
     """Raise :class:`VictimAssumptionError` unless ``net(x) == fc(features(x))`` with a linear ``fc`` and
     non-negative features on ``example`` ``(B, C, H, W)``: the conditions of iDLG's label extraction."""
     name = type(net).__name__
-    fc = net.get_classifier() if callable(getattr(net, "get_classifier", None)) else None
-    if not isinstance(fc, nn.Linear) or not callable(getattr(net, "forward_features", None)):
+    fc = classifier_layer(net)
+    if fc is None:
         raise VictimAssumptionError(
-            f"victim {name} has no final linear layer (get_classifier() -> nn.Linear): iDLG reads the label from "
-            "that layer's weight gradient; use a ClassifierNet from the zoo (e.g. lenet_sigmoid) or method: dlg"
+            f"victim {name} has no final linear layer: iDLG reads the label from that layer's weight gradient; "
+            "use a network that ends in an nn.Linear (e.g. the zoo's lenet_sigmoid) or method: dlg"
         )
     with torch.no_grad():
-        h = net.forward_features(example)
-        if not torch.allclose(net(example), fc(h), atol=1e-5, rtol=1e-4):
+        try:
+            h, out = features_and_logits(net, example)
+        except TypeError as e:
+            raise VictimAssumptionError(f"victim {name}: {e}, so iDLG's conditions cannot be checked; use method: dlg") from None
+        if not torch.allclose(out, fc(h), atol=1e-5, rtol=1e-4):
             raise VictimAssumptionError(
-                f"victim {name}'s output is not get_classifier()(forward_features(x)): the linear layer must be "
-                "its last operation for iDLG's label extraction; use method: dlg"
+                f"victim {name}'s output is not its final linear layer applied to its features: the linear layer "
+                "must be its last operation for iDLG's label extraction; use method: dlg"
             )
         if h.min() < 0:
             raise VictimAssumptionError(
@@ -117,6 +120,40 @@ class StackedVictims:
         loss = -(soft_labels * logp).sum(-1).mean(-1)  # (T,)
         # trials share no parameter, so the gradient of the sum is each trial's own gradient
         return list(torch.autograd.grad(loss.sum(), list(params.values()), create_graph=create_graph))
+
+
+class SharedVictim:
+    """One trained network attacked in ``T`` trials, for networks ``torch.func`` cannot call (TorchScript).
+
+    The same interface as :class:`StackedVictims`; the forward pass is one batch over all trials, the
+    per-trial gradients a loop over trials (the victim's weights are shared, so trials differ only in
+    their inputs). Eager networks use :class:`StackedVictims` (vmap) instead.
+    """
+
+    def __init__(self, base: nn.Module, trials: int) -> None:
+        self.base, self.trials = base, trials
+        self.params = dict(base.named_parameters())
+        for p in self.params.values():  # a frozen teacher as the victim: its weight gradients are what is shared
+            p.requires_grad_(True)
+        layer = classifier_layer(base)
+        if layer is None:
+            raise VictimAssumptionError(f"victim {type(base).__name__} has no final linear layer (iDLG reads labels from it)")
+        ptr = layer.weight.data_ptr()
+        self.fc_weight = next(n for n, p in self.params.items() if p.data_ptr() == ptr)
+
+    def select(self, ids: Tensor) -> SharedVictim:
+        return SharedVictim(self.base, int(ids.numel()))
+
+    def logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        T, B = x.shape[:2]
+        return self.base(x.flatten(0, 1)).view(T, B, -1)
+
+    def gradients(self, x: Tensor, soft_labels: Tensor, create_graph: bool = False) -> list[Tensor]:
+        params = list(self.params.values())
+        loss = -(soft_labels * self.logits(self.params, x).log_softmax(-1)).sum(-1).mean(-1)  # (T,)
+        per_trial = [torch.autograd.grad(loss[t], params, create_graph=create_graph, retain_graph=True)
+                     for t in range(loss.shape[0])]  # a loop over trials: TorchScript takes no vmap
+        return [torch.stack(g) for g in zip(*per_trial)]
 
 
 def gradient_distance(dummy: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:

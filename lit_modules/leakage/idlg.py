@@ -30,6 +30,7 @@ from datamodules.shards import all_shards_on_rank_zero, shard_folder
 from lit_modules.leakage.batched_optim import BatchedResult, batched_adam, batched_lbfgs
 from lit_modules.leakage.gradient_leakage import (
     Method,
+    SharedVictim,
     StackedVictims,
     attack_objective,
     check_label_extraction_assumptions,
@@ -129,8 +130,12 @@ class LeakageAttack(L.LightningModule):
                 if self.victim is None:
                     nets.append(create_net(self.hparams.arch, K, C, H, **self.arch_kwargs))
                 z0.append(torch.randn(n_z))  # dummy x ~ N(0, 1) (and DLG's label logits)
-        if self.victim is not None:  # one trained network, attacked in every trial
-            nets = [nn.Sequential(self.victim.normalization, self.victim.net)] * len(z0)
+        if self.victim is not None:  # one trained network, attacked in every trial (normalisation inside)
+            base = nn.Sequential(self.victim.normalization, self.victim.net)
+            z0 = torch.stack(z0).to(self.device)
+            if isinstance(self.victim.net, torch.jit.ScriptModule):
+                return SharedVictim(base.to(self.device), len(z0)), z0
+            return StackedVictims.from_nets([base.to(self.device)] * len(z0)), z0
         return StackedVictims.from_nets([n.to(self.device) for n in nets]), torch.stack(z0).to(self.device)
 
     def attack(self, victims: StackedVictims, shared: list[Tensor], z0: Tensor, shape: tuple[int, ...]) -> tuple[BatchedResult, Tensor]:

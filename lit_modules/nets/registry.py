@@ -20,7 +20,7 @@ from cvlab.errors import CvlabError
 
 NetBuilder = Callable[..., nn.Module]
 #: a zoo name, or ``{"class_path": "pkg.module.Class", "init_args": {...}}`` (LightningCLI's form)
-NetSpec = Union[str, dict[str, Any]]
+NetSpec = Union[str, dict]
 
 
 class Registry:

@@ -1,0 +1,1 @@
+"""Examples of bringing your own network to cvlab (classes that are deliberately not in the zoo)."""
