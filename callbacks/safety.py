@@ -61,6 +61,7 @@ class StopOnDivergence(L.Callback):
         self.window = int(window)
         self.start: float | None = None
         self._streak: torch.Tensor | None = None  # () int, consecutive steps over the threshold
+        self._hit: torch.Tensor | None = None  # () bool, a streak reached the window since the last read
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.factor <= 0:
@@ -76,11 +77,13 @@ class StopOnDivergence(L.Callback):
             return
         over = (loss > self.factor * self.start).to(torch.int64)
         self._streak = over if self._streak is None else (self._streak.to(over.device) + 1) * over
-        if trainer.global_step % min(self.window, 10) == 0 and int(self._streak) >= self.window:
+        hit = self._streak >= self.window  # sticky until read: a streak between two reads is not missed
+        self._hit = hit if self._hit is None else self._hit.to(hit.device) | hit
+        if trainer.global_step % min(self.window, 10) == 0 and bool(self._hit):
             ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
             raise DivergedLossError(
                 f"loss diverged: {float(loss):.3g} at global step {trainer.global_step} (epoch {trainer.current_epoch}) "
-                f"has stayed above {self.factor:g} x its starting level {self.start:.3g} for {int(self._streak)} steps; "
+                f"stayed above {self.factor:g} x its starting level {self.start:.3g} for {self.window} steps in a row; "
                 "lower the learning rate (or set --run.divergence_factor 0 to turn this check off); "
                 f"last checkpoint: {ckpt}"
             )

@@ -164,6 +164,10 @@ def read_pickled_batch(path: str | os.PathLike, dataset: str, official_md5: str 
     try:
         obj = DataUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as e:
+        if "is not allowed" not in str(e):  # a truncated or damaged pickle
+            raise DatasetCorruptError(
+                f"cannot read {where}: it is truncated or damaged ({_first_line(e)}); replace it with the official release file"
+            ) from None
         raise DatasetCorruptError(
             f"refused {where}: {_first_line(e)} (a data pickle may hold only lists, dicts, strings, numbers "
             "and numpy arrays); replace it with the official release file"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import urllib.error
@@ -113,6 +114,15 @@ class CvlabCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"devices": 1})
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit ``--ckpt_path`` (readable, a Lightning checkpoint; a damaged ``last.ckpt``
+        falls back to ``last.ckpt.previous``) before LightningCLI reads its hyper-parameters."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
+            self.config[sub].ckpt_path = str(readable_checkpoint(ckpt))
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run.root", type=str, default=os.environ.get("CVLAB_RUNS", "runs"),
                             help="parent of run folders (env CVLAB_RUNS)")
@@ -195,8 +205,6 @@ class CvlabCLI(LightningCLI):
                 cfg.ckpt_path = str(readable_checkpoint(last))
             elif self.subcommand != "fit":
                 raise RunFolderError(f"--ckpt_path last: no {last}; pass the path of a checkpoint")
-        elif ckpt is not None and ckpt not in ("best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
-            cfg.ckpt_path = str(readable_checkpoint(ckpt))
 
     def instantiate_classes(self) -> None:
         try:
@@ -298,7 +306,8 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """``text`` on one line, without terminal colour codes."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(text)).split())
 
 
 def user_error_line(e: BaseException) -> str | None:
