@@ -147,9 +147,9 @@ def validate_pipeline(stages: list[Stage], sets: list[str], only: list[str] | No
         for arg in stage.args + _overrides_for(stage.name, sets):
             for ref in _REF.findall(arg):
                 if ref not in earlier:
-                    what = "a later stage" if ref in names else "no stage"
+                    what = "it is a later stage" if ref in names else "there is no such stage"
                     raise CvlabError(
-                        f"stage {stage.name!r} refers to ${{{ref}}} in {arg!r}, which is {what}; "
+                        f"stage {stage.name!r} refers to ${{{ref}}} in {arg!r}, which is not an earlier stage ({what}); "
                         f"earlier stages: {earlier or 'none'}; nothing was run"
                     )
         earlier.append(stage.name)

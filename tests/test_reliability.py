@@ -271,7 +271,7 @@ def test_pipeline_reference_typo_fails_before_any_stage(ws, tmp_path: Path) -> N
     root = tmp_path / "runs"
     assert fails(["run", "{typo_pipeline}", f"--root={root}"], ws) == (
         f"{ERR}stage 'student' refers to ${{teachr}} in '--model.init_args.teacher=${{teachr}}/checkpoints/last.ckpt', "
-        "which is no stage; earlier stages: ['teacher']; nothing was run")
+        "which is not an earlier stage (there is no such stage); earlier stages: ['teacher']; nothing was run")
     assert not root.exists()
     assert fails(["run", "experiments/quickstart/pipeline.yaml", "--set", "techer.trainer.max_epochs=1", f"--root={root}"], ws) == (
         f"{ERR}--set 'techer.trainer.max_epochs=1': no stage named 'techer' (stages: ['student', 'teacher'])")
