@@ -193,7 +193,7 @@ def main_catalogue(out: Path = REPO / "docs" / "RELIABILITY.md") -> None:
             args = render(argv, paths)
             t0 = time.perf_counter()
             o = run_main(args)
-            shown = " ".join(a.replace(tmp, "$W") for a in args)
+            shown = " ".join(a.replace(tmp, "$W").replace(f"{REPO}/", "") for a in args)
             line = o.line.replace(tmp, "$W")
             rows.append((what, shown, o.code, line, o.stderr_lines, time.perf_counter() - t0))
             print(f"[{o.code}] {what}: {line}", file=sys.__stdout__, flush=True)
