@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from cvlab.errors import CvlabError
 
-__all__ = ["CvlabError", "DatasetNotFoundError"]
+__all__ = ["CvlabError", "DatasetCorruptError", "DatasetNotFoundError"]
 
 
 class DatasetNotFoundError(CvlabError, FileNotFoundError):
     """A dataset is not on disk and may not be downloaded."""
+
+
+class DatasetCorruptError(CvlabError, ValueError):
+    """A dataset file is truncated, damaged, or holds something other than plain data (e.g. a crafted pickle)."""

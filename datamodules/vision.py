@@ -13,10 +13,15 @@ Files live where torchvision looks for them under the data root (``--data.data_d
 * CIFAR-10: ``<root>/cifar-10-batches-py/``; CIFAR-100: ``<root>/cifar-100-python/``;
 * SVHN: ``<root>/train_32x32.mat`` and ``<root>/test_32x32.mat``.
 
-Present files are taken as they are: the MD5 of the official release is only checked by torchvision
-when it downloads, so re-packed or generated files in the same format load too (a damaged file still
-fails when it is parsed). Missing files with ``download=False`` raise
-:class:`datamodules.errors.DatasetNotFoundError` before anything is read, never touching the network.
+Data files are untrusted input, like checkpoints. CIFAR's python pickles are never given to
+``pickle.load``: :func:`read_pickled_batch` unpickles with :class:`DataUnpickler`, which admits only
+the builtins and numpy array types those files hold, so a crafted batch cannot run code; each file's
+MD5 is compared with the official release's, and a file that differs (re-packed or generated data in
+the same format) is still read, only ever through the restricted unpickler, and checked for the
+release's structure. A damaged, truncated or foreign file fails with one line naming it
+(:class:`datamodules.errors.DatasetCorruptError`); so does a truncated MNIST ``.gz``. Missing files with
+``download=False`` raise :class:`datamodules.errors.DatasetNotFoundError` before anything is read,
+never touching the network; a download that fails (no network) says so in one line.
 """
 
 from __future__ import annotations
@@ -24,19 +29,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
+import io
 import os
 import pickle
 import shutil
 import tempfile
+import urllib.error
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torchvision.datasets as tvd
 from torch import Tensor
 
 from datamodules.base import Augment, TensorImageDataModule
-from datamodules.errors import DatasetNotFoundError
+from datamodules.errors import DatasetCorruptError, DatasetNotFoundError
 from datamodules.longtail import long_tail_counts, long_tail_indices
 
 __all__ = [
@@ -48,6 +59,8 @@ __all__ = [
     "SVHNDataModule",
     "CIFAR10LTDataModule",
     "CIFAR100LTDataModule",
+    "DataUnpickler",
+    "read_pickled_batch",
 ]
 
 
@@ -66,18 +79,123 @@ def dataset_not_found(
     return DatasetNotFoundError(" ".join(msg.split("\n")))
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @contextlib.contextmanager
 def _not_found_as_ours(dataset: str, folder: Path, expected: Sequence[str]) -> Iterator[None]:
-    """torchvision's ``RuntimeError("Dataset not found ...")`` -> :class:`DatasetNotFoundError`."""
+    """torchvision's ``RuntimeError("Dataset not found ...")`` -> :class:`DatasetNotFoundError`; a
+    failed download (no network, a refused mirror) -> one line that says what to copy where."""
     try:
         yield
     except DatasetNotFoundError:
         raise
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        raise DatasetNotFoundError(
+            f"{dataset}: download failed ({_first_line(e)}); copy {', '.join(expected)} into {folder} "
+            "from a machine with a network and rerun without --data.download"
+        ) from None
     except RuntimeError as e:
         text = str(e)
+        if text.startswith("Error downloading"):  # torchvision's MNIST mirrors all failed
+            raise DatasetNotFoundError(
+                f"{dataset}: download failed ({_first_line(e)}; no network?); copy {', '.join(expected)} into "
+                f"{folder} from a machine with a network and rerun without --data.download"
+            ) from None
         if not (text.startswith("Dataset") and "not found" in text):
             raise
         raise dataset_not_found(dataset, folder, expected) from None
+
+
+# --- untrusted pickles ----------------------------------------------------------------------------
+#: the only globals a data pickle may name: numpy's array and scalar reconstruction (numpy 1 and 2
+#: module names) and ``_codecs.encode``, which protocol-2 pickles written by Python 3 use for bytes
+_PICKLE_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("_codecs", "encode"): __import__("codecs").encode,
+}
+
+
+class DataUnpickler(pickle.Unpickler):
+    """An unpickler for data files: builtin containers and numbers, strings, bytes and numpy arrays.
+
+    Any other global (``os.system``, ``builtins.eval``, a class to instantiate ...) raises
+    ``pickle.UnpicklingError`` before it is looked up, so nothing in the file is ever called but
+    numpy's array reconstruction.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _PICKLE_ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a data file") from None
+
+
+def file_md5(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_pickled_batch(path: str | os.PathLike, dataset: str, official_md5: str | None = None) -> dict[str, Any]:
+    """Unpickle one data file with :class:`DataUnpickler` (latin-1 strings, as the Python 2 release).
+
+    Returns the file's dict with ``str`` keys. With ``official_md5`` the file's MD5 is compared first:
+    a match is the official release; anything else is read all the same, only through the restricted
+    unpickler. Raises :class:`DatasetCorruptError` (one line naming the file) when the file holds
+    anything but plain data, is truncated, or is not a dict.
+    """
+    path = Path(path)
+    where = f"{dataset} file {path}"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetCorruptError(f"cannot read {where}: {e.strerror or e}") from None
+    official = official_md5 is not None and hashlib.md5(data, usedforsecurity=False).hexdigest() == official_md5
+    try:
+        obj = DataUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        if "is not allowed" not in str(e):  # a truncated or damaged pickle
+            raise DatasetCorruptError(
+                f"cannot read {where}: it is truncated or damaged ({_first_line(e)}); replace it with the official release file"
+            ) from None
+        raise DatasetCorruptError(
+            f"refused {where}: {_first_line(e)} (a data pickle may hold only lists, dicts, strings, numbers "
+            "and numpy arrays); replace it with the official release file"
+        ) from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError) as e:
+        state = "differs from the official release and " if official_md5 and not official else ""
+        raise DatasetCorruptError(
+            f"cannot read {where}: it {state}is truncated or not a {dataset} batch ({_first_line(e)}); "
+            "replace it with the official release file"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DatasetCorruptError(f"{where} holds a {type(obj).__name__}, expected the release's dict; replace it")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_images_labels(batch: dict[str, Any], label_key: str, path: Path, dataset: str) -> tuple[np.ndarray, list[int]]:
+    """``data`` (N, 3072) uint8 and ``labels``/``fine_labels`` (N ints) of one CIFAR batch, checked."""
+    x, y = batch.get("data"), batch.get(label_key)
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        found = f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}".strip()
+        raise DatasetCorruptError(
+            f"{dataset} file {path} has no uint8 'data' of shape (N, 3072) (found {found}); replace it with the official release file"
+        )
+    if not isinstance(y, (list, np.ndarray)) or len(y) != x.shape[0]:
+        raise DatasetCorruptError(
+            f"{dataset} file {path}: '{label_key}' must list one label per image ({x.shape[0]}); replace it with the official release file"
+        )
+    return x, [int(v) for v in y]
 
 
 # --- MNIST family ---------------------------------------------------------------------------------
@@ -94,7 +212,12 @@ def _gunzip(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=1 << 20)
+            try:
+                shutil.copyfileobj(fin, fout, length=1 << 20)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                raise DatasetCorruptError(
+                    f"cannot decompress {src}: it is truncated or not gzip ({_first_line(e)}); replace it with the official file"
+                ) from None
         os.replace(tmp, dst)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -156,7 +279,13 @@ class _MNISTFamilyDataModule(TensorImageDataModule):
             self._extract(self.raw_folder, root / self.torchvision_class.__name__ / "raw")
         try:
             with _not_found_as_ours(self.dataset_name, self.raw_folder, self._expected()):
-                ds = self.torchvision_class(str(root), train=train, download=self.download)
+                try:
+                    ds = self.torchvision_class(str(root), train=train, download=self.download)
+                except (ValueError, EOFError, IndexError) as e:  # a truncated or foreign IDX file
+                    raise DatasetCorruptError(
+                        f"cannot read {self.dataset_name} files in {self.raw_folder}: a file is truncated or not IDX "
+                        f"({_first_line(e)}); replace them with the official files"
+                    ) from None
             x = ds.data.unsqueeze(1).contiguous()  # (N, 28, 28) uint8 -> (N, 1, 28, 28)
             y = torch.as_tensor(ds.targets, dtype=torch.long).clone()
         finally:
@@ -228,24 +357,15 @@ class KMNISTDataModule(_MNISTFamilyDataModule):
 
 # --- CIFAR ----------------------------------------------------------------------------------------
 class _CIFAR10Files(tvd.CIFAR10):
-    """torchvision's CIFAR-10 reader, with "integrity" meaning "the files are there".
+    """CIFAR-10's file list, official MD5s and archive URL (torchvision's); never instantiated: the
+    batches are read by :func:`read_pickled_batch`, not by torchvision's ``pickle.load``."""
 
-    torchvision compares every batch with the MD5 of the official archive; a present file is taken
-    as it is here (a damaged pickle still fails to load), and ``download`` is skipped when all are there.
-    """
+    label_key = "labels"
 
-    def _check_integrity(self) -> bool:
-        folder = os.path.join(self.root, self.base_folder)
-        names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-        return all(os.path.isfile(os.path.join(folder, f)) for f in names)
-
-    def _load_meta(self) -> None:
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        if not os.path.isfile(path):
-            raise RuntimeError("Dataset metadata file not found. You can use download=True to download it")
-        with open(path, "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+    @classmethod
+    def fetch(cls, root: str) -> None:
+        """Download and extract the official archive (its MD5 checked by torchvision)."""
+        tvd.utils.download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
 
 
 class _CIFAR100Files(_CIFAR10Files):
@@ -256,6 +376,7 @@ class _CIFAR100Files(_CIFAR10Files):
     train_list = tvd.CIFAR100.train_list
     test_list = tvd.CIFAR100.test_list
     meta = tvd.CIFAR100.meta
+    label_key = "fine_labels"
 
 
 class CIFAR10DataModule(TensorImageDataModule):
@@ -288,10 +409,23 @@ class CIFAR10DataModule(TensorImageDataModule):
             missing = [f for f in expected if not (self.folder / f).is_file()]
             if missing:
                 raise dataset_not_found(self.dataset_name, self.folder, expected, missing)
-        with _not_found_as_ours(self.dataset_name, self.folder, expected):
-            ds = self.torchvision_class(str(self.data_dir), train=train, download=self.download)
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC view -> NCHW
-        y = torch.as_tensor(ds.targets, dtype=torch.long)
+        tv = self.torchvision_class
+        if self.download and any(not (self.folder / f).is_file() for f in expected):
+            with _not_found_as_ours(self.dataset_name, self.folder, expected):
+                tv.fetch(str(self.data_dir))
+        xs, ys = [], []
+        for name, md5 in tv.train_list if train else tv.test_list:
+            path = self.folder / name
+            x, y = _cifar_images_labels(read_pickled_batch(path, self.dataset_name, md5), tv.label_key, path, self.dataset_name)
+            xs.append(x)
+            ys += y
+        read_pickled_batch(self.folder / tv.meta["filename"], self.dataset_name, tv.meta["md5"])  # refused if crafted
+        x = torch.from_numpy(np.concatenate(xs)).reshape(-1, 3, 32, 32)  # rows are channel-major: (N, 3, 32, 32)
+        y = torch.as_tensor(ys, dtype=torch.long)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise DatasetCorruptError(
+                f"{self.dataset_name} labels in {self.folder} run {int(y.min())}..{int(y.max())}, expected 0..{self.num_classes - 1}"
+            )
         return x, y
 
 

@@ -4,21 +4,38 @@
   model and data in subclass mode, one deterministic run folder per config, ``metrics.json`` in it.
 - ``cvlab run PIPELINE.yaml``: run an experiment's stages in order (see :mod:`experiments.pipeline`).
 - ``cvlab bench NAME ...``: print a benchmark (see :mod:`experiments.benchmarks`).
+
+Errors: :func:`main` is the one place where a user's mistake becomes one ``cvlab: error: ...`` line
+and exit code 1: every :class:`~cvlab.errors.CvlabError`, wherever it is raised (also inside
+LightningCLI's instantiation of classes, where jsonargparse wraps it in "Does not validate against
+any of the Union subtypes"), and the foreseeable OS errors (a read-only or full disk, no network).
+:meth:`CvlabCLI.before_instantiate_classes` checks what can be checked before any work (batch sizes,
+devices, the run folder, ``--ckpt_path``). Anything else is a bug and keeps its traceback;
+``--traceback`` (or ``CVLAB_TRACEBACK=1``) shows the traceback of user errors too.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
+import shutil
 import sys
+import urllib.error
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from callbacks.atomic_io import KeepPreviousCheckpointIO, readable_checkpoint
 from callbacks.metrics_json import MetricsJsonWriter
-from callbacks.safety import RngStateCheckpoint, StopOnNonFiniteLoss
+from callbacks.safety import RngStateCheckpoint, StopOnDivergence, StopOnNonFiniteLoss
 from cvlab.errors import CvlabError
 from experiments.host_malloc import keep_freed_host_memory
 from experiments.run_folder import config_hash, make_logger
@@ -26,6 +43,47 @@ from experiments.run_folder import config_hash, make_logger
 
 def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+class RunFolderError(CvlabError):
+    """The run folder cannot be used as asked (finished already, or not writable)."""
+
+
+class ConfigValueError(CvlabError):
+    """A config value that parses but cannot work (batch size 0, more devices than exist)."""
+
+
+def _writable(folder: Path) -> bool:
+    """Whether we may create files in ``folder``; no write bits counts as read-only even for root."""
+    return os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _walk(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested config dict."""
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), cfg
+
+
+def _is_finished_fit(run_dir: Path) -> bool:
+    """A run folder whose ``fit`` completed: ``metrics.json`` has ``fit/steps`` (written at the end of fit)."""
+    try:
+        return "fit/steps" in json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _looks_like_run_folder(run_dir: Path) -> bool:
+    return any((run_dir / n).exists() for n in ("config.yaml", "metrics.json", "checkpoints"))
 
 
 class RunFolderConfig(SaveConfigCallback):
@@ -56,6 +114,15 @@ class CvlabCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"devices": 1})
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit ``--ckpt_path`` (readable, a Lightning checkpoint; a damaged ``last.ckpt``
+        falls back to ``last.ckpt.previous``) before LightningCLI reads its hyper-parameters."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
+            self.config[sub].ckpt_path = str(readable_checkpoint(ckpt))
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run.root", type=str, default=os.environ.get("CVLAB_RUNS", "runs"),
                             help="parent of run folders (env CVLAB_RUNS)")
@@ -69,6 +136,12 @@ class CvlabCLI(LightningCLI):
         parser.add_argument("--run.wandb_project", type=str, default="cvlab")
         parser.add_argument("--run.test_after_fit", type=bool, default=True,
                             help="after fit, evaluate the final weights on the test set (test/* metrics)")
+        parser.add_argument("--run.overwrite", type=bool, default=False,
+                            help="fit: delete a finished run folder's contents and train afresh in it")
+        parser.add_argument("--run.divergence_factor", type=float, default=100.0,
+                            help="stop when the loss stays above this multiple of its first-step value (0: off)")
+        parser.add_argument("--run.divergence_window", type=int, default=20,
+                            help="... for this many consecutive training steps")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -83,13 +156,94 @@ class CvlabCLI(LightningCLI):
         if run.dir is None:
             run.dir = str(Path(run.root) / f"{run.name}-{config_hash(cfg.as_dict())}")
         cfg.trainer.default_root_dir = run.dir
+        self._check_values(cfg.as_dict())
+        self._check_run_folder(cfg)
+
+    def _check_values(self, cfg: dict[str, Any]) -> None:
+        """Values that parse but cannot work, refused before any work."""
+        for key, value in _walk(cfg):
+            leaf = key.rsplit(".", 1)[-1]
+            if leaf.endswith("batch_size") and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise ConfigValueError(f"--{key} must be a positive number of examples, got {value}")
+        trainer = cfg.get("trainer") or {}
+        devices, accel = trainer.get("devices"), str(trainer.get("accelerator") or "auto")
+        n = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else None
+        if n is not None and n > 1 and accel in ("auto", "gpu", "cuda"):
+            import torch
+
+            found = torch.cuda.device_count()
+            if found < n:
+                raise ConfigValueError(
+                    f"--trainer.devices {n} asks for {n} GPUs but {found} {'is' if found == 1 else 'are'} visible; "
+                    f"use --trainer.devices {max(found, 1)}, or for {n} CPU processes say --trainer.accelerator cpu "
+                    "--trainer.strategy ddp"
+                )
+
+    def _check_run_folder(self, cfg: Any) -> None:
+        """A writable run folder; a finished ``fit`` is not retrained unless asked; ``--ckpt_path`` usable."""
+        run, run_dir = cfg.run, Path(cfg.run.dir)
+        self._new_run_dir = None if run_dir.exists() else run_dir
+        target = _nearest_existing(run_dir)
+        if not target.is_dir():
+            raise RunFolderError(f"run folder {run_dir} cannot be created: {target} is a file; choose another --run.root or --run.dir")
+        if not _writable(target):
+            what = "run folder" if target == run_dir.absolute() else f"run folder {run_dir} cannot be created: folder"
+            raise RunFolderError(f"{what} {target} is read-only; choose a writable --run.root or --run.dir")
+        ckpt = cfg.get("ckpt_path")
+        if self.subcommand == "fit" and ckpt is None and _is_finished_fit(run_dir):
+            if not run.overwrite:
+                raise RunFolderError(
+                    f"run folder {run_dir} holds a finished fit; nothing was changed. Continue it with --ckpt_path last "
+                    "(and a larger --trainer.max_epochs), start afresh with a new --run.name NAME, "
+                    "or retrain in place with --run.overwrite true"
+                )
+        if self.subcommand == "fit" and run.overwrite and run_dir.is_dir() and _looks_like_run_folder(run_dir) and _is_rank_zero():
+            shutil.rmtree(run_dir)
+        if ckpt == "last":
+            last = run_dir / "checkpoints" / "last.ckpt"
+            if last.is_file() or last.with_name(last.name + ".previous").is_file():
+                cfg.ckpt_path = str(readable_checkpoint(last))
+            elif self.subcommand != "fit":
+                raise RunFolderError(f"--ckpt_path last: no {last}; pass the path of a checkpoint")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException as e:
+            self._drop_new_run_folder(e)
+            raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as e:
+            self._drop_new_run_folder(e)
+            raise
+
+    def _drop_new_run_folder(self, e: BaseException) -> None:
+        """After a user error, remove the run folder this command created if no checkpoint reached it
+        (it holds only logs of a run that never started), so a failed try leaves nothing behind."""
+        new = getattr(self, "_new_run_dir", None)
+        if new is None or not new.is_dir() or not _is_rank_zero() or user_error_line(e) is None:
+            return
+        if not any((new / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(new, ignore_errors=True)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         run = (self.config[self.subcommand] if self.subcommand else self.config).run
         if config.get("logger") is None:
             config["logger"] = make_logger(run.logger, run.dir, run.name, run.wandb_project)
         given = config.get("callbacks") or []
-        callbacks = list(callbacks) + [MetricsJsonWriter(run.dir), StopOnNonFiniteLoss(), RngStateCheckpoint()]
+        callbacks = list(callbacks) + [
+            MetricsJsonWriter(run.dir),
+            StopOnNonFiniteLoss(),
+            StopOnDivergence(run.divergence_factor, run.divergence_window),
+            RngStateCheckpoint(),
+        ]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = plugins + [KeepPreviousCheckpointIO()]
         if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
             callbacks.append(ModelCheckpoint(dirpath=str(Path(run.dir) / "checkpoints"), save_last=True, save_top_k=1))
         if _is_rank_zero():
@@ -114,24 +268,106 @@ class CvlabCLI(LightningCLI):
 
     def _report(self) -> None:
         if self.trainer.is_global_zero:
-            print(f"cvlab: done; metrics in {Path(self.trainer.default_root_dir) / 'metrics.json'}", flush=True)
+            root = Path(self.trainer.default_root_dir)
+            line = f"cvlab: done; metrics in {root / 'metrics.json'}"
+            offline = sorted((root / "wandb").glob("offline-run-*"))
+            if offline:
+                line += f"; wandb (offline): wandb sync {offline[-1]}"
+            print(line, flush=True)
+
+
+HELP = """usage: cvlab {fit,validate,test,predict,run,bench} ...
+
+cvlab: papers about what a trained network knows and leaks, reimplemented as LightningModules.
+
+commands:
+  fit        train: cvlab fit --config experiments/quickstart.yaml [--section.key value ...]
+  validate   evaluate on the validation set: ... --config X.yaml --ckpt_path CKPT
+  test       evaluate on the test set: ... --config X.yaml --ckpt_path CKPT
+  predict    run a method's predict loop (synthesis, attacks): ... --config X.yaml
+  run        run a multi-stage experiment: cvlab run experiments/quickstart/pipeline.yaml
+  bench      print a benchmark: cvlab bench list
+
+`cvlab COMMAND --help` lists a command's options. Errors are one `cvlab: error: ...` line;
+--traceback (or CVLAB_TRACEBACK=1) adds the full traceback.
+"""
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception it was raised from or during, breadth first, each once."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [c for c in (x.__cause__, x.__context__) if c is not None]
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, without terminal colour codes."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(text)).split())
+
+
+def user_error_line(e: BaseException) -> str | None:
+    """The one line to print for a user's mistake, or None for a bug (which keeps its traceback)."""
+    chain = list(_chain(e))
+    for x in chain:
+        if isinstance(x, CvlabError):
+            return _one_line(str(x))
+    for x in chain:
+        if isinstance(x, OSError) and x.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return _one_line(
+                f"cannot write {x.filename or 'a file'}: {x.strerror}; choose a writable --run.root or --run.dir "
+                "(or fix the folder's permissions)"
+            )
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _one_line(f"no space left writing {x.filename or 'a file'}: {x.strerror}; free space or choose another --run.root")
+        if isinstance(x, RuntimeError) and ("channels, but got" in str(x) or "shapes cannot be multiplied" in str(x)):
+            return _one_line(
+                f"a network does not accept the data's images ({str(x).splitlines()[0]}); check that the model's or "
+                "teacher's in_channels, image_size and num_classes match the data's"
+            )
+        if isinstance(x, urllib.error.URLError):
+            return _one_line(f"network unreachable ({x.reason}); run where there is a network, or use files already on disk")
+    return None
+
+
+def _quiet_third_parties() -> None:
+    """Silence what is noise for a cvlab user: LightningCLI's args-and-argv warning (cvlab passes
+    ``args`` on purpose) and wandb's console chatter (cvlab prints the run folder and the sync command)."""
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_trace = os.environ.get("CVLAB_TRACEBACK", "") not in ("", "0") or "--traceback" in argv
+    argv = [a for a in argv if a != "--traceback"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        sys.exit(0 if argv else 2)
+    _quiet_third_parties()
     try:
         keep_freed_host_memory()
-        if argv and argv[0] == "run":
+        if argv[0] == "run":
             from experiments.pipeline import main as run_pipeline
 
             sys.exit(run_pipeline(argv[1:]))
-        if argv and argv[0] == "bench":
+        if argv[0] == "bench":
             from experiments.benchmarks import main as run_bench
 
             sys.exit(run_bench(argv[1:]))
         CvlabCLI(args=argv)
-    except CvlabError as e:
-        print(f"cvlab: error: {e}", file=sys.stderr, flush=True)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        line = user_error_line(e)
+        if line is None or show_trace:
+            raise
+        print(f"cvlab: error: {line}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -152,6 +153,31 @@ def _overrides_for(stage: str, sets: list[str]) -> list[str]:
     return out
 
 
+def validate_pipeline(stages: list[Stage], sets: list[str], only: list[str] | None = None) -> None:
+    """Check, before any stage runs, every ``--set`` override (its form and its stage), every ``--only``
+    name, and every ``${stage}`` reference in a stage's args or overrides (it must name an earlier stage)."""
+    names = [s.name for s in stages]
+    for name in only or []:
+        if name not in names:
+            raise CvlabError(f"--only {name!r}: no such stage (stages: {sorted(names)})")
+    for s in sets:
+        if "=" not in s or "." not in s.split("=", 1)[0]:
+            raise CvlabError(f"--set expects STAGE.key=value or *.key=value, got {s!r}")
+        if s.split(".", 1)[0] not in [*names, "*"]:
+            raise CvlabError(f"--set {s!r}: no stage named {s.split('.', 1)[0]!r} (stages: {sorted(names)})")
+    earlier: list[str] = []
+    for stage in stages:
+        for arg in stage.args + _overrides_for(stage.name, sets):
+            for ref in _REF.findall(arg):
+                if ref not in earlier:
+                    what = "it is a later stage" if ref in names else "there is no such stage"
+                    raise CvlabError(
+                        f"stage {stage.name!r} refers to ${{{ref}}} in {arg!r}, which is not an earlier stage ({what}); "
+                        f"earlier stages: {earlier or 'none'}; nothing was run"
+                    )
+        earlier.append(stage.name)
+
+
 def run_pipeline(
     path: str | Path,
     root: str | Path = "runs",
@@ -163,13 +189,7 @@ def run_pipeline(
     """Run the stages (``only``: just these, the others must be done if referenced); return ``{stage: metrics}``."""
     spec, stages = load_pipeline(path)
     sets = sets or []
-    known = {s.name for s in stages} | {"*"}
-    for name in only or []:
-        if name not in known - {"*"}:
-            raise CvlabError(f"--only {name!r}: no such stage (stages: {sorted(known - {'*'})})")
-    for s in sets:
-        if s.split(".", 1)[0] not in known:
-            raise CvlabError(f"--set {s!r}: no stage named {s.split('.', 1)[0]!r} (stages: {sorted(known - {'*'})})")
+    validate_pipeline(stages, sets, only)
     base = Path(root) / spec["name"]
     dirs: dict[str, Path] = {}
     metrics: dict[str, dict[str, float]] = {}
@@ -203,7 +223,7 @@ def run_pipeline(
             if stage.command == "fit" and last.is_file():
                 print(f"[{stage.name}] resuming a killed run from {last}", flush=True)
                 cmd.append(f"--ckpt_path={last}")
-            print(f"[{stage.name}] {' '.join(cmd)}", flush=True)
+            print(f"[{stage.name}] {shlex.join(cmd)}", flush=True)
             if dry_run:
                 continue
             t0 = time.perf_counter()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
+from datamodules import MNISTDataModule
 from experiments.examples.outside_nets import TanhLeNet5
 
 
@@ -28,10 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    train = torchvision.datasets.MNIST(a.data, train=True, download=False)
-    test = torchvision.datasets.MNIST(a.data, train=False, download=False)
-    prep = lambda d: ((d.data.float().div(255).unsqueeze(1) - 0.5) / 0.5, d.targets)  # noqa: E731  [-1, 1]
-    (x, y), (xt, yt) = prep(train), prep(test)
+    mnist = MNISTDataModule(data_dir=a.data)  # only its reader: uint8 (N, 1, 28, 28) and labels
+    prep = lambda xy: ((xy[0].float().div(255) - 0.5) / 0.5, xy[1])  # noqa: E731  pixels to [-1, 1]
+    (x, y), (xt, yt) = prep(mnist.load_split(train=True)), prep(mnist.load_split(train=False))
     net = TanhLeNet5()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     t0 = time.perf_counter()
