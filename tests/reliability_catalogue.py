@@ -144,7 +144,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("teacher file truncated", [*STUDENT, "--model.init_args.teacher={truncated}", "--run.dir={w}/runs/t2"]),
     ("teacher file foreign (a text file)", [*STUDENT, "--model.init_args.teacher={foreign}", "--run.dir={w}/runs/t3"]),
     ("teacher file malicious (its pickle would create a file)", [*STUDENT, "--model.init_args.teacher={evil_ckpt}", "--run.dir={w}/runs/t4"]),
-    ("teacher state_dict with the wrong architecture", [*STUDENT, "--model.init_args.teacher={state_dict}", "--model.init_args.teacher_arch=resnet18", "--run.dir={w}/runs/t5"]),
+    ("teacher state_dict with the wrong architecture", [*STUDENT, "--model.init_args.teacher={weights: {state_dict}, arch: resnet18, in_channels: 1}", "--run.dir={w}/runs/t5"]),
     ("teacher state_dict without an architecture", [*STUDENT, "--model.init_args.teacher={state_dict}", "--run.dir={w}/runs/t6"]),
     ("teacher with other classes than the student", [*STUDENT, "--model.init_args.teacher={teacher3}", "--model.init_args.num_classes=5", "--run.dir={w}/runs/t7"]),
     ("teacher whose channels do not fit the data (synthesis)", [*SYNTH, "--model.init_args.teacher={teacher1}", "--run.dir={w}/runs/t8"]),

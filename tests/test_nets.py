@@ -183,3 +183,27 @@ def test_convnet_rejects_unknown_options() -> None:
 def test_dropout_kwarg(name: str) -> None:
     net = create_net(name, num_classes=10, in_channels=3, image_size=32, dropout=0.3)
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_any_network_by_class_path() -> None:
+    from cvlab.errors import CvlabError
+    from lit_modules.nets import classifier_layer, create_generator, features_and_logits
+
+    # a torchvision network: its own arguments in init_args; the shape arguments it does not name are not passed
+    net = create_net({"class_path": "torchvision.models.resnet18", "init_args": {"num_classes": 7}}, num_classes=7)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 7) and classifier_layer(net) is net.fc
+    feats, logits = features_and_logits(net, torch.rand(2, 3, 32, 32))
+    assert feats.shape == (2, 512) and torch.allclose(net.fc(feats), logits)
+    # an outside class that names num_classes gets it from the task
+    lenet = create_net({"class_path": "experiments.examples.outside_nets.BNLeNet5"}, num_classes=4, in_channels=1)
+    assert lenet(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+    # generators likewise
+    g = create_generator({"class_path": "lit_modules.nets.generator.DAFLGenerator", "init_args": {"widths": [8, 4]}},
+                         latent_dim=8, out_channels=1, image_size=28)
+    assert g(torch.randn(3, 8)).shape == (3, 1, 28, 28)
+    with pytest.raises(CvlabError, match="cannot import 'nope'"):
+        create_net({"class_path": "nope.Net"})
+    with pytest.raises(CvlabError, match="built a int, not a torch nn.Module"):
+        create_net({"class_path": "builtins.int"})
+    with pytest.raises(CvlabError, match="a network is a registered name or"):
+        create_net({"klass": "x"})

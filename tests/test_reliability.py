@@ -104,23 +104,22 @@ def test_teacher_failures_are_one_line_through_the_cli(ws) -> None:
     w = ws["w"]
     assert fails([*STUDENT, "--model.init_args.teacher={w}/missing.ckpt", "--run.dir={w}/runs/r"], ws) == (
         f"{ERR}teacher checkpoint not found: {w / 'missing.ckpt'} (train one with `cvlab fit --config experiments/teachers/...`, "
-        "or pass the path of an existing .ckpt / state_dict file)")
+        "or pass the path of an existing .ckpt / state_dict / TorchScript file)")
     for bad in ("truncated", "foreign", "evil_ckpt"):
         line = fails([*STUDENT, f"--model.init_args.teacher={{{bad}}}", "--run.dir={w}/runs/r"], ws)
         assert line.startswith(f"{ERR}cannot read checkpoint {ws[bad]} (") and line.endswith("re-create it or re-download it")
         assert "\x1b" not in line and "Union subtypes" not in line
     assert not ws["marker"].exists()
-    assert fails([*STUDENT, "--model.init_args.teacher={state_dict}", "--model.init_args.teacher_arch=resnet18",
-                  "--run.dir={w}/runs/r"], ws) == (
-        f"{ERR}weights in {ws['state_dict']} do not fit architecture 'resnet18': size mismatch for fc.weight: copying a param "
-        "with shape torch.Size([10, 84]) from checkpoint, the shape in current model is torch.Size([10, 512]).")
+    line = fails([*STUDENT, "--model.init_args.teacher={weights: {state_dict}, arch: resnet18, in_channels: 1}",
+                  "--run.dir={w}/runs/r"], ws)
+    assert line.startswith(f"{ERR}weights in {ws['state_dict']} do not fit resnet18: missing ")
+    assert "shape mismatches fc.weight (10, 84) vs (10, 512)" in line and "closest zoo architecture is 'lenet5'" in line
 
 
 def test_teacher_channels_that_do_not_fit_the_data_in_synthesis(ws) -> None:
     assert fails([*SYNTH, "--model.init_args.teacher={teacher1}", "--run.dir={w}/runs/r"], ws) == (
-        f"{ERR}a network does not accept the data's images (Given groups=1, weight of size [6, 1, 5, 5], expected "
-        "input[10, 3, 32, 32] to have 1 channels, but got 3 channels instead); check that the model's or teacher's "
-        "in_channels, image_size and num_classes match the data's")
+        f"{ERR}teacher {ws['teacher1']} takes 1-channel images but the task ShapesDataModule has 3 channels; "
+        "use the teacher trained on that task")
 
 
 # --- config values, devices, run folders ----------------------------------------------------------

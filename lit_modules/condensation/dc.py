@@ -38,7 +38,7 @@ from cvlab.errors import CvlabError
 from lit_modules.condensation.dc_eval import EvalRecipe, herding_subset, random_subset, train_and_test
 from lit_modules.condensation.gradient_matching import ClassMode, Metric, RealGradients, check_matchable, match_loss
 from lit_modules.condensation.gradient_matching import resolve_class_mode
-from lit_modules.nets import create_net
+from lit_modules.nets import NetSpec, create_net, net_name
 
 #: the paper's (outer_loop, inner_loop) per images-per-class (DC code's get_loops)
 PAPER_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -91,7 +91,9 @@ class DatasetCondensation(L.LightningModule):
     Args:
         ipc: images per class.
         num_classes, in_channels, image_size: the task (checked against the datamodule).
-        arch, arch_kwargs: the matching network, a name from :func:`lit_modules.nets.available_nets`.
+        arch, arch_kwargs: the matching network, a name from :func:`lit_modules.nets.available_nets` or any
+            ``nn.Module`` as ``{class_path, init_args}`` (it must work with ``torch.func``: no in-place
+            buffer updates outside BatchNorm).
         init: ``real`` (random real images) or ``noise`` (standard normal in normalised space).
         outer_loop, inner_loop: default: the paper's per ipc (1: (1, 1), 10: (10, 50), 50: (50, 10)).
         lr_img, momentum_img: SGD on the images. lr_net, momentum_net, batch_train: SGD on the network.
@@ -131,7 +133,7 @@ class DatasetCondensation(L.LightningModule):
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 28,
-        arch: str = "convnet",
+        arch: NetSpec = "convnet",
         arch_kwargs: dict[str, Any] | None = None,
         init: Literal["real", "noise"] = "real",
         outer_loop: int | None = None,
@@ -152,7 +154,7 @@ class DatasetCondensation(L.LightningModule):
         image_every_n_steps: int = 100,
         save_every_n_steps: int = 100,
         eval_num_nets: int = 10,
-        eval_archs: list[str] | None = None,
+        eval_archs: list[NetSpec] | None = None,
         eval_epochs: int = 300,
         eval_augment: str = "none",
         eval_lr: float = 0.01,
@@ -435,8 +437,9 @@ class DatasetCondensation(L.LightningModule):
                 if show:
                     print(f"cvlab dc eval: {name} {arch}: {mean.item():.2f} +- {std.item():.2f} % "
                           f"({acc.numel()} nets, {x.shape[0]} training images)", flush=True)
-                self.log(f"eval/{name}_{arch}_acc_mean", mean)
-                self.log(f"eval/{name}_{arch}_acc_std", std)
+                label = net_name(arch).rsplit(".", 1)[-1]
+                self.log(f"eval/{name}_{label}_acc_mean", mean)
+                self.log(f"eval/{name}_{label}_acc_std", std)
                 if name == "dc" and arch == self.eval_archs[0]:
                     self.log("eval/acc_mean", mean)
                     self.log("eval/acc_std", std)

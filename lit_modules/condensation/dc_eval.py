@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from datamodules.augment import dc_augment
 from cvlab.errors import CvlabError
-from lit_modules.nets import create_net
+from lit_modules.nets import NetSpec, create_net
 
 
 @dataclass
@@ -66,7 +66,7 @@ def train_and_test(
     y: Tensor,
     test_x: Tensor,
     test_y: Tensor,
-    arch: str,
+    arch: NetSpec,
     num_classes: int,
     arch_kwargs: dict[str, Any] | None = None,
     num_nets: int = 10,

@@ -202,7 +202,7 @@ class AdversarialKD(L.LightningModule):
         meta: MetaMode = "second_order",
         batch_size: int = 512,
         student_steps: int = 10,
-        generator: str = "dafl",
+        generator: NetSpec = "dafl",
         latent_dim: int = 1000,
         generator_kwargs: dict[str, Any] | None = None,
         lr: float = 0.1,

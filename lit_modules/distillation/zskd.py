@@ -143,6 +143,10 @@ class DataImpressionSynthesizer(L.LightningModule):
         if dm.num_classes != k:
             raise CvlabError(f"teacher {hp.teacher} has {k} classes but the task {type(dm.task).__name__} has "
                              f"{dm.num_classes}; use the teacher trained on that task")
+        c = self.teacher.spec.in_channels
+        if c is not None and c != dm.task.in_channels:
+            raise CvlabError(f"teacher {self.teacher.spec.weights} takes {c}-channel images but the task "
+                             f"{type(dm.task).__name__} has {dm.task.in_channels} channels; use the teacher trained on that task")
         targets, classes, betas = dirichlet_targets(self.similarity, dm.num_impressions, hp.betas, hp.beta_split,
                                                     hp.renormalize, hp.seed)
         self.register_buffer("targets", targets, persistent=False)  # (N, K), moved to the device with the module

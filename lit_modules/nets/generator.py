@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvlab.errors import CvlabError
-from lit_modules.nets.registry import Registry
+from lit_modules.nets.registry import NetSpec, Registry, create_from
 
 GENERATORS = Registry("generator")
 register_generator = GENERATORS.register
@@ -41,10 +41,14 @@ def available_generators() -> list[str]:
 
 
 def create_generator(
-    name: str = "dafl", latent_dim: int = 1000, out_channels: int = 3, image_size: int = 32, **kwargs: Any
+    name: NetSpec = "dafl", latent_dim: int = 1000, out_channels: int = 3, image_size: int = 32, **kwargs: Any
 ) -> nn.Module:
-    """Build a registered generator ``z (B, latent_dim) -> images (B, out_channels, image_size, image_size)``."""
-    return GENERATORS.get(name)(latent_dim=latent_dim, out_channels=out_channels, image_size=image_size, **kwargs)
+    """Build a generator ``z (B, latent_dim) -> images (B, out_channels, image_size, image_size)``: a registered
+    name, or any ``nn.Module`` as ``{class_path, init_args}`` (given the shape arguments its constructor names)."""
+    if isinstance(name, str):
+        return GENERATORS.get(name)(latent_dim=latent_dim, out_channels=out_channels, image_size=image_size, **kwargs)
+    spec = {**name, "init_args": {**(name.get("init_args") or {}), **kwargs}} if kwargs else name
+    return create_from(GENERATORS, spec, latent_dim=latent_dim, out_channels=out_channels, image_size=image_size)
 
 
 def _phase_kernels(weight: Tensor) -> list[Tensor]:

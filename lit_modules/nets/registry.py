@@ -80,25 +80,21 @@ def net_name(spec: NetSpec) -> str:
     return spec if isinstance(spec, str) else str(spec.get("class_path"))
 
 
-def create_net(
-    spec: NetSpec, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs: Any
-) -> nn.Module:
-    """Build a zoo network by name, or any ``nn.Module`` by class path (see the module docstring).
-
-    Unknown names fail with the list of known ones; a class path that cannot be imported, or that builds
-    something other than an ``nn.Module``, fails with one line.
-    """
+def create_from(registry: Registry, spec: NetSpec, **shape: Any) -> nn.Module:
+    """Build ``spec`` (a name in ``registry`` or ``{class_path, init_args}``) with the ``shape`` keyword
+    arguments (``num_classes``, ``in_channels``, ``image_size``, ``latent_dim``, ...): a registered builder
+    takes them all; an outside class only those its constructor names and ``init_args`` leaves out."""
     if isinstance(spec, str):
-        return NETS.get(spec)(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+        return registry.get(spec)(**shape)
     if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
-        raise CvlabError(f"a network is a zoo name or {{class_path: ..., init_args: {{...}}}}, got {spec!r}")
+        raise CvlabError(f"a {registry.kind} is a registered name or {{class_path: ..., init_args: {{...}}}}, got {spec!r}")
     cls = import_class(spec["class_path"])
-    init_args = {**(spec.get("init_args") or {}), **kwargs}
+    init_args = dict(spec.get("init_args") or {})
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         params = {}
-    for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+    for key, value in shape.items():
         if key in params and key not in init_args:
             init_args[key] = value
     try:
@@ -108,3 +104,19 @@ def create_net(
     if not isinstance(net, nn.Module):
         raise CvlabError(f"{spec['class_path']} built a {type(net).__name__}, not a torch nn.Module")
     return net
+
+
+def create_net(
+    spec: NetSpec, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs: Any
+) -> nn.Module:
+    """Build a zoo network by name, or any ``nn.Module`` by class path (see the module docstring);
+    ``kwargs`` go to a zoo builder (an outside class takes its arguments from ``init_args``).
+
+    Unknown names fail with the list of known ones; a class path that cannot be imported, or that builds
+    something other than an ``nn.Module``, fails with one line.
+    """
+    if isinstance(spec, str):
+        return NETS.get(spec)(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    if kwargs:
+        spec = {**spec, "init_args": {**(spec.get("init_args") or {}), **kwargs}}
+    return create_from(NETS, spec, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
