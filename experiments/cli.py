@@ -342,6 +342,50 @@ def _quiet_third_parties() -> None:
     os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
 
+class _Parsed(Exception):
+    """Raised by :class:`_ParseOnlyCLI` once the arguments have parsed."""
+
+
+class _ParseOnlyCLI(CvlabCLI):
+    """Parse a command line (config files, keys, types) and stop before anything is built or written."""
+
+    def _parse_ckpt_path(self) -> None:  # a later pipeline stage's checkpoint need not exist yet
+        raise _Parsed
+
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Parse ``cvlab argv`` as the CLI would, instantiating nothing: a wrong key, type or config file
+    raises :class:`CvlabError` with LightningCLI's message (its last line) instead of exiting."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            _ParseOnlyCLI(args=list(argv))
+    except _Parsed:
+        return
+    except SystemExit:
+        text = err.getvalue()
+        body = text.split("error:", 1)[-1] if "error:" in text else text
+        lines = [ln.strip() for ln in body.splitlines() if ln.strip()]
+        # jsonargparse nests the real reason (an unknown option, a bad value) under its Union report
+        start = next((i for i, ln in enumerate(lines) if ln.startswith("- Problem with given class_path")), None)
+        if start is not None:
+            nested = []
+            for ln in lines[start + 1 :]:
+                if ln.startswith(("- ", "Given value")):
+                    break
+                nested.append(ln)
+            msg = f"{lines[0]} {lines[start][2:]} {' '.join(nested)}"
+        else:
+            msg = " ".join(ln for ln in lines if not ln.startswith(("Given value", "Subtypes"))) or "invalid arguments"
+        raise CvlabError(msg) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     show_trace = os.environ.get("CVLAB_TRACEBACK", "") not in ("", "0") or "--traceback" in argv

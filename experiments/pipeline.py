@@ -176,6 +176,23 @@ def validate_pipeline(stages: list[Stage], sets: list[str], only: list[str] | No
                         f"earlier stages: {earlier or 'none'}; nothing was run"
                     )
         earlier.append(stage.name)
+    check_stage_arguments(stages, sets)
+
+
+def check_stage_arguments(stages: list[Stage], sets: list[str]) -> None:
+    """Parse every CLI stage's config files, args and ``--set`` overrides as its ``cvlab`` process will,
+    before any stage runs (``${stage}`` references stand in as paths): a wrong key or value fails here."""
+    from experiments.cli import check_arguments
+
+    for stage in stages:
+        if stage.command == "teacher":
+            continue
+        args = [_REF.sub(lambda m: f"/pipeline-stage/{m.group(1)}", a) for a in stage.args + _overrides_for(stage.name, sets)]
+        argv = [stage.command, *[f"--config={c}" for c in stage.config], *args]
+        try:
+            check_arguments(argv)
+        except CvlabError as e:
+            raise CvlabError(f"stage {stage.name!r}: {e}; nothing was run") from None
 
 
 def run_pipeline(

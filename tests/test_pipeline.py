@@ -90,3 +90,20 @@ def test_pipeline_only_runs_the_named_stages(tmp_path: Path, capsys: pytest.Capt
         run_pipeline(path, root=tmp_path / "runs", dry_run=True, only=["evaluate"])
     with pytest.raises(CvlabError, match="--only 'nope': no such stage"):
         run_pipeline(path, root=tmp_path / "runs", dry_run=True, only=["nope"])
+
+
+def test_a_misspelled_override_fails_before_any_stage_runs(tmp_path: Path) -> None:
+    from cvlab.errors import CvlabError
+    from experiments.pipeline import run_pipeline
+
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(
+        "name: typo\nstages:\n"
+        "  - {name: teacher, command: fit, config: [experiments/quickstart.yaml]}\n"
+        "  - name: student\n    command: fit\n    config: [experiments/zskd/shapes/student_real.yaml]\n"
+        "    args: {model.init_args.teacher: '${teacher}/checkpoints/last.ckpt'}\n")
+    with pytest.raises(CvlabError, match="stage 'student': .*KDStudent.*Option 'temprature' is not accepted; nothing was run"):
+        run_pipeline(pipe, root=tmp_path / "runs", sets=["student.model.init_args.temprature=3"])
+    with pytest.raises(CvlabError, match="stage 'teacher': .*max_epochs.*Expected a <class 'int'>"):
+        run_pipeline(pipe, root=tmp_path / "runs", sets=["*.trainer.max_epochs=many"])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
