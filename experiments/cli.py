@@ -4,6 +4,7 @@
   model and data in subclass mode, one deterministic run folder per config, ``metrics.json`` in it.
 - ``cvlab run PIPELINE.yaml``: run an experiment's stages in order (see :mod:`experiments.pipeline`).
 - ``cvlab bench NAME ...``: print a benchmark (see :mod:`experiments.benchmarks`).
+- ``cvlab sweep FILE [--local | --slurm]``: a hyperparameter sweep (see :mod:`experiments.sweep`).
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
             from experiments.benchmarks import main as run_bench
 
             sys.exit(run_bench(argv[1:]))
+        if argv and argv[0] == "sweep":
+            from experiments.sweep import main as run_sweep
+
+            sys.exit(run_sweep(argv[1:]))
         CvlabCLI(args=argv)
     except CvlabError as e:
         print(f"cvlab: error: {e}", file=sys.stderr, flush=True)

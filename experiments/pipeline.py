@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -208,11 +209,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("pipeline", help="pipeline YAML, e.g. experiments/zskd/mnist/pipeline.yaml")
     p.add_argument("--root", default=os.environ.get("CVLAB_RUNS", "runs"), help="parent of run folders")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.key=value",
-                   help="override a stage's config (use * for every stage), e.g. '*.trainer.max_epochs=1'")
+                   help="override a stage's config (use * for every stage), e.g. '*.trainer.max_epochs=1'; "
+                        "--STAGE.key=value does the same")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--only", nargs="+", default=None, metavar="STAGE",
                    help="run just these stages (the stages they reference must be done)")
     p.add_argument("--results-md", default=None, help="append the final table to this markdown file")
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)
+    bad = [x for x in extra if not (x.startswith("--") and "=" in x and "." in x.split("=", 1)[0])]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    a.set += [x[2:] for x in extra]  # --STAGE.key=value (a sweep's ${args}) is --set STAGE.key=value
+    # SLURM signals every process of a job step: the stage being run saves and requeues on SIGUSR1
+    # (Lightning's SLURM environment); this parent must survive it (a Python handler, unlike SIG_IGN,
+    # is not inherited by the stage, so Lightning still installs its own there)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
     run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md, a.only)
     return 0
