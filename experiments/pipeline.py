@@ -33,6 +33,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ from callbacks.atomic_io import atomic_write_json, read_json
 from cvlab.errors import CvlabError
 
 _COMMANDS = ("fit", "validate", "test", "predict")
+#: set by SIGTERM (a SLURM requeue or preemption): the stage running then stopped early, even when it exits 0
+#: (Lightning ends a fit on SIGTERM with SystemExit), so it must not be marked done
+_TERMINATED = threading.Event()
 _REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
 
 
@@ -177,8 +181,9 @@ def run_pipeline(
                 continue
             t0 = time.perf_counter()
             rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-            if rc != 0:
-                raise CvlabError(f"stage {stage.name!r} failed (exit {rc}); its folder {folder} is kept, rerun to resume")
+            if rc != 0 or _TERMINATED.is_set():
+                why = "was stopped by SIGTERM" if _TERMINATED.is_set() else f"failed (exit {rc})"
+                raise CvlabError(f"stage {stage.name!r} {why}; its folder {folder} is kept, rerun to resume")
             atomic_write_json(marker, {"stage": stage.name, "command": cmd, "wall_s": time.perf_counter() - t0})
         metrics[stage.name] = read_json(folder / "metrics.json", default={})
     table = results_table(spec, metrics, dirs)
@@ -225,5 +230,6 @@ def main(argv: list[str]) -> int:
     # is not inherited by the stage, so Lightning still installs its own there)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+        signal.signal(signal.SIGTERM, lambda signum, frame: _TERMINATED.set())  # the stage gets it too and stops
     run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md, a.only)
     return 0

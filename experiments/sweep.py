@@ -49,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -180,9 +181,10 @@ def trial_args(params: dict[str, Any]) -> list[str]:
     return [f"--{k}={format_value(v)}" for k, v in params.items()]
 
 
-def trial_id(params: dict[str, Any]) -> str:
-    """``trial-<8 hex>``: the same values give the same folder, whatever their order in the file."""
-    blob = json.dumps({k: format_value(v) for k, v in sorted(params.items())}, sort_keys=True)
+def trial_id(params: dict[str, Any], command: Sequence[str] = ()) -> str:
+    """``trial-<8 hex>`` of the values and the sweep's command: the same values give the same folder,
+    whatever their order in the file; a changed command (another budget) gives new folders."""
+    blob = json.dumps([{k: format_value(v) for k, v in sorted(params.items())}, list(command)], sort_keys=True)
     return "trial-" + hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -316,7 +318,8 @@ def resolved_config(argv: list[str]) -> dict[str, Any]:
     out, err = io.StringIO(), io.StringIO()
     code: Any = 0
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*args parameter is intended")  # `cvlab sweep`'s own argv
             CvlabCLI(args=[*argv, "--print_config"])
     except SystemExit as e:
         code = e.code
@@ -446,7 +449,7 @@ def run_local(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, devices:
     results: dict[str, TrialResult] = {}
     todo: list[dict[str, Any]] = []
     for params in trials:
-        tdir = folder / trial_id(params)
+        tdir = folder / trial_id(params, sweep.command)
         m = trial_metric(sweep, tdir)
         if m is not None:
             results[tdir.name] = TrialResult(tdir.name, params, m, "skipped", None, tdir)
@@ -457,7 +460,7 @@ def run_local(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, devices:
     n_done = [len(results)]
 
     def run(params: dict[str, Any], device: str | None) -> None:
-        tdir = folder / trial_id(params)
+        tdir = folder / trial_id(params, sweep.command)
         print(f"[sweep] {tdir.name} {' '.join(trial_args(params))}" + (f" (GPU {device})" if device else ""), flush=True)
         r = _run_one(sweep, params, tdir, device, None)
         with lock:
@@ -486,14 +489,14 @@ def run_local(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, devices:
 
         with ThreadPoolExecutor(len(slots)) as pool:
             list(pool.map(on_slot, todo))
-    return [results[trial_id(p)] for p in trials]
+    return [results[trial_id(p, sweep.command)] for p in trials]
 
 
 def collect(sweep: Sweep, trials: list[dict[str, Any]], folder: Path) -> list[TrialResult]:
     """Results of the trials that finished (others ``pending``), without running anything."""
     out = []
     for params in trials:
-        tdir = folder / trial_id(params)
+        tdir = folder / trial_id(params, sweep.command)
         m = trial_metric(sweep, tdir)
         out.append(TrialResult(tdir.name, params, m, "done" if m is not None else "pending", None, tdir))
     return out
@@ -574,7 +577,7 @@ def slurm_script(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, time_
     cases = []
     env_prefix = ""
     for i, params in enumerate(trials):
-        tc = trial_command(sweep, params, folder / trial_id(params), python="python")
+        tc = trial_command(sweep, params, folder / trial_id(params, sweep.command), python="python")
         env_prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in tc.env.items())
         args = tc.argv[tc.argv.index("experiments.cli") + 1:]
         cases.append(f"  {i}) TRIAL=({' '.join(shlex.quote(a) for a in args)}) ;;")
@@ -684,7 +687,7 @@ def main(argv: list[str]) -> int:
         validate(sweep, trials)
         folder.mkdir(parents=True, exist_ok=True)
         if a.slurm:
-            todo = [t for t in trials if trial_metric(sweep, folder / trial_id(t)) is None]
+            todo = [t for t in trials if trial_metric(sweep, folder / trial_id(t, sweep.command)) is None]
             script = folder / "sweep.sbatch"
             script.write_text(slurm_script(sweep, todo, folder, a.time))
             print(f"[sweep] {len(todo)} of {len(trials)} trials to run: sbatch {script}", flush=True)
