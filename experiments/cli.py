@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from callbacks.metrics_json import MetricsJsonWriter
 from callbacks.safety import RngStateCheckpoint, StopOnNonFiniteLoss
+from callbacks.slurm_requeue import DropFinishedHpcCheckpoints
 from cvlab.errors import CvlabError
 from experiments.host_malloc import keep_freed_host_memory
 from experiments.run_folder import config_hash, make_logger
@@ -90,7 +91,8 @@ class CvlabCLI(LightningCLI):
         if config.get("logger") is None:
             config["logger"] = make_logger(run.logger, run.dir, run.name, run.wandb_project)
         given = config.get("callbacks") or []
-        callbacks = list(callbacks) + [MetricsJsonWriter(run.dir), StopOnNonFiniteLoss(), RngStateCheckpoint()]
+        callbacks = list(callbacks) + [MetricsJsonWriter(run.dir), StopOnNonFiniteLoss(), RngStateCheckpoint(),
+                                     DropFinishedHpcCheckpoints()]
         if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
             callbacks.append(ModelCheckpoint(dirpath=str(Path(run.dir) / "checkpoints"), save_last=True, save_top_k=1))
         if _is_rank_zero():

@@ -88,7 +88,10 @@ def test_requeue_signal_saves_requeues_and_the_resumed_run_matches_an_uninterrup
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "Restoring states from the checkpoint path" in again.stdout + again.stderr
+    restored = [ln for ln in (again.stdout + again.stderr).splitlines() if "Restoring states from the checkpoint path" in ln]
+    assert restored == [f"Restoring states from the checkpoint path at {run / 'checkpoints' / 'last.ckpt'}"]
+    # the finished run drops the stale hpc checkpoint (else the test after fit would load it on SLURM)
+    assert not list(run.glob("hpc_ckpt_*.ckpt"))
     got, want = _metrics(run), _metrics(full)
     assert set(got) == set(want) and "test/acc" in got
     for k in want:
