@@ -86,11 +86,6 @@ class Sweep:
         i = self.command.index("cvlab")
         return self.command[i + 1]
 
-    @property
-    def swept(self) -> list[str]:
-        """Parameters that take more than one value."""
-        return [k for k, p in self.parameters.items() if "value" not in p and len(p.get("values", [0, 0])) != 1]
-
 
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and check a sweep file; errors name the file and the key."""
@@ -248,9 +243,12 @@ def pipeline_call(argv: list[str]) -> PipelineCall:
             only = list(itertools.takewhile(lambda t: not t.startswith("-"), argv[i + 1:]))
             i += len(only) + 1
             continue
-        if tok in ("--set", "--root"):
-            sets.append(argv[i + 1]) if tok == "--set" else None
-            root = argv[i + 1] if tok == "--root" else root
+        if tok == "--set":
+            sets.append(argv[i + 1])
+            i += 2
+            continue
+        if tok == "--root":
+            root = argv[i + 1]
             i += 2
             continue
         if tok.startswith("--root="):
@@ -335,10 +333,12 @@ def resolved_config(argv: list[str]) -> dict[str, Any]:
 
 def coverage_rows(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Few trials that hold every value of every parameter: a grid's values side by side (row i takes
-    each parameter's i-th value, cycling), a random sweep's sampled trials as they are."""
-    if sweep.method != "grid":
+    each parameter's i-th value, cycling), a random sweep's sampled trials as they are, a bayes sweep's
+    range ends."""
+    if sweep.method == "random":
         return list(trials)
-    choices = {k: p["values"] if "values" in p else [p["value"]] for k, p in sweep.parameters.items()}
+    choices = {k: p["values"] if "values" in p else [p["value"]] if "value" in p else [p["min"], p["max"]]
+               for k, p in sweep.parameters.items()}
     n = max(len(v) for v in choices.values())
     return [{k: v[i % len(v)] for k, v in choices.items()} for i in range(n)]
 
@@ -423,15 +423,13 @@ def _pipeline_metrics(tc: TrialCommand) -> dict[str, float]:
     return flat
 
 
-def _run_one(sweep: Sweep, params: dict[str, Any], folder: Path, device: str | None, threads: int | None) -> TrialResult:
+def _run_one(sweep: Sweep, params: dict[str, Any], folder: Path, device: str | None) -> TrialResult:
     tc = trial_command(sweep, params, folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "trial.json", {"params": params, "command": tc.argv, "env": tc.env})
     env = {**os.environ, **tc.env, "PYTHONUNBUFFERED": "1"}
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     with open(folder / "sweep.log", "a") as log:
         rc = subprocess.run(tc.argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
@@ -462,7 +460,7 @@ def run_local(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, devices:
     def run(params: dict[str, Any], device: str | None) -> None:
         tdir = folder / trial_id(params, sweep.command)
         print(f"[sweep] {tdir.name} {' '.join(trial_args(params))}" + (f" (GPU {device})" if device else ""), flush=True)
-        r = _run_one(sweep, params, tdir, device, None)
+        r = _run_one(sweep, params, tdir, device)
         with lock:
             results[r.id] = r
             n_done[0] += 1
@@ -674,8 +672,7 @@ def main(argv: list[str]) -> int:
     sweep = load_sweep(a.sweep)
     if not (a.local or a.slurm):
         device_slots(a.agents, "--agents")
-        validate(sweep, expand_trials(sweep, a.count, a.seed) if sweep.method != "bayes" else [
-            {k: (v["values"][0] if "values" in v else v.get("value", v.get("min"))) for k, v in sweep.parameters.items()}])
+        validate(sweep, expand_trials(sweep, a.count, a.seed) if sweep.method != "bayes" else [{}])
         return run_wandb(sweep, a.agents, a.project, a.count)
     folder = Path(a.dir).resolve() if a.dir else sweep_dir(sweep)
     trials = expand_trials(sweep, a.count, a.seed)
