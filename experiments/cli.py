@@ -4,6 +4,7 @@
   model and data in subclass mode, one deterministic run folder per config, ``metrics.json`` in it.
 - ``cvlab run PIPELINE.yaml``: run an experiment's stages in order (see :mod:`experiments.pipeline`).
 - ``cvlab bench NAME ...``: print a benchmark (see :mod:`experiments.benchmarks`).
+- ``cvlab sweep FILE [--local | --slurm]``: a hyperparameter sweep (see :mod:`experiments.sweep`).
 
 Errors: :func:`main` is the one place where a user's mistake becomes one ``cvlab: error: ...`` line
 and exit code 1: every :class:`~cvlab.errors.CvlabError`, wherever it is raised (also inside
@@ -36,6 +37,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from callbacks.atomic_io import KeepPreviousCheckpointIO, readable_checkpoint
 from callbacks.metrics_json import MetricsJsonWriter
 from callbacks.safety import RngStateCheckpoint, StopOnDivergence, StopOnNonFiniteLoss
+from callbacks.slurm_requeue import DropFinishedHpcCheckpoints
 from cvlab.errors import CvlabError
 from experiments.host_malloc import keep_freed_host_memory
 from experiments.run_folder import config_hash, make_logger
@@ -239,6 +241,7 @@ class CvlabCLI(LightningCLI):
             StopOnNonFiniteLoss(),
             StopOnDivergence(run.divergence_factor, run.divergence_window),
             RngStateCheckpoint(),
+            DropFinishedHpcCheckpoints(),
         ]
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -404,6 +407,10 @@ def main(argv: list[str] | None = None) -> None:
             from experiments.benchmarks import main as run_bench
 
             sys.exit(run_bench(argv[1:]))
+        if argv and argv[0] == "sweep":
+            from experiments.sweep import main as run_sweep
+
+            sys.exit(run_sweep(argv[1:]))
         CvlabCLI(args=argv)
     except (SystemExit, KeyboardInterrupt):
         raise

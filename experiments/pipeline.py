@@ -41,8 +41,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,9 @@ from callbacks.atomic_io import atomic_write_json, read_json
 from cvlab.errors import CvlabError
 
 _COMMANDS = ("fit", "validate", "test", "predict")
+#: set by SIGTERM (a SLURM requeue or preemption): the stage running then stopped early, even when it exits 0
+#: (Lightning ends a fit on SIGTERM with SystemExit), so it must not be marked done
+_TERMINATED = threading.Event()
 _REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
 
 
@@ -245,8 +250,9 @@ def run_pipeline(
                 continue
             t0 = time.perf_counter()
             rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-            if rc != 0:
-                raise CvlabError(f"stage {stage.name!r} failed (exit {rc}); its folder {folder} is kept, rerun to resume")
+            if rc != 0 or _TERMINATED.is_set():
+                why = "was stopped by SIGTERM" if _TERMINATED.is_set() else f"failed (exit {rc})"
+                raise CvlabError(f"stage {stage.name!r} {why}; its folder {folder} is kept, rerun to resume")
             atomic_write_json(marker, {"stage": stage.name, "command": cmd, "wall_s": time.perf_counter() - t0})
         metrics[stage.name] = read_json(folder / "metrics.json", default={})
     table = results_table(spec, metrics, dirs)
@@ -301,11 +307,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("pipeline", help="pipeline YAML, e.g. experiments/zskd/mnist/pipeline.yaml")
     p.add_argument("--root", default=os.environ.get("CVLAB_RUNS", "runs"), help="parent of run folders")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.key=value",
-                   help="override a stage's config (use * for every stage), e.g. '*.trainer.max_epochs=1'")
+                   help="override a stage's config (use * for every stage), e.g. '*.trainer.max_epochs=1'; "
+                        "--STAGE.key=value does the same")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--only", nargs="+", default=None, metavar="STAGE",
                    help="run just these stages (the stages they reference must be done)")
     p.add_argument("--results-md", default=None, help="append the final table to this markdown file")
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)
+    bad = [x for x in extra if not (x.startswith("--") and "=" in x and "." in x.split("=", 1)[0])]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    a.set += [x[2:] for x in extra]  # --STAGE.key=value (a sweep's ${args}) is --set STAGE.key=value
+    # SLURM signals every process of a job step: the stage being run saves and requeues on SIGUSR1
+    # (Lightning's SLURM environment); this parent must survive it (a Python handler, unlike SIG_IGN,
+    # is not inherited by the stage, so Lightning still installs its own there)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+        signal.signal(signal.SIGTERM, lambda signum, frame: _TERMINATED.set())  # the stage gets it too and stops
     run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md, a.only)
     return 0

@@ -1,7 +1,8 @@
 """Every YAML under experiments/ parses and runs a couple of shrunk steps on generated data.
 
-Configs are CLI configs (``cvlab <subcommand> --config X``) or pipelines (``cvlab run X``, they have a
-``stages`` key). A method whose configs need another subcommand or extra shrinking adds a line to
+Configs are CLI configs (``cvlab <subcommand> --config X``), pipelines (``cvlab run X``, they have a
+``stages`` key) or sweeps (``cvlab sweep X``, under ``experiments/sweeps/``: every value a trial would use
+is parsed by the CLI and must land at its key). A method whose configs need another subcommand or extra shrinking adds a line to
 ``SMOKE``; the rest are run with ``fit``.
 """
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from experiments.pipeline import run_pipeline
+from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
 from tests.fakedata import write_cifar, write_mnist_idx, write_svhn
 
@@ -108,6 +110,10 @@ def _is_pipeline(cfg: dict) -> bool:
     return isinstance(cfg, dict) and "stages" in cfg
 
 
+def _is_sweep(cfg: dict) -> bool:
+    return isinstance(cfg, dict) and "parameters" in cfg and "command" in cfg
+
+
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fake_data")
@@ -148,6 +154,10 @@ def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkey
     spec = yaml.safe_load((REPO / config).read_text())
     if _is_pipeline(spec):
         run_pipeline(REPO / config, root=tmp_path / "runs", dry_run=True)
+        return
+    if _is_sweep(spec):
+        sweep = load_sweep(REPO / config)
+        validate(sweep, expand_trials(sweep, count=3 if sweep.method == "random" else None))
         return
     base = OVERLAYS.get(config, config)
     sub, extra = "fit", []
