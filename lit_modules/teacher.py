@@ -368,6 +368,16 @@ def load_teacher(
     return FrozenTeacher(net, spec)
 
 
+def shape_from_teacher(hparams: Any, teacher: FrozenTeacher) -> None:
+    """Fill a module's ``num_classes``, ``in_channels``, ``image_size`` hyper-parameters left ``None`` with the
+    teacher's contract (so configs need not repeat them); one line when neither says."""
+    for key in ("num_classes", "in_channels", "image_size"):
+        if hparams[key] is None:
+            hparams[key] = getattr(teacher.spec, key)
+        if hparams[key] is None:
+            raise CvlabError(f"the teacher {teacher.spec.weights} does not say its {key}: set --model.init_args.{key}")
+
+
 def teacher_file_digest(teacher: TeacherArg | dict[str, Any]) -> dict[str, Any]:
     """What identifies a teacher in a manifest: its contract and a hash of its weights file."""
     import hashlib
@@ -380,4 +390,4 @@ def teacher_file_digest(teacher: TeacherArg | dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["FrozenTeacher", "TeacherArg", "TeacherLoadError", "TeacherSpec", "as_spec", "export_torchscript",
-           "is_torchscript", "load_teacher", "read_checkpoint", "teacher_file_digest"]
+           "is_torchscript", "load_teacher", "read_checkpoint", "shape_from_teacher", "teacher_file_digest"]

@@ -31,7 +31,7 @@ from lit_modules.distillation.kd_loss import distillation_loss
 from lit_modules.classifier import adopt_data_normalization
 from lit_modules.nets import InputNormalization, NetSpec, create_net
 from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
-from lit_modules.teacher import TeacherArg, load_teacher
+from lit_modules.teacher import TeacherArg, load_teacher, shape_from_teacher
 
 
 class KDStudent(L.LightningModule):
@@ -86,11 +86,7 @@ class KDStudent(L.LightningModule):
         self.save_hyperparameters()
         self.teacher = load_teacher(teacher)
         spec, hp = self.teacher.spec, self.hparams
-        for key in ("num_classes", "in_channels", "image_size"):  # the student's shape: the teacher's unless given
-            if hp[key] is None:
-                hp[key] = getattr(spec, key)
-            if hp[key] is None:
-                raise CvlabError(f"the teacher {spec.weights} does not say its {key}: set --model.init_args.{key}")
+        shape_from_teacher(hp, self.teacher)  # the student's shape: the teacher's unless given
         if spec.num_classes is not None and spec.num_classes != hp.num_classes:
             raise CvlabError(f"teacher {spec.weights} has {spec.num_classes} classes but the student is configured "
                              f"for {hp.num_classes}")

@@ -84,7 +84,7 @@ from lit_modules.distillation.lra_update import MetaMode, Reduce, all_reduce_mea
 from lit_modules.nets import InputNormalization, LatentEncoder, NetSpec, create_generator, create_net
 from lit_modules.optim import ScheduleName, build_optimizer, build_schedule
 from lit_modules.classifier import adopt_data_normalization
-from lit_modules.teacher import TeacherArg, load_teacher
+from lit_modules.teacher import TeacherArg, load_teacher, shape_from_teacher
 
 
 class ImageSizeMismatchError(CvlabError):
@@ -252,11 +252,7 @@ class AdversarialKD(L.LightningModule):
             raise CvlabError(f"memory_per_push must be in [1, batch_size={batch_size}]; got {self.memory_per_push}")
 
         self.teacher = load_teacher(teacher)
-        for key in ("num_classes", "in_channels", "image_size"):  # the generator's and student's: the teacher's
-            if self.hparams[key] is None:
-                self.hparams[key] = getattr(self.teacher.spec, key)
-            if self.hparams[key] is None:
-                raise CvlabError(f"the teacher {self.teacher.spec.weights} does not say its {key}: set --model.init_args.{key}")
+        shape_from_teacher(self.hparams, self.teacher)  # the generator's and student's: the teacher's unless given
         num_classes, in_channels, image_size = self.hparams.num_classes, self.hparams.in_channels, self.hparams.image_size
         self._check_teacher(num_classes, in_channels, image_size)
         self.normalize = InputNormalization(mean, std)  # the student's; None: the task's (setup)
