@@ -208,3 +208,14 @@ def test_bad_inputs_give_clear_messages(trained: TinyNet) -> None:
         fgsm(lambda z: trained(z)[:4], x, y, EPS)
     with pytest.raises(AttackError, match="alpha <= eps"):
         rfgsm(trained, x, y, eps=0.1, alpha=0.2)
+
+
+def test_pgd_restarts_keep_per_image_the_strongest(trained: TinyNet) -> None:
+    # the first restart of both runs starts from the same draw: more restarts can only break more images
+    x, y = _blobs(128, seed=10)
+    one = pgd(trained, x, y, EPS, steps=3, restarts=1, generator=torch.Generator().manual_seed(5))
+    three = pgd(trained, x, y, EPS, steps=3, restarts=3, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        wrong_one, wrong_three = trained(one).argmax(-1) != y, trained(three).argmax(-1) != y
+    assert (wrong_three | ~wrong_one).all(), "an image broken by restart 1 came back"
+    assert wrong_three.sum() >= wrong_one.sum()

@@ -179,9 +179,11 @@ def _random_start(x: Tensor, eps: float, norm: Norm, generator: torch.Generator 
 
 
 def _steps(
-    model: Model, x: Tensor, y: Tensor, x_adv: Tensor, eps: float, alpha: float, steps: int, norm: Norm
-) -> tuple[Tensor, Tensor]:
-    """``steps`` projected gradient steps from ``x_adv``; returns (adversarial, per-sample CE at it)."""
+    model: Model, x: Tensor, y: Tensor, x_adv: Tensor, eps: float, alpha: float, steps: int, norm: Norm,
+    score: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``steps`` projected gradient steps from ``x_adv``; returns (adversarial, its score for picking among
+    restarts: CE + 1e6 if misclassified, or ``None`` without ``score``: one forward pass saved)."""
     for _ in range(steps):
         grad, _ = _loss_grad(model, x_adv, y)
         if norm == "linf":
@@ -189,6 +191,8 @@ def _steps(
         else:
             direction = grad / (_l2_norm(grad) + 1e-10)
         x_adv = project(x, x_adv + alpha * direction, eps, norm)
+    if not score:
+        return x_adv, None
     with torch.no_grad():
         logits = _logits(model, x_adv).float()
         return x_adv, F.cross_entropy(logits, y, reduction="none") + 1e6 * (logits.argmax(-1) != y)
@@ -229,9 +233,10 @@ def pgd(
     with crafting(model):
         x, y = _prepare(model, x, y, min(eps, 1.0) if norm == "l2" else eps, check)
         best, best_score = None, None
-        for _ in range(restarts if random_start else 1):
+        runs = restarts if random_start else 1
+        for _ in range(runs):
             start = _random_start(x, eps, norm, generator) if random_start else x.clone()
-            x_adv, score = _steps(model, x, y, start, eps, alpha, steps, norm)
+            x_adv, score = _steps(model, x, y, start, eps, alpha, steps, norm, score=runs > 1)
             if best is None:
                 best, best_score = x_adv, score
             else:
