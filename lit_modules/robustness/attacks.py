@@ -86,12 +86,12 @@ def _logits(model: Model, x: Tensor) -> Tensor:
     return out
 
 
-def _loss_grad(model: Model, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """(d sum-CE / d x_adv, per-sample CE (B,)) at ``x_adv``; the parameters' ``.grad`` is untouched."""
+def _loss_grad(model: Model, x_adv: Tensor, y: Tensor) -> Tensor:
+    """d sum-CE / d x_adv (per image, the gradient of its own loss); the parameters' ``.grad`` is untouched."""
     x_adv = x_adv.detach().requires_grad_(True)
-    losses = F.cross_entropy(_logits(model, x_adv).float(), y, reduction="none")  # (B,)
-    (grad,) = torch.autograd.grad(losses.sum(), x_adv)
-    return grad, losses.detach()
+    loss = F.cross_entropy(_logits(model, x_adv).float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x_adv)
+    return grad
 
 
 def _prepare(model: Model, x: Tensor, y: Tensor | None, eps: float, check: bool) -> tuple[Tensor, Tensor]:
@@ -142,7 +142,7 @@ def fgsm(
     """
     with crafting(model):
         x, y = _prepare(model, x, y, eps, check)
-        grad, _ = _loss_grad(model, x, y)
+        grad = _loss_grad(model, x, y)
         step: float | Tensor = eps
         if random_eps:
             u = torch.rand(x.shape[0], device=x.device, generator=generator)
@@ -163,7 +163,7 @@ def rfgsm(
         x, y = _prepare(model, x, y, eps, check)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         x1 = (x + alpha * noise.sign()).clamp(0.0, 1.0)
-        grad, _ = _loss_grad(model, x1, y)
+        grad = _loss_grad(model, x1, y)
         return project(x, x1 + (eps - alpha) * grad.sign(), eps)
 
 
@@ -185,7 +185,7 @@ def _steps(
     """``steps`` projected gradient steps from ``x_adv``; returns (adversarial, its score for picking among
     restarts: CE + 1e6 if misclassified, or ``None`` without ``score``: one forward pass saved)."""
     for _ in range(steps):
-        grad, _ = _loss_grad(model, x_adv, y)
+        grad = _loss_grad(model, x_adv, y)
         if norm == "linf":
             direction = grad.sign()
         else:
@@ -268,7 +268,7 @@ def mifgsm(
         x, y = _prepare(model, x, y, eps, check)
         x_adv, g = x.clone(), torch.zeros_like(x)
         for _ in range(steps):
-            grad, _ = _loss_grad(model, x_adv, y)
+            grad = _loss_grad(model, x_adv, y)
             g = decay * g + grad / _per_sample(grad).abs().mean(1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
             x_adv = project(x, x_adv + alpha * g.sign(), eps)
         return x_adv
