@@ -187,3 +187,15 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     for sa, sb in zip(a["gat_bag"]["snapshots"], b["gat_bag"]["snapshots"]):
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_eps_warmup_ramps_the_training_eps(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _module("pgd", eps_warmup_epochs=2.0)
+
+    class _T:  # what train_eps reads of a trainer
+        num_training_batches = 10
+
+    model._trainer = _T()  # type: ignore[assignment]
+    for step, expected in ((0, 0.15 / 20), (9, 0.15 / 2), (19, 0.15), (50, 0.15)):
+        monkeypatch.setattr(AdversarialTrainer, "global_step", property(lambda self, s=step: s))
+        assert model.train_eps() == pytest.approx(expected)

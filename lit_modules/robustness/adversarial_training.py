@@ -125,6 +125,9 @@ class AdversarialTrainer(ClassifierModule):
         warmup_epochs: GAT: epochs of FGSM-AT on the current model before the bag is used (``None``:
             ``snapshot_every``, when the first snapshot exists).
         seed: GAT: seed of the per-step model draw.
+        eps_warmup_epochs: the training adversary's eps grows linearly from 0 to ``eps`` over this many epochs
+            (0: the full eps from the first step); a small network trained by PGD at MNIST's eps 0.3 from the
+            first step can stay at chance (LeNet-5, 3 epochs: 11% accuracy).
         **kwargs: :class:`ClassifierModule`'s arguments (``arch``, optimizer, schedule, ...).
     """
 
@@ -143,6 +146,7 @@ class AdversarialTrainer(ClassifierModule):
         current_prob: float = 0.5,
         warmup_epochs: int | None = None,
         seed: int = 0,
+        eps_warmup_epochs: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -173,14 +177,24 @@ class AdversarialTrainer(ClassifierModule):
         i = int(torch.randint(len(self.bag), (), generator=g))
         return SnapshotModel(self.net, self.normalize, self.bag.get(i)), i
 
+    def train_eps(self) -> float:
+        """This step's eps: ``eps``, ramped up linearly over the first ``eps_warmup_epochs``."""
+        hp = self.hparams
+        if hp.eps_warmup_epochs <= 0 or self._trainer is None:
+            return hp.eps
+        ramp = (self.global_step + 1) / (hp.eps_warmup_epochs * max(1, self.trainer.num_training_batches))
+        return hp.eps * min(1.0, ramp)
+
     def craft(self, x: Tensor, y: Tensor) -> Tensor:
         """Adversarial pixels of ``x`` for this step's regime (gradients of the crafting model only)."""
         hp = self.hparams
+        eps = self.train_eps()
         if hp.regime == "pgd":
-            return pgd(self, x, y, hp.eps, alpha=hp.pgd_alpha, steps=hp.pgd_steps, check=False)
+            alpha = None if hp.pgd_alpha is None else hp.pgd_alpha * eps / hp.eps if hp.eps > 0 else hp.pgd_alpha
+            return pgd(self, x, y, eps, alpha=alpha, steps=hp.pgd_steps, check=False)
         model, _ = self.seed_model() if hp.regime == "gat" else (self, -1)
         labels = None if hp.fgsm_labels == "predicted" else y
-        return fgsm(model, x, labels, hp.eps, random_eps=hp.random_eps, check=False)
+        return fgsm(model, x, labels, eps, random_eps=hp.random_eps, check=False)
 
     # --- training -----------------------------------------------------------------------------------------
 
