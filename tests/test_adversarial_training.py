@@ -124,6 +124,23 @@ def _bag(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=True)
 
 
+def test_bag_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    model = _module("gat")
+    for e in range(2):
+        model.bag.add(model.net, e)
+        with torch.no_grad():
+            model.net.fc.weight.add_(1.0)
+    ckpt: dict = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    fresh = _module("gat")
+    fresh.on_load_checkpoint(torch.load(tmp_path / "x.ckpt", weights_only=True))
+    assert fresh.bag.epochs == [0, 1]
+    for a, b in zip(model.bag.snapshots, fresh.bag.snapshots):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # four CLI runs: ~40 s alone, minutes on a loaded machine
 def test_snapshots_survive_resume_and_graybox_evaluates(tmp_path: Path) -> None:
     full = run_cli("fit", *GAT_TINY, run_dir=tmp_path / "full")
     part = tmp_path / "part"
@@ -149,6 +166,14 @@ def test_snapshots_survive_resume_and_graybox_evaluates(tmp_path: Path) -> None:
     assert all(v <= m["test/acc"] + 1e-6 for v in attacked.values())
     assert m["test/acc_worst"] == pytest.approx(min(attacked.values()))
     assert m["test/acc_graybox_worst"] == pytest.approx(min(v for k, v in attacked.items() if "_e" in k))
+    # the checkpoint is a teacher for every method: same logits through load_teacher
+    from lit_modules.teacher import load_teacher
+
+    teacher = load_teacher(str(Path(full.trainer.default_root_dir) / "checkpoints" / "last.ckpt"))
+    probe = torch.rand(4, 3, 32, 32)
+    full.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(probe), full.model(probe))
     images = Path(full.trainer.default_root_dir) / "images"
     assert (images / "graybox_curve.png").is_file() and list(images.glob("test_adversarial_examples_*.png"))
     # as a stage: `cvlab test --ckpt_path` restores the snapshots and gives the same numbers
