@@ -203,6 +203,7 @@ class GrayBoxEvaluation(L.Callback):
             ax.plot(epochs, [results[f"graybox_e{e}_{a}"] for e in epochs], marker="o", label=f"gray-box {a}")
         for a in self.attacks:
             ax.axhline(results[a], linestyle="--", linewidth=0.8, label=f"white-box {a}", color=f"C{3 + list(self.attacks).index(a)}")
+        ax.set_xticks(epochs)
         ax.set_xlabel("epoch of the snapshot the adversaries are crafted on")
         ax.set_ylabel("accuracy of the final model")
         ax.set_ylim(0, 1)
