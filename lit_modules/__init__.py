@@ -4,17 +4,20 @@
   (any network plus weights plus its input contract, frozen), :mod:`lit_modules.optim`;
 - :mod:`lit_modules.nets`: plain ``nn.Module`` networks (the zoo), reachable by name or class path;
 - families: :mod:`lit_modules.distillation` (ZSKD, transfer sets, LRA), :mod:`lit_modules.condensation`
-  (DC), :mod:`lit_modules.leakage` (DLG / iDLG).
+  (DC), :mod:`lit_modules.leakage` (DLG / iDLG), :mod:`lit_modules.robustness` (attacks, adversarial
+  training, GAT, gray-box evaluation).
 """
 
 from lit_modules.classifier import ClassifierModule
 from lit_modules.condensation import DatasetCondensation
 from lit_modules.distillation import AdversarialKD, DataImpressionSynthesizer, KDStudent
 from lit_modules.leakage import LeakageAttack
+from lit_modules.robustness import AdversarialTrainer
 from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher
 
 __all__ = [
     "AdversarialKD",
+    "AdversarialTrainer",
     "ClassifierModule",
     "DataImpressionSynthesizer",
     "DatasetCondensation",

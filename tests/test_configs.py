@@ -35,6 +35,9 @@ _LRA = ["--model.init_args.batch_size=8", "--model.init_args.student_steps=1", "
         "--model.init_args.generator_kwargs={widths: [8, 4]}", "--data.init_args.steps_per_epoch=2",
         "--data.init_args.eval_batch_size=8"]
 SMOKE: list[tuple[str, str, list[str]]] = [
+    # the gray-box test (PGD-40 and more) after fit is covered by tests/test_adversarial_training.py
+    ("experiments/gat/*", "fit", ["--model.init_args.pgd_steps=2", "--model.init_args.regime=gat",
+                                  "--run.test_after_fit=false"]),
     ("experiments/lra/[mf]*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA]),
     ("experiments/lra/generative_replay.yaml", "fit",
      ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA, "--model.init_args.memory_generator_updates=1"]),
@@ -73,6 +76,9 @@ OVERLAYS = {
     "experiments/lra/generative_replay.yaml": "experiments/lra/mnist/lra.yaml",
     "experiments/zskd/tf_port_impressions.yaml": "experiments/zskd/mnist/synthesize.yaml",
     "experiments/zskd/smooth_impressions.yaml": "experiments/zskd/fashion_mnist/synthesize.yaml",
+    "experiments/gat/cpu.yaml": "experiments/gat/mnist/train.yaml",
+    "experiments/gat/mnist/madry_cnn.yaml": "experiments/gat/mnist/train.yaml",
+    "experiments/gat/cifar10/wrn.yaml": "experiments/gat/cifar10/train.yaml",
 }
 
 GENERIC = [

@@ -31,7 +31,7 @@ def test_registry_lists_every_family() -> None:
     expected = {
         "lenet5", "lenet5_half", "lenet_sigmoid", "alexnet_cifar", "alexnet_cifar_half",
         "resnet18", "resnet34", "resnet20", "resnet32", "resnet44", "resnet56",
-        "wrn16_2", "wrn40_2", "convnet",
+        "wrn16_2", "wrn40_2", "convnet", "madry_mnist",
     }  # fmt: skip
     assert expected <= names
 
@@ -71,6 +71,13 @@ def test_trains_one_step(name: str) -> None:
 def test_exact_param_counts(name: str, expected: int) -> None:
     in_channels = 1 if name.startswith("lenet") else 3
     assert n_params(create_net(name, num_classes=10, in_channels=in_channels, image_size=32)) == expected
+
+
+def test_madry_mnist_matches_the_challenge_model() -> None:
+    # 5x5x1x32+32, 5x5x32x64+64, 3136x1024+1024, 1024x10+10 (Madry et al.'s MNIST challenge model)
+    net = create_net("madry_mnist", num_classes=10, in_channels=1, image_size=28)
+    assert n_params(net) == 832 + 51_264 + 3_212_288 + 10_250
+    assert net.forward_features(torch.rand(2, 1, 28, 28)).shape == (2, 1024)
 
 
 @pytest.mark.parametrize(("name", "lo", "hi"), [("resnet18", 11.1e6, 11.2e6), ("wrn40_2", 2.2e6, 2.3e6)])

@@ -6,7 +6,7 @@ Generators (z -> images) have their own names: ``create_generator("dafl", latent
 image_size=32)``.
 """
 
-from lit_modules.nets import alexnet, convnet, lenet, resnet_cifar, wrn  # noqa: F401  (registration)
+from lit_modules.nets import alexnet, convnet, lenet, madry, resnet_cifar, wrn  # noqa: F401  (registration)
 from lit_modules.nets.base import ClassifierNet, classifier_layer, features_and_logits
 from lit_modules.nets.generator import DAFLGenerator, LatentEncoder, available_generators, create_generator
 from lit_modules.nets.normalization import InputNormalization
