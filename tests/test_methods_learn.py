@@ -177,3 +177,55 @@ def test_lra_drop_count_and_total_on_a_hand_made_accuracy_curve(tmp_path: Path) 
     assert s["drops"] == 3
     assert s["drop_total"] == pytest.approx(0.43) and s["max_drop"] == pytest.approx(0.30)
     assert s["generator_step"] == [0, 10, 20, 30, 40, 50, 60, 70] and s["acc"] == curve
+
+
+# --- the validation split (issue 20, item 1) -----------------------------------------------------------
+def test_validation_count_worked_values() -> None:
+    from datamodules.base import validation_count
+
+    assert validation_count(None, 5000, 60000) == 5000  # MNIST: 5,000 of 60,000
+    assert validation_count(None, 5000, 12406) == 1240  # a default count is at most a tenth
+    assert validation_count(None, 5000, 60) == 6 and validation_count(None, 5000, 5) == 1
+    assert validation_count(None, 0.1, 10000) == 1000 and validation_count(0.25, 5000, 10) == 2
+    assert validation_count(0, 5000, 60000) == 0 and validation_count(300, 5000, 60000) == 300
+    from cvlab.errors import CvlabError
+
+    for bad in (60, 1.0, -1, 1.5):
+        with pytest.raises(CvlabError, match="val_size"):
+            validation_count(bad, 5000, 60)
+
+
+def test_validation_is_held_out_of_training_by_default_and_seeded() -> None:
+    dm = StripesDataModule(seed=4)
+    dm.setup("fit")
+    assert dm.val_count == 40 and dm.train_x.shape[0] == 360  # the default: a tenth of 400
+    assert not set(dm.val_indices.tolist()) & set(dm.train_indices.tolist())
+    assert dm.val_x is not dm.test_x and not torch.equal(dm.val_x[:10], dm.test_x[:10])
+    again = StripesDataModule(seed=4)
+    again.setup("fit")
+    assert torch.equal(again.val_indices, dm.val_indices)
+    other = StripesDataModule(seed=5)
+    other.setup("fit")
+    assert not torch.equal(other.val_indices, dm.val_indices)
+    old = StripesDataModule(val_size=0)  # the old protocol, on request only
+    old.setup("fit")
+    assert old.val_x is old.test_x and old.train_x.shape[0] == 400
+
+
+def test_a_long_tail_keeps_its_profile_and_validates_on_left_out_images() -> None:
+    from datamodules import ShapesDataModule
+
+    dm = ShapesDataModule(num_train=1000, num_test=50, imbalance_factor=10, image_size=16, seed=0)
+    dm.setup("fit")
+    counts = torch.bincount(dm.train_y, minlength=10).tolist()
+    assert counts[0] == 100 and counts[-1] == 10 and counts == sorted(counts, reverse=True)
+    assert dm.val_count == sum(counts) // 10 and not set(dm.val_indices.tolist()) & set(dm.train_indices.tolist())
+
+
+def test_data_free_and_transfer_set_modules_validate_on_the_tasks_held_out_images() -> None:
+    from datamodules.data_free import DataFreeDataModule
+
+    for dm in (DataFreeDataModule(StripesDataModule()), TransferSetDataModule(StripesDataModule(), NoisePool("uniform", 10))):
+        dm.setup("fit")
+        assert torch.equal(dm.val_x, dm.task.val_x) and dm.task.val_count == 40
+        assert dm.test_x is dm.task.test_x and dm.val_x.shape[0] != dm.test_x.shape[0]
