@@ -23,7 +23,7 @@ A pipeline file::
 ``S .. S + N - 1`` (``--seed-start S``, default 0), each in its own folder ``<root>/<name>/seed-<s>/``:
 every CLI stage gets ``seed_everything``, and ``model.init_args.seed`` / ``data.init_args.seed`` where its
 model / datamodule has one (the data seed also draws the validation split). It ends with the mean,
-sample sd and range of every test metric over the seeds, as a markdown table with the command
+sample sd and range of every test metric (``test/*``, ``eval/*``) over the seeds, as a markdown table with the command
 (printed; appended to ``--results-md`` when given).
 
 Each stage runs as its own ``cvlab`` process (so DDP launchers work as usual). A stage's folder is
@@ -334,12 +334,14 @@ def seed_overrides(stages: list[Stage], sets: list[str], seed: int) -> list[str]
 
 def seed_summary(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
     """``{seed: {stage: metrics}}`` -> ``{"stage:test/metric": {mean, sd, min, max, n, values}}`` over the
-    seeds that have the metric; ``sd`` is the sample standard deviation (0 for one seed)."""
+    seeds that have the metric: every test-split metric (``test/*``, and ``eval/*``, the evaluation
+    protocols that train fresh networks and test them, as Dataset Condensation's); ``sd`` is the
+    sample standard deviation (0 for one seed)."""
     values: dict[str, list[float]] = {}
     for seed in sorted(per_seed):
         for stage, m in per_seed[seed].items():
             for k, v in sorted(m.items()):
-                if k.startswith("test/"):
+                if k.startswith(("test/", "eval/")):
                     values.setdefault(f"{stage}:{k}", []).append(float(v))
     out = {}
     for key, vs in values.items():

@@ -19,10 +19,10 @@ def test_seed_summary_worked_values() -> None:
     per_seed = {
         0: {"student": {"test/acc": 0.9, "val/acc": 0.5}, "teacher": {"test/acc": 0.95}},
         1: {"student": {"test/acc": 0.8, "val/acc": 0.6}, "teacher": {"test/acc": 0.95}},
-        2: {"student": {"test/acc": 0.7}},
+        2: {"student": {"test/acc": 0.7, "train/loss": 0.1}, "dc": {"eval/acc_mean": 0.5}},
     }
     s = seed_summary(per_seed)
-    assert set(s) == {"student:test/acc", "teacher:test/acc"}  # test metrics only
+    assert set(s) == {"student:test/acc", "teacher:test/acc", "dc:eval/acc_mean"}  # test-split metrics only
     st = s["student:test/acc"]
     assert st["mean"] == pytest.approx(0.8) and st["sd"] == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
     assert (st["min"], st["max"], st["n"], st["values"]) == (0.7, 0.9, 3, [0.9, 0.8, 0.7])
