@@ -11,17 +11,45 @@ images look like (class attributes).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, Union
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from cvlab.errors import CvlabError
 from datamodules.augment import denormalize, normalize, random_crop, random_hflip, resize, to_float
 from datamodules.data_root import resolve_data_dir
 
 Augment = Literal["none", "crop", "flip", "crop_flip"]
+
+#: a validation split: a count of training images (int), a share of them (float in (0, 1)), or ``None``
+#: for the dataset's default; 0 validates on the test split (the old protocol, only to re-make old rows)
+ValSize = Union[int, float, None]
+
+
+def validation_count(val_size: ValSize, default: int | float, n_train: int) -> int:
+    """How many of ``n_train`` training images to hold out for validation.
+
+    ``val_size`` ``None`` takes ``default``: a count is capped at a tenth of the training images (5,000 of
+    MNIST's 60,000; 1,240 of the 12,406 of long-tailed CIFAR-10; 6 of a 60-image test fixture), a share
+    is taken as is. An explicit count must leave training images; a share is rounded down. At least one
+    image is held out whenever a split is asked for and there are two or more. 0 holds out nothing.
+    """
+    if val_size is None:
+        if n_train < 2:
+            return 0
+        val_size = default if isinstance(default, float) else min(default, max(1, n_train // 10))
+    if isinstance(val_size, bool) or val_size < 0 or (isinstance(val_size, float) and val_size >= 1):
+        raise CvlabError(f"val_size must be a count >= 0 or a share in (0, 1), got {val_size!r}")
+    if val_size == 0:
+        return 0
+    n = int(val_size * n_train) if isinstance(val_size, float) else int(val_size)
+    if n >= n_train:
+        raise CvlabError(f"val_size {val_size} leaves none of the {n_train} training images; "
+                         "set --data.init_args.val_size to a smaller count or a share such as 0.1")
+    return max(n, 1) if n_train >= 2 else 0
 
 
 class TensorBatchDataset(Dataset):
@@ -84,8 +112,12 @@ class TensorImageDataModule(L.LightningDataModule):
         batch_size: per-device training batch size.
         eval_batch_size: per-device batch size for validation/test/predict (default: ``batch_size``).
         num_workers: loader workers (0 is fastest for in-memory tensors).
-        val_size: images held out of the training set for validation; 0 validates on the test set,
-            as the papers reproduced here report test accuracy.
+        val_size: the validation split, held out of the training images with ``seed``: a count, a share
+            in (0, 1), or ``None`` for the dataset's ``default_val_size`` (5,000 for MNIST, Fashion-MNIST,
+            KMNIST, CIFAR and SVHN, at most a tenth of the training set; see :func:`validation_count`).
+            Validation metrics drive every choice and every ``best``; the test split is evaluated once,
+            after fit, on the final weights. 0 validates on the test split (the old protocol: only to
+            re-make a row recorded under it; docs/DECISIONS.md).
         augment: batch augmentation for training: random crop (padding = size / 8), horizontal flip.
         image_size: resize every image once at load time (e.g. 32 for LeNet-5 on MNIST); ``None`` keeps it.
         download: let torchvision fetch missing files (needs a network).
@@ -99,6 +131,7 @@ class TensorImageDataModule(L.LightningDataModule):
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     default_augment: Augment = "none"
+    default_val_size: int | float = 5000
 
     def __init__(
         self,
@@ -106,7 +139,7 @@ class TensorImageDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        val_size: int = 0,
+        val_size: ValSize = None,
         augment: Augment | None = None,
         image_size: int | None = None,
         download: bool = False,
@@ -118,6 +151,10 @@ class TensorImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.val_size = val_size
+        validation_count(val_size, self.default_val_size, 2**62)  # a bad value fails here, not at setup
+        self.val_count = 0  # the resolved split, set by setup()
+        self.train_indices: Tensor | None = None  # into the loaded training split, set by setup()
+        self.val_indices: Tensor | None = None
         self.augment: Augment = augment if augment is not None else self.default_augment
         self.image_size = image_size or self.native_size
         self.download = download
@@ -149,24 +186,39 @@ class TensorImageDataModule(L.LightningDataModule):
             self.load_split(train=True)
             self.load_split(train=False)
 
+    def split_indices(self, n: int, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(train, validation)`` indices into the ``n`` loaded training images, drawn with ``seed``.
+
+        The validation images come out of the training images. When :meth:`select_train` keeps a subset
+        (a long tail), they are drawn from the images it leaves out, if there are enough, so that the
+        training subset and its class profile stay whole.
+        """
+        pool = torch.arange(n) if keep is None else torch.as_tensor(keep, dtype=torch.long)
+        count = validation_count(self.val_size, self.default_val_size, pool.numel())
+        g = torch.Generator().manual_seed(self.seed)
+        if count == 0:
+            return pool, pool[:0]
+        if keep is not None:
+            left_out = torch.ones(n, dtype=torch.bool)
+            left_out[pool] = False
+            rest = left_out.nonzero().squeeze(1)
+            if rest.numel() >= count:
+                return pool, rest[torch.randperm(rest.numel(), generator=g)[:count]]
+        perm = pool[torch.randperm(pool.numel(), generator=g)]
+        return perm[count:], perm[:count]
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_x is not None:
             return
         x, y = self.load_split(train=True)
-        keep = self.select_train(y)
-        if keep is not None:
-            x, y = x[keep], y[keep]
-        x = resize(x, self.image_size)
-        if self.val_size > 0:
-            g = torch.Generator().manual_seed(self.seed)
-            perm = torch.randperm(x.shape[0], generator=g)
-            vi, ti = perm[: self.val_size], perm[self.val_size :]
-            self.val_x, self.val_y = x[vi], y[vi]
-            x, y = x[ti], y[ti]
-        self.train_x, self.train_y = x, y
+        self.train_indices, self.val_indices = self.split_indices(y.shape[0], self.select_train(y))
+        self.val_count = self.val_indices.numel()
+        self.train_x, self.train_y = resize(x[self.train_indices], self.image_size), y[self.train_indices]
         tx, ty = self.load_split(train=False)
         self.test_x, self.test_y = resize(tx, self.image_size), ty
-        if self.val_size == 0:
+        if self.val_count > 0:
+            self.val_x, self.val_y = resize(x[self.val_indices], self.image_size), y[self.val_indices]
+        else:  # val_size 0: the old protocol, validation on the test split
             self.val_x, self.val_y = self.test_x, self.test_y
 
     def _loader(self, x: Tensor, y: Tensor, train: bool) -> DataLoader:

@@ -1,10 +1,10 @@
-"""The data side of data-free training: a fixed number of steps per epoch, the real test set for evaluation.
+"""The data side of data-free training: a fixed number of steps per epoch, the task's real data for evaluation.
 
 Methods that make their own training inputs (a generator in adversarial data-free KD, LRA) have no
 training set. :class:`DataFreeDataModule` gives Lightning's loop ``steps_per_epoch`` training "batches"
 per epoch (each is just the step's index in the epoch: the module generates the data), and the
-teacher's task (any cvlab image datamodule) supplies the real test split, the image shape and the
-normalisation. No training image is ever read.
+teacher's task (any cvlab image datamodule) supplies the validation split (held out of its training
+images: the method never trains on them), the test split, the image shape and the normalisation.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ class StepTicks:
 
 
 class DataFreeDataModule(TensorImageDataModule):
-    """``steps_per_epoch`` generated-data steps per epoch; validation and test on ``task``'s real test split.
+    """``steps_per_epoch`` generated-data steps per epoch; validation on ``task``'s validation split (its
+    held-out training images; its test split only under ``val_size: 0``), test on its test split.
 
     Args:
         task: the teacher's datamodule, e.g. ``{class_path: datamodules.MNISTDataModule, init_args:
-            {image_size: 32}}``; its test split, image shape, classes and normalisation are used.
+            {image_size: 32}}``; its validation and test splits, image shape, classes and normalisation
+            are used.
         steps_per_epoch: training steps per epoch (LRA: generator steps; its public code runs
             ``36 * (1024 // batch)`` = 72 per epoch at batch 512).
         data_dir: overrides ``task``'s data root when given (so ``--data.init_args.data_dir`` works).

@@ -35,7 +35,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from datamodules.base import Augment, TensorImageDataModule
+from datamodules.base import Augment, TensorImageDataModule, ValSize
 
 Background = Literal["random", "correlated", "swapped", "none"]
 
@@ -275,6 +275,7 @@ class ShapesDataModule(TensorImageDataModule):
     mean = (0.4117, 0.4220, 0.4058)
     std = (0.2295, 0.2420, 0.2298)
     default_augment: Augment = "flip"
+    default_val_size: int | float = 0.1  # 1,000 of the default 10,000 training images
 
     def __init__(
         self,
@@ -282,7 +283,7 @@ class ShapesDataModule(TensorImageDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        val_size: int = 0,
+        val_size: ValSize = None,
         augment: Augment | None = None,
         image_size: int | None = None,
         download: bool = False,
@@ -314,9 +315,6 @@ class ShapesDataModule(TensorImageDataModule):
         self.correlation = correlation
         self.imbalance_factor = imbalance_factor
         self._generated: dict[bool, ShapesBatch] = {}
-        self._train_keep: Tensor | None = None
-        self.train_indices: Tensor | None = None
-        self.val_indices: Tensor | None = None
         self.train_masks: Tensor | None = None
         self.val_masks: Tensor | None = None
         self.test_masks: Tensor | None = None
@@ -351,27 +349,20 @@ class ShapesDataModule(TensorImageDataModule):
 
             counts = long_tail_counts(self.num_train // self.num_classes, self.num_classes, self.imbalance_factor)
             keep = torch.as_tensor(long_tail_indices(labels, counts), dtype=torch.long)
-        self._train_keep = keep
         return keep
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_x is not None:
             return
         super().setup(stage)
-        # replay the base class's selection and validation split on the masks
-        tr = self.generate(True)
-        idx = self._train_keep if self._train_keep is not None else torch.arange(tr.labels.shape[0])
-        if self.val_size > 0:
-            perm = torch.randperm(idx.shape[0], generator=torch.Generator().manual_seed(self.seed))
-            self.val_indices = idx[perm[: self.val_size]]
-            idx = idx[perm[self.val_size :]]
-        self.train_indices = idx
+        # the base class's selection and validation split, on the masks
+        tr, idx = self.generate(True), self.train_indices
         te = self.generate(False)
         self.train_masks = self._resize_masks(tr.masks[idx])
         self.train_background_ids = tr.background_ids[idx]
         self.test_masks = self._resize_masks(te.masks)
         self.test_background_ids = te.background_ids
-        if self.val_indices is not None:
+        if self.val_count > 0:
             self.val_masks = self._resize_masks(tr.masks[self.val_indices])
             self.val_background_ids = tr.background_ids[self.val_indices]
         else:

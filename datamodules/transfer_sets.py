@@ -4,8 +4,8 @@
 * Pools of transfer images: :class:`ImpressionPool` (synthesized shards, ZSKD, Nayak et al. ICML 2019),
   :class:`NoisePool` (uniform / Gaussian noise), :class:`DataModulePool` (any cvlab datamodule: the
   embedded shapes as a synthetic pool, another dataset as a natural pool, or the task's own data).
-* :class:`TransferSetDataModule`: a pool for training, the real test set of the teacher's task for
-  evaluation, and optional target-class balancing (Nayak, Mopuri, Chakraborty, "Effectiveness of
+* :class:`TransferSetDataModule`: a pool for training, the teacher's task for evaluation (validation
+  on its held-out training images, test on its test split), and optional target-class balancing (Nayak, Mopuri, Chakraborty, "Effectiveness of
   arbitrary transfer sets for data-free knowledge distillation", WACV 2021, arXiv 2011.09113): the
   pool goes through the teacher and an equal number of its most confident examples is kept per
   teacher-predicted class; ``balance: none`` is the unbalanced control.
@@ -139,10 +139,11 @@ class ImpressionPool(TransferPool):
 
 
 class TransferSetDataModule(TensorImageDataModule):
-    """Train on a transfer pool, evaluate on the real test set of the teacher's task.
+    """Train on a transfer pool; validate on the task's held-out training images, test on its test split.
 
     Args:
-        task: the teacher's datamodule (its test set, image shape and normalisation are used).
+        task: the teacher's datamodule (its validation split, test split, image shape and normalisation
+            are used; its ``val_size`` sets the validation split, 0 validates on its test split).
         pool: where the training images come from.
         balance: ``confidence`` keeps ``per_class`` most confident examples per teacher-predicted class
             (WACV 2021); ``none`` keeps the pool as it is (the unbalanced control).
@@ -175,7 +176,7 @@ class TransferSetDataModule(TensorImageDataModule):
             return
         self.task.setup(stage)
         self.test_x, self.test_y = self.task.test_x, self.task.test_y
-        self.val_x, self.val_y = self.test_x, self.test_y
+        self.val_x, self.val_y = self.task.val_x, self.task.val_y  # the test split only under val_size 0
         self.train_x, self.train_y = self.pool.load(self.task, self.seed)
 
     @torch.no_grad()

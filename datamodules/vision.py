@@ -46,7 +46,7 @@ import torch
 import torchvision.datasets as tvd
 from torch import Tensor
 
-from datamodules.base import Augment, TensorImageDataModule
+from datamodules.base import Augment, TensorImageDataModule, ValSize
 from datamodules.errors import DatasetCorruptError, DatasetNotFoundError
 from datamodules.longtail import long_tail_counts, long_tail_indices
 
@@ -496,7 +496,7 @@ class _LongTailMixin(TensorImageDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        val_size: int = 0,
+        val_size: ValSize = None,
         augment: Augment | None = None,
         image_size: int | None = None,
         download: bool = False,

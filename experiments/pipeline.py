@@ -19,6 +19,13 @@ A pipeline file::
       student:test/acc: 0.9877
     results_md: docs/RESULTS.md       # optional: append the final table there
 
+``cvlab run PIPELINE.yaml --seeds N`` repeats the pipeline (or the ``--only`` stages) over seeds
+``S .. S + N - 1`` (``--seed-start S``, default 0), each in its own folder ``<root>/<name>/seed-<s>/``:
+every CLI stage gets ``seed_everything``, and ``model.init_args.seed`` / ``data.init_args.seed`` where its
+model / datamodule has one (the data seed also draws the validation split). It ends with the mean,
+sample sd and range of every test metric (``test/*``, ``eval/*``) over the seeds, as a markdown table with the command
+(printed; appended to ``--results-md`` when given).
+
 Each stage runs as its own ``cvlab`` process (so DDP launchers work as usual). A stage's folder is
 named by a hash of its command, its config files' contents and its resolved arguments: a stage
 whose folder holds ``stage.json`` is skipped; one with ``checkpoints/last.ckpt`` but no
@@ -207,12 +214,14 @@ def run_pipeline(
     dry_run: bool = False,
     results_md: str | None = None,
     only: list[str] | None = None,
+    subdir: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run the stages (``only``: just these, the others must be done if referenced); return ``{stage: metrics}``."""
+    """Run the stages (``only``: just these, the others must be done if referenced); return ``{stage: metrics}``.
+    ``subdir``: put the stage folders under ``<root>/<name>/<subdir>/`` (one seed's run)."""
     spec, stages = load_pipeline(path)
     sets = sets or []
     validate_pipeline(stages, sets, only)
-    base = Path(root) / spec["name"]
+    base = Path(root) / spec["name"] / (subdir or "")
     dirs: dict[str, Path] = {}
     metrics: dict[str, dict[str, float]] = {}
     for stage in stages:
@@ -302,6 +311,89 @@ def results_table(spec: dict[str, Any], metrics: dict[str, dict[str, float]], di
     return "\n".join(rows)
 
 
+def seed_overrides(stages: list[Stage], sets: list[str], seed: int) -> list[str]:
+    """``--set`` overrides giving every CLI stage ``seed``: ``seed_everything`` always, and the model's and
+    the datamodule's own ``seed`` argument where the stage's classes have one (found by parsing)."""
+    from experiments.cli import check_arguments
+
+    out = []
+    for stage in stages:
+        if stage.command == "teacher":
+            continue
+        out.append(f"{stage.name}.seed_everything={seed}")
+        args = [_REF.sub(lambda m: f"/pipeline-stage/{m.group(1)}", a) for a in stage.args + _overrides_for(stage.name, sets)]
+        argv = [stage.command, *[f"--config={c}" for c in stage.config], *args]
+        for key in ("model.init_args.seed", "data.init_args.seed"):
+            try:
+                check_arguments([*argv, f"--{key}={seed}"])
+            except CvlabError:
+                continue  # this stage's class has no such argument
+            out.append(f"{stage.name}.{key}={seed}")
+    return out
+
+
+def seed_summary(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """``{seed: {stage: metrics}}`` -> ``{"stage:test/metric": {mean, sd, min, max, n, values}}`` over the
+    seeds that have the metric: every test-split metric (``test/*``, and ``eval/*``, the evaluation
+    protocols that train fresh networks and test them, as Dataset Condensation's); ``sd`` is the
+    sample standard deviation (0 for one seed)."""
+    values: dict[str, list[float]] = {}
+    for seed in sorted(per_seed):
+        for stage, m in per_seed[seed].items():
+            for k, v in sorted(m.items()):
+                if k.startswith(("test/", "eval/")):
+                    values.setdefault(f"{stage}:{k}", []).append(float(v))
+    out = {}
+    for key, vs in values.items():
+        n = len(vs)
+        mean = sum(vs) / n
+        sd = (sum((v - mean) ** 2 for v in vs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+        out[key] = {"mean": mean, "sd": sd, "min": min(vs), "max": max(vs), "n": n, "values": vs}
+    return out
+
+
+def seeds_table(spec: dict[str, Any], summary: dict[str, dict[str, Any]], seeds: list[int], command: str) -> str:
+    """The markdown table of :func:`seed_summary`, with the paper's numbers where the pipeline gives them."""
+    paper: dict[str, float] = spec.get("paper") or {}
+    rows = [f"### {spec['name']}: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {time.strftime('%Y-%m-%d')}", "",
+            f"`{command}`", "", "| stage:metric | mean | sd | range | seeds | paper |", "| --- | --- | --- | --- | --- | --- |"]
+    for key, st in summary.items():
+        ref = paper.get(key)
+        rows.append(f"| {key} | {st['mean']:.4f} | {st['sd']:.4f} | {st['min']:.4f} - {st['max']:.4f} | "
+                    f"{' '.join(f'{v:.4f}' for v in st['values'])} | {'' if ref is None else ref} |")
+    return "\n".join(rows)
+
+
+def run_seeds(
+    path: str | Path,
+    seeds: list[int],
+    root: str | Path = "runs",
+    sets: list[str] | None = None,
+    dry_run: bool = False,
+    results_md: str | None = None,
+    only: list[str] | None = None,
+    command: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the pipeline once per seed (folders ``<root>/<name>/seed-<s>/``) and summarise every test metric
+    (:func:`seed_summary`); print the table and append it to ``results_md`` when given."""
+    spec, stages = load_pipeline(path)
+    sets = sets or []
+    validate_pipeline(stages, sets, only)
+    per_seed = {}
+    for seed in seeds:
+        print(f"=== seed {seed} ===", flush=True)
+        extra = seed_overrides([s for s in stages if not only or s.name in only], sets, seed)
+        per_seed[seed] = run_pipeline(path, root, sets + extra, dry_run, None, only, subdir=f"seed-{seed}")
+    summary = seed_summary(per_seed)
+    table = seeds_table(spec, summary, seeds, command or f"cvlab run {path} --seeds {len(seeds)}")
+    print(table, flush=True)
+    if results_md and not dry_run:
+        with open(results_md, "a") as f:
+            f.write("\n" + table + "\n")
+        print(f"appended to {results_md}")
+    return summary
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="cvlab run", description="Run a multi-stage experiment (see experiments/pipeline.py).")
     p.add_argument("pipeline", help="pipeline YAML, e.g. experiments/zskd/mnist/pipeline.yaml")
@@ -313,6 +405,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--only", nargs="+", default=None, metavar="STAGE",
                    help="run just these stages (the stages they reference must be done)")
     p.add_argument("--results-md", default=None, help="append the final table to this markdown file")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run the pipeline over N seeds and report the mean, sd and range of every test metric")
+    p.add_argument("--seed-start", type=int, default=0, metavar="S", help="with --seeds: the first seed (default 0)")
     a, extra = p.parse_known_args(argv)
     bad = [x for x in extra if not (x.startswith("--") and "=" in x and "." in x.split("=", 1)[0])]
     if bad:
@@ -324,5 +419,11 @@ def main(argv: list[str]) -> int:
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
         signal.signal(signal.SIGTERM, lambda signum, frame: _TERMINATED.set())  # the stage gets it too and stops
+    if a.seeds is not None:
+        if a.seeds < 1:
+            p.error(f"--seeds must be >= 1, got {a.seeds}")
+        seeds = list(range(a.seed_start, a.seed_start + a.seeds))
+        run_seeds(a.pipeline, seeds, a.root, a.set, a.dry_run, a.results_md, a.only, shlex.join(["cvlab", "run", *argv]))
+        return 0
     run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md, a.only)
     return 0

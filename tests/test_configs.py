@@ -126,7 +126,7 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("MNIST", "FashionMNIST", "KMNIST"):
         write_mnist_idx(root, name, n_train=60, n_test=20)
     write_cifar(root, 10, n_train=60, n_test=20)
-    write_cifar(root, 100, n_train=200, n_test=40)
+    write_cifar(root, 100, n_train=400, n_test=40)  # 4 per class: each keeps training images beside the validation split
     write_svhn(root, n_train=60, n_test=20)
     return root
 

@@ -73,15 +73,17 @@ def test_mnist_family(tmp_path, no_network, cls, folder, mean, std):
     assert (dm.num_classes, dm.in_channels, dm.image_size, dm.augment) == (10, 1, 28, "none")
     assert (dm.mean, dm.std) == (mean, std)
     dm.setup("fit")
-    assert dm.train_x.shape == (50, 1, 28, 28) and dm.train_x.dtype == torch.uint8
+    assert dm.train_x.shape == (45, 1, 28, 28) and dm.train_x.dtype == torch.uint8  # 5 held out (a tenth)
     assert dm.test_x.shape == (20, 1, 28, 28) and dm.test_x.dtype == torch.uint8
     assert dm.train_y.dtype == torch.int64 and dm.test_y.dtype == torch.int64
     assert int(dm.train_y.min()) >= 0 and int(dm.train_y.max()) <= 9
-    np.testing.assert_array_equal(dm.train_x.numpy(), ref["train"][0])
-    np.testing.assert_array_equal(dm.train_y.numpy(), ref["train"][1])
+    ti, vi = dm.train_indices.numpy(), dm.val_indices.numpy()
+    assert sorted([*ti, *vi]) == list(range(50))  # validation is held out of the training file
+    np.testing.assert_array_equal(dm.train_x.numpy(), ref["train"][0][ti])
+    np.testing.assert_array_equal(dm.train_y.numpy(), ref["train"][1][ti])
+    np.testing.assert_array_equal(dm.val_x.numpy(), ref["train"][0][vi])
     np.testing.assert_array_equal(dm.test_x.numpy(), ref["test"][0])
     np.testing.assert_array_equal(dm.test_y.numpy(), ref["test"][1])
-    assert dm.val_x is dm.test_x  # val_size=0 validates on the test set
     x, y, (xb, yb) = first_batch(dm)
     assert xb.shape == (16, 1, 28, 28) and yb.dtype == torch.int64
     check_normalised(dm, x, xb)
@@ -98,7 +100,7 @@ def test_mnist_resize_to_32(tmp_path):
     write_mnist_idx(tmp_path, "MNIST", n_train=50, n_test=20)
     dm = MNISTDataModule(data_dir=str(tmp_path), image_size=32, batch_size=8)
     dm.setup()
-    assert dm.train_x.shape == (50, 1, 32, 32) and dm.train_x.dtype == torch.uint8
+    assert dm.train_x.shape == (45, 1, 32, 32) and dm.val_x.shape == (5, 1, 32, 32) and dm.train_x.dtype == torch.uint8
     assert dm.test_x.shape == (20, 1, 32, 32)
     assert dm.input_shape == (1, 32, 32)
     _, _, (xb, _) = first_batch(dm)
@@ -118,7 +120,7 @@ def test_mnist_read_only_folder_extracts_elsewhere(tmp_path, monkeypatch):
     monkeypatch.setattr(vision, "_gunzip", gunzip)
     dm = MNISTDataModule(data_dir=str(tmp_path))
     dm.setup()
-    np.testing.assert_array_equal(dm.train_x.numpy(), ref["train"][0])
+    np.testing.assert_array_equal(dm.train_x.numpy(), ref["train"][0][dm.train_indices.numpy()])
     assert sorted(p.name for p in raw.iterdir()) == sorted(f + ".gz" for f in vision._MNIST_FILES)
 
 
@@ -142,7 +144,7 @@ def test_val_split(tmp_path):
     assert (len(dm.train_x), len(dm.val_x), len(dm.test_x)) == (40, 10, 20)
     assert len(dm.train_dataloader().dataset) == 40 and len(dm.val_dataloader().dataset) == 10
     # a partition of the training file: every training image lands in exactly one of the two
-    full = MNISTDataModule(data_dir=str(tmp_path))
+    full = MNISTDataModule(data_dir=str(tmp_path), val_size=0)  # the whole training file
     full.setup()
     flat = lambda t: {bytes(r) for r in t.reshape(len(t), -1).numpy()}  # noqa: E731
     assert flat(dm.train_x) | flat(dm.val_x) == flat(full.train_x)
@@ -156,11 +158,12 @@ def test_cifar(tmp_path, no_network, cls, k):
     dm = cls(data_dir=str(tmp_path), batch_size=10)
     assert (dm.num_classes, dm.in_channels, dm.image_size, dm.augment) == (k, 3, 32, "crop_flip")
     dm.setup()
-    assert dm.train_x.shape == (50, 3, 32, 32) and dm.train_x.dtype == torch.uint8
+    assert dm.train_x.shape == (45, 3, 32, 32) and dm.train_x.dtype == torch.uint8
     assert dm.test_x.shape == (20, 3, 32, 32) and dm.test_y.dtype == torch.int64
     assert dm.train_x.is_contiguous()
-    np.testing.assert_array_equal(dm.train_x.numpy(), ref["train"][0])
-    np.testing.assert_array_equal(dm.train_y.numpy(), ref["train"][1])
+    np.testing.assert_array_equal(dm.train_x.numpy(), ref["train"][0][dm.train_indices.numpy()])
+    np.testing.assert_array_equal(dm.train_y.numpy(), ref["train"][1][dm.train_indices.numpy()])
+    np.testing.assert_array_equal(dm.val_x.numpy(), ref["train"][0][dm.val_indices.numpy()])
     np.testing.assert_array_equal(dm.test_x.numpy(), ref["test"][0])
     np.testing.assert_array_equal(dm.test_y.numpy(), ref["test"][1])
     assert 0 <= int(dm.train_y.min()) and int(dm.train_y.max()) < k
@@ -190,12 +193,12 @@ def test_svhn(tmp_path, no_network):
     dm = SVHNDataModule(data_dir=str(tmp_path), batch_size=10)
     assert (dm.num_classes, dm.in_channels, dm.augment) == (10, 3, "crop")
     dm.setup()
-    assert dm.train_x.shape == (50, 3, 32, 32) and dm.train_x.dtype == torch.uint8
+    assert dm.train_x.shape == (45, 3, 32, 32) and dm.train_x.dtype == torch.uint8
     assert dm.test_x.shape == (20, 3, 32, 32)
-    assert dm.train_y.dtype == torch.int64 and dm.train_y.shape == (50,)
-    assert set(dm.train_y.tolist()) == set(range(10))  # the file's 10 became 0
-    np.testing.assert_array_equal(dm.train_x.numpy(), ref["train"][0])
-    np.testing.assert_array_equal(dm.train_y.numpy(), ref["train"][1])
+    assert dm.train_y.dtype == torch.int64 and dm.train_y.shape == (45,)
+    assert set(dm.train_y.tolist()) | set(dm.val_y.tolist()) == set(range(10))  # the file's 10 became 0
+    np.testing.assert_array_equal(dm.train_x.numpy(), ref["train"][0][dm.train_indices.numpy()])
+    np.testing.assert_array_equal(dm.train_y.numpy(), ref["train"][1][dm.train_indices.numpy()])
     np.testing.assert_array_equal(dm.test_x.numpy(), ref["test"][0])
     np.testing.assert_array_equal(dm.test_y.numpy(), ref["test"][1])
     x, _, (xb, _) = first_batch(dm)
@@ -217,7 +220,7 @@ def test_download_true_uses_present_files_offline(tmp_path, no_network, which):
         dm = (CIFAR10DataModule if k == 10 else CIFAR100DataModule)(data_dir=str(tmp_path), download=True)
     dm.prepare_data()
     dm.setup()
-    assert len(dm.train_x) == 10 and len(dm.test_x) == 10
+    assert (len(dm.train_x), len(dm.val_x), len(dm.test_x)) == (9, 1, 10)
 
 
 # --- long tail ------------------------------------------------------------------------------------
@@ -275,8 +278,9 @@ def test_cifar100_lt(tmp_path):
     dm.setup()
     want = long_tail_counts(6, 100, 6)
     assert (want[0], want[-1]) == (6, 1)
-    assert len(dm.train_x) + len(dm.val_x) == sum(want)
+    assert len(dm.train_x) == sum(want)  # the long tail stays whole: validation comes from the images it left out
     assert len(dm.val_x) == 5 and len(dm.test_x) == 20
+    assert not set(dm.val_indices.tolist()) & set(dm.train_indices.tolist())
     assert CIFAR100LTDataModule(data_dir=str(tmp_path)).target_counts[-1] == 5
 
 
@@ -359,7 +363,8 @@ def test_real_mnist(tmp_path, no_network):
     again.prepare_data()
     again.setup()
     assert torch.equal(again.test_x, dm.test_x)
-    assert dm.train_x.shape == (60000, 1, 28, 28) and dm.test_x.shape == (10000, 1, 28, 28)
-    assert torch.bincount(dm.train_y).tolist()[:2] == [5923, 6742]
+    assert dm.train_x.shape == (55000, 1, 28, 28) and dm.val_x.shape == (5000, 1, 28, 28)
+    assert dm.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(torch.cat([dm.train_y, dm.val_y])).tolist()[:2] == [5923, 6742]
     mean = dm.train_x.float().div(255).mean().item()
     assert abs(mean - 0.1307) < 1e-3

@@ -156,12 +156,13 @@ def test_datamodule_splits_masks_and_stats() -> None:
     dm = ShapesDataModule(num_train=1000, num_test=300, seed=3)
     assert dm.augment == "flip" and dm.input_shape == (3, 32, 32)
     dm.setup("fit")
-    assert dm.train_x.shape == (1000, 3, 32, 32) and dm.train_x.dtype == torch.uint8
+    assert dm.train_x.shape == (900, 3, 32, 32) and dm.train_x.dtype == torch.uint8  # a tenth held out
     assert dm.test_x.shape == (300, 3, 32, 32) and dm.test_y.dtype == torch.int64
-    assert torch.equal(dm.train_x, generate_shapes(1000, seed=3).images)
+    full = generate_shapes(1000, seed=3).images
+    assert torch.equal(dm.train_x, full[dm.train_indices]) and torch.equal(dm.val_x, full[dm.val_indices])
     assert torch.equal(dm.test_x, generate_shapes(300, seed=4).images)  # test set: seed + 1
-    assert dm.train_masks.shape == (1000, 1, 32, 32) and dm.test_masks.shape == (300, 1, 32, 32)
-    assert dm.val_x is dm.test_x and dm.val_masks is dm.test_masks
+    assert dm.train_masks.shape == (900, 1, 32, 32) and dm.test_masks.shape == (300, 1, 32, 32)
+    assert dm.val_masks.shape == (100, 1, 32, 32)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (128, 3, 32, 32) and y.shape == (128,)
     # the hard-coded normalisation statistics match the data
@@ -195,8 +196,7 @@ def test_datamodule_test_background() -> None:
 def test_datamodule_long_tail() -> None:
     dm = ShapesDataModule(num_train=10000, num_test=100, imbalance_factor=100, val_size=50)
     dm.setup()
-    y = torch.cat([dm.train_y, dm.val_y])
-    counts = torch.bincount(y, minlength=10).tolist()
+    counts = torch.bincount(dm.train_y, minlength=10).tolist()  # validation comes from the images left out
     assert counts == [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
     assert all(a > b for a, b in zip(counts, counts[1:]))
     assert counts[0] / counts[-1] == 100
@@ -207,7 +207,7 @@ def test_datamodule_long_tail() -> None:
     assert torch.bincount(dm.test_y, minlength=10).tolist() == [10] * 10  # the test set stays balanced
     balanced = ShapesDataModule(num_train=500, num_test=10)
     balanced.setup()
-    assert torch.bincount(balanced.train_y, minlength=10).tolist() == [50] * 10
+    assert torch.bincount(torch.cat([balanced.train_y, balanced.val_y]), minlength=10).tolist() == [50] * 10
 
 
 def _small_cnn() -> nn.Module:

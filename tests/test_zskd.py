@@ -212,6 +212,16 @@ def test_clipped_impressions_are_stored_in_the_pixel_range(tmp_path: Path) -> No
     raw, clipped = load_shards(tmp_path / "raw" / "shards")["image"], load_shards(tmp_path / "clip" / "shards")["image"]
     assert raw.min() < 0 and raw.max() > 1  # the check below can fail
     torch.testing.assert_close(clipped, raw.clamp(0, 1))
+    # the reported CE and the teacher's agreement describe the stored (clipped) images
+    shards = load_shards(tmp_path / "clip" / "shards")
+    t = load_teacher(str(teacher))
+    with torch.no_grad():
+        logits = t(shards["image"])
+    ce = soft_cross_entropy(logits, shards["target"], 20.0)
+    torch.testing.assert_close(shards["loss"], ce, rtol=1e-4, atol=1e-5)
+    assert torch.equal(shards["teacher_pred"], logits.argmax(-1))
+    raw_loss = load_shards(tmp_path / "raw" / "shards")["loss"]
+    assert not torch.allclose(raw_loss, ce, rtol=1e-3)  # clipping changed the CE: the check above can fail
 
 
 def _synth_args(teacher: Path, run: Path, n: int = 30, **over: str) -> list[str]:

@@ -17,6 +17,11 @@ All classes are matched in one batched computation (``vmap`` over classes, see
 local module (not a submodule of this one) called with ``torch.func.functional_call``; under DDP each rank matches
 its share of the classes (``rank::world``) and the image gradient is summed with one explicit
 all-reduce, so every rank applies the same update. ``trainer.global_step`` counts outer iterations.
+
+Departure (BatchNorm networks only; the default ConvNet uses instance norm): before each match the
+BatchNorm statistics are the *exact* mean and variance of 16 real images per class, then frozen. The
+public code runs the same batch once in train mode with PyTorch's default momentum 0.1 from freshly
+reset running statistics, which leaves ``0.9 * (0, 1) + 0.1 * batch`` (mostly the reset values).
 """
 
 from __future__ import annotations
@@ -285,7 +290,8 @@ class DatasetCondensation(L.LightningModule):
         return torch.arange(rank, self.hparams.num_classes, world, device=self.device)
 
     def _freeze_batchnorm(self, net: nn.Module, key: tuple[int, ...]) -> None:
-        """BatchNorm nets (paper, Sec. 3): statistics from 16 real images per class, then frozen."""
+        """BatchNorm nets (paper, Sec. 3): statistics from 16 real images per class, then frozen.
+        Exact batch statistics (``momentum=None``), where the public code keeps momentum 0.1 (module docstring)."""
         bns = [m for m in net.modules() if isinstance(m, _BN)]
         if not bns:
             return

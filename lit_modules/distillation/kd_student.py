@@ -6,8 +6,8 @@ natural pools (balanced or not), or the real training data.
 * Arbitrary transfer sets: Nayak, Mopuri, Chakraborty, WACV 2021 (arXiv 2011.09113): the same KD on
   a target-class balanced pool (see :mod:`datamodules.transfer_sets`).
 
-The teacher labels every (augmented) training batch on the fly; the student is evaluated on the real
-test set of the teacher's task (the datamodule's val/test split). Batches are [0, 1] pixels: the
+The teacher labels every (augmented) training batch on the fly; the student is validated on real images
+held out of the teacher's task's training set and tested once, after fit, on its test split. Batches are [0, 1] pixels: the
 teacher applies its own input contract, the student normalises with the task's statistics (recorded
 in its hyper-parameters). A student checkpoint is itself a teacher for
 :func:`lit_modules.teacher.load_teacher` (same ``arch``/``net.`` layout and contract as ClassifierModule).

@@ -40,9 +40,11 @@ that step's auto-encoder target (the public code draws a second set in train mod
 input is not L2-normalised along the image height.
 
 **Retention.** Each validation (``val_check_interval``, by default once per epoch) measures the student's
-accuracy on the real test set of the teacher's task: ``val/acc`` is the accuracy curve over generator
-steps; ``retention/drops`` counts the evaluations where it fell and ``retention/drop_total`` sums the
-falls (accuracy as a fraction, so 0.012 = 1.2 points); ``retention/max_drop`` is the largest. The curve
+accuracy on the validation split of the teacher's task (real images held out of its training set; the
+test split is evaluated once, after fit, on the final weights): ``val/acc`` is the accuracy curve over
+generator steps; ``retention/best_acc`` is its maximum (a validation figure, never a test one);
+``retention/drops`` counts the evaluations where it fell and ``retention/drop_total`` sums the falls
+(accuracy as a fraction, so 0.012 = 1.2 points); ``retention/max_drop`` is the largest. The curve
 is also written to ``<run>/retention_curve.json``. Generated images (sorted by the teacher's class) are
 logged as ``lra/generated`` grids.
 
@@ -486,7 +488,7 @@ class AdversarialKD(L.LightningModule):
             x = (x - lo) / (hi - lo).clamp_min(1e-8)
         log_image_grid(self.trainer, key, x.clamp(0, 1), nrow=10, caption="sorted by the teacher's class")
 
-    # --- retention: accuracy on the real test set ----------------------------------------------------
+    # --- retention: accuracy on the task's validation split (held-out real training images) ------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         self.val_acc.update(self(x), y)

@@ -17,6 +17,11 @@ Any teacher works (:func:`lit_modules.teacher.load_teacher`): the impressions ha
 input shape, and each is parametrised in the teacher's normalised input space ``u = (x - mean) / std``
 (the teacher's own statistics), where the recipes' learning rate, N(0, 1) start and L2 / TV penalties
 are defined; the stored image is the pixel image ``x = u * std + mean``.
+
+Departure (the TF-port recipe, ``init: gaussian`` with ``pixel_l2``): the N(0, 1) start and the L2
+penalty taken from a public TF port act here in the teacher's *normalised* input space. In pixels the start is therefore N(mean, std^2) per channel (MNIST: N(0.13, 0.31^2)), not
+N(0, 1), and the penalty pulls the impressions towards the teacher's mean image, not towards black.
+The "pixel" in ``pixel_l2`` / ``pixel_tv`` names the per-pixel penalty, not the space.
 """
 
 from __future__ import annotations
@@ -100,12 +105,14 @@ class DataImpressionSynthesizer(L.LightningModule):
         betas, beta_split: Dirichlet scales and the share of impressions per scale (paper: 1.0 and 0.1, half each).
         renormalize: ``paper`` or ``public_code`` (min-max after scaling, which cancels beta; see
             :func:`lit_modules.distillation.data_impressions.concentration`).
-        pixel_l2: weight of an L2 penalty ``pixel_l2 / 2 * ||x||^2`` on each impression (teacher input
-            space); not in the paper, a public TF port uses 1e-3 (with Adam lr 3.0). 0: off.
-        pixel_tv: weight of a smoothness prior ``pixel_tv * TV(x)``, the squared differences of
-            neighbouring pixels (teacher input space); not in the paper. 0: off.
+        pixel_l2: weight of an L2 penalty ``pixel_l2 / 2 * ||u||^2`` on each impression ``u`` in the
+            teacher's *normalised* input space (it pulls towards the mean image, not towards 0 pixels);
+            not in the paper, a public TF port uses 1e-3 (with Adam lr 3.0). 0: off.
+        pixel_tv: weight of a smoothness prior ``pixel_tv * TV(u)``, the squared differences of
+            neighbouring pixels in the normalised space; not in the paper. 0: off.
         clip: store the impressions clipped to the pixel range [0, 1], as the public codes do when they
-            save them as 8-bit images (the teacher's agreement is then measured on the clipped images).
+            save them as 8-bit images; the reported synthesis CE (``loss``) and the teacher's agreement
+            are then both measured on the clipped, stored images.
         seed: seeds the targets and every impression's starting noise.
         grid_per_class: impressions per class in the logged grid (one row per class).
     """
@@ -177,10 +184,11 @@ class DataImpressionSynthesizer(L.LightningModule):
             u, loss = synthesize(self.teacher.forward_normalized, u0, y, hp.iterations, hp.lr, hp.temperature,
                                  self._progress(hp.iterations), pixel_l2=hp.pixel_l2, pixel_tv=hp.pixel_tv)
             image = norm.inverse(u).float()  # pixel space, as stored
-            if hp.clip:
-                image = image.clamp(0, 1)
-                u = norm(image)
             with torch.no_grad():
+                if hp.clip:  # CE and agreement describe the stored (clipped) images
+                    image = image.clamp(0, 1)
+                    u = norm(image)
+                    loss = soft_cross_entropy(self.teacher.forward_normalized(u), y, hp.temperature)
                 start = soft_cross_entropy(self.teacher.forward_normalized(u0), y, hp.temperature)
                 pred = self.teacher.forward_normalized(u).argmax(-1)
         cpu = index.cpu()
