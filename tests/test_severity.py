@@ -152,3 +152,88 @@ def test_wordnet_errors(tmp_path: Path) -> None:
         ClassHierarchy.from_wordnet(p, ["n01234567"])
     with pytest.raises(HierarchyError, match="not a WordNet noun id"):
         ClassHierarchy.from_wordnet(p, ["dog"])
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+from lit_modules.robustness.severity import FoolingSeverity, true_class_rank  # noqa: E402
+
+# four images, labels cat, dog, car, fish. Clean predictions: cat (right), dog (right), lorry (wrong), fish (right);
+# adversarial: dog, lorry, lorry, fish. Flips: cat->dog (height 1, distance 2), dog->lorry (height 3, distance 5).
+# The model's own mistake: car->lorry (height 2, distance 3).
+Y = torch.tensor([0, 1, 2, 4])
+CLEAN = torch.tensor([[5., 1, 0, 0, 0], [0, 5, 0, 0, 0], [0, 0, 3, 4, 0], [0, 0, 0, 0, 5]])
+ADV = torch.tensor([[2., 3, 0, 0, 0], [0, 1, 0, 4, 2], [0, 0, 1, 4, 0], [0, 0, 0, 0, 5]])
+
+
+def _expected() -> dict[str, float]:
+    p_clean, p_adv = CLEAN.softmax(-1)[torch.arange(4), Y], ADV.softmax(-1)[torch.arange(4), Y]
+    return {
+        "count": 4, "clean_accuracy": 0.75, "adv_accuracy": 0.25,
+        "fooling_rate": 0.5, "severity_lca": 2.0, "severity_distance": 3.5, "weighted_fooling_rate": 4 / 4 / 3,
+        "rank_before": 1.25, "rank_after": 2.0, "confidence_drop": float((p_clean - p_adv).mean()),
+        "mistake_rate": 0.25, "mistake_lca": 2.0, "mistake_distance": 3.0, "weighted_mistake_rate": 2 / 4 / 3,
+    }
+
+
+def _check_values(out: dict[str, torch.Tensor]) -> None:
+    for k, v in _expected().items():
+        assert float(out[k]) == pytest.approx(v, abs=1e-6), k
+    assert out["hist_lca"].tolist() == [2, 1, 0, 1]
+    assert out["hist_mistake_lca"].tolist() == [3, 0, 1, 0]
+
+
+def test_true_class_rank_worked() -> None:
+    assert true_class_rank(ADV, Y).tolist() == [2, 3, 2, 1]
+    assert true_class_rank(CLEAN, Y).tolist() == [1, 1, 2, 1]
+
+
+def test_fooling_severity_hand_computed(toy: ClassHierarchy) -> None:
+    m = FoolingSeverity(toy)
+    m.update(CLEAN, ADV, Y)
+    _check_values(m.compute())
+    m2 = FoolingSeverity(toy)  # two batches accumulate to the same values
+    m2.update(CLEAN[:1], ADV[:1], Y[:1])
+    m2.update(CLEAN[1:], ADV[1:], Y[1:])
+    _check_values(m2.compute())
+
+
+def test_fooling_severity_no_flip_is_nan_severity(toy: ClassHierarchy) -> None:
+    m = FoolingSeverity(toy)
+    m.update(CLEAN, CLEAN, Y)
+    out = m.compute()
+    assert float(out["fooling_rate"]) == 0 and float(out["weighted_fooling_rate"]) == 0
+    assert torch.isnan(out["severity_lca"]) and float(out["confidence_drop"]) == 0
+
+
+def test_fooling_severity_bad_input(toy: ClassHierarchy) -> None:
+    m = FoolingSeverity(toy)
+    with pytest.raises(HierarchyError, match=r"must be \(B, 5\).*outside the tree"):
+        m.update(torch.zeros(4, 6), torch.zeros(4, 6), Y)
+    with pytest.raises(HierarchyError, match=r"class indices in \[0, 4\].*got \[0, 7\]"):
+        m.update(CLEAN, ADV, torch.tensor([0, 1, 7, 4]))
+
+
+def _ddp_worker(rank: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        m = FoolingSeverity(ClassHierarchy.from_tree(TOY, TOY_CLASSES))
+        idx = slice(rank * 2, rank * 2 + 2) if rank == 0 else slice(2, 3)  # uneven shards: 2 and 1 images
+        m.update(CLEAN[idx], ADV[idx], Y[idx])
+        if rank == 1:
+            m.update(CLEAN[3:], ADV[3:], Y[3:])
+        out = m.compute()  # synced over the two processes
+        if rank == 0:
+            torch.save({k: v.cpu() for k, v in out.items()}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fooling_severity_two_processes_equal_one(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    out_file = tmp_path / "out.pt"
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    _check_values(torch.load(out_file, weights_only=True))
