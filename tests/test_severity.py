@@ -237,3 +237,37 @@ def test_fooling_severity_two_processes_equal_one(tmp_path: Path) -> None:
     out_file = tmp_path / "out.pt"
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
     _check_values(torch.load(out_file, weights_only=True))
+
+
+# --- the report stage -------------------------------------------------------------------------------------------
+def test_report_stage_writes_table_csv_histograms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    from lit_modules.classifier import ClassifierModule
+    from tests.cli_runs import read_metrics, run_cli
+    from tests.fakedata import write_mnist_idx
+
+    write_mnist_idx(tmp_path / "data", "FashionMNIST", n_train=20, n_test=24)
+    monkeypatch.setenv("CVLAB_DATA", str(tmp_path / "data"))
+    torch.manual_seed(0)
+    ckpts = {}
+    for arch in ("lenet5", "lenet5_half"):
+        m = ClassifierModule(arch=arch, num_classes=10, in_channels=1, image_size=32)
+        ckpts[arch] = tmp_path / f"{arch}.ckpt"
+        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, ckpts[arch])
+    models = "{" + ", ".join(f"{k}: {v}" for k, v in ckpts.items()) + "}"
+    run = tmp_path / "run"
+    run_cli("test", "--config=experiments/severity/fashion_mnist/report.yaml", f"--model.init_args.models={models}",
+            "--model.init_args.eps=[0.1, 0.3]", "--model.init_args.steps=3", "--data.init_args.batch_size=12",
+            "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--run.logger=csv", run_dir=run)
+    rows = list(csv.DictReader(open(run / "severity_report.csv")))
+    assert len(rows) == 2 * 5 * 2 and {r["attack"] for r in rows} == {"fgsm", "ifgsm", "pgd", "mifgsm", "noise"}
+    for r in rows:
+        fr, swfr = float(r["fooling_rate"]), float(r["weighted_fooling_rate"])
+        hist = [int(v) for v in r["hist_lca"].split()]
+        assert int(r["images"]) == 24 and sum(hist) == 24 and hist[0] == round(24 * (1 - fr))
+        assert 0 <= swfr <= fr <= 1 and float(r["rank_after"]) >= 1
+    md = (run / "severity_report.md").read_text()
+    assert md.count("\n| lenet5 |") == 10 and "LCA height (own mistakes)" in md
+    assert all((run / "images" / f"severity_hist_{a}.png").is_file() for a in ("fgsm", "pgd", "noise"))
+    assert "test/lenet5/pgd/eps0.1/fooling_rate" in read_metrics(run)
