@@ -83,21 +83,17 @@ def test_builtin_two_level(name: str) -> None:
 def test_cifar100_coarse_labels_from_generated_pickle(tmp_path: Path) -> None:
     write_cifar(tmp_path, num_classes=100, n_train=300, n_test=10)
     folder = tmp_path / "cifar-100-python"
-    train = read_cifar_pickle(folder / "train")
-    fine = np.asarray(train["fine_labels"])
-    coarse = fine // 5  # our generated superclasses: 5 consecutive fine classes each
-    train["coarse_labels"] = coarse.tolist()
-    with open(folder / "train", "wb") as f:
-        pickle.dump(train, f)
-    meta = read_cifar_pickle(folder / "meta")
-    meta["coarse_label_names"] = [f"super{i}" for i in range(20)]
-    with open(folder / "meta", "wb") as f:
-        pickle.dump(meta, f)
-    assert len(set(fine.tolist())) == 100  # write_cifar cycles the labels: every class has images
+    train, meta = read_cifar_pickle(folder / "train"), read_cifar_pickle(folder / "meta")
+    assert len(set(train["fine_labels"])) == 100  # write_cifar cycles the labels; superclass = fine // 5
     h = ClassHierarchy.from_cifar100(tmp_path)
     assert h.num_classes == 100 and h.height == 2
     assert h.lca_height[0, 4] == 1 and h.lca_height[4, 5] == 2 and h.distance[0, 4] == 2 and h.distance[4, 5] == 4
-    assert list(h.names[:3]) == list(meta["fine_label_names"][:3])
+    assert list(h.names[:3]) == list(meta["fine_label_names"][:3]) and h.names[h.lca(0, 4)] == "super:coarse_0"
+    train["coarse_labels"][train["fine_labels"].index(0)] = 7  # fine class 0 now in two superclasses
+    with open(folder / "train", "wb") as f:
+        pickle.dump(train, f)
+    with pytest.raises(HierarchyError, match="fine_0.*two superclasses"):
+        ClassHierarchy.from_cifar100(tmp_path)
 
 
 def test_cifar_reader_refuses_code(tmp_path: Path) -> None:

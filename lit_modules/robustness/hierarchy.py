@@ -313,15 +313,15 @@ def read_wordnet_nouns(path: str | Path) -> dict[int, int | None]:
 
 
 def load_hierarchy(spec: str, classes: Sequence[str] | None = None, data_dir: str | None = None) -> ClassHierarchy:
-    """A hierarchy by name: ``mnist`` / ``fashion_mnist`` (shipped), ``cifar100`` (from ``data_dir``),
+    """A hierarchy by name: ``mnist`` / ``fashion_mnist`` (shipped), ``cifar100`` (from ``data_dir``, default the data root),
     ``wordnet:<path to data.noun>`` (``classes``: the wnids in label order), or a YAML/JSON file (``classes``:
     the class names in label order)."""
     if spec in BUILTIN:
         return ClassHierarchy.from_tree(BUILTIN[spec], BUILTIN_CLASSES[spec])
-    if spec == "cifar100":
-        if data_dir is None:
-            raise HierarchyError("the cifar100 hierarchy needs data_dir (the folder holding cifar-100-python/)")
-        return ClassHierarchy.from_cifar100(data_dir)
+    if spec == "cifar100":  # data_dir None: $CVLAB_DATA, else ./data, as the datamodules
+        from datamodules.data_root import resolve_data_dir
+
+        return ClassHierarchy.from_cifar100(resolve_data_dir(data_dir))
     if classes is None:
         raise HierarchyError(f"hierarchy {spec!r} needs the class names (or wnids) in label order")
     if spec.startswith("wordnet:"):
