@@ -35,6 +35,10 @@ _LRA = ["--model.init_args.batch_size=8", "--model.init_args.student_steps=1", "
         "--model.init_args.generator_kwargs={widths: [8, 4]}", "--data.init_args.steps_per_epoch=2",
         "--data.init_args.eval_batch_size=8"]
 SMOKE: list[tuple[str, str, list[str]]] = [
+    ("experiments/severity/cifar100/report.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x100}",
+                                                           "--model.init_args.eps=[0.1]", "--model.init_args.steps=2"]),
+    ("experiments/severity/*/report.yaml", "test", ["--model.init_args.models={lenet5: $CVLAB_TEST_TEACHER_1x10}",
+                                                    "--model.init_args.eps=[0.1]", "--model.init_args.steps=2"]),
     # the gray-box test (PGD-40 and more) after fit is covered by tests/test_adversarial_training.py
     ("experiments/gat/*", "fit", ["--model.init_args.pgd_steps=2", "--model.init_args.regime=gat",
                                   "--run.test_after_fit=false"]),

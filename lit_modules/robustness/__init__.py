@@ -1,7 +1,13 @@
 """Robustness: attacks in pixel space (``attacks``), adversarial training with the clean, FGSM-AT, PGD-AT and
-Gray-box Adversarial Training regimes (``adversarial_training``), and gray-box evaluation (``gray_box``)."""
+Gray-box Adversarial Training regimes (``adversarial_training``), gray-box evaluation (``gray_box``), and the
+severity of fooling: class hierarchies (``hierarchy``), the :class:`FoolingSeverity` metric (``severity``) and
+the :class:`SeverityReport` stage (``severity_report``)."""
 
 from lit_modules.robustness.adversarial_training import AdversarialTrainer, SnapshotBag, SnapshotModel
 from lit_modules.robustness.gray_box import GrayBoxEvaluation
+from lit_modules.robustness.hierarchy import ClassHierarchy, load_hierarchy
+from lit_modules.robustness.severity import FoolingSeverity
+from lit_modules.robustness.severity_report import SeverityReport
 
-__all__ = ["AdversarialTrainer", "GrayBoxEvaluation", "SnapshotBag", "SnapshotModel"]
+__all__ = ["AdversarialTrainer", "ClassHierarchy", "FoolingSeverity", "GrayBoxEvaluation", "SeverityReport", "SnapshotBag",
+           "SnapshotModel", "load_hierarchy"]
