@@ -23,7 +23,6 @@ dataset's own pickle (:meth:`ClassHierarchy.from_cifar100`), WordNet 3.0's noun 
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import yaml
 from torch import Tensor
 
 from cvlab.errors import CvlabError
+from datamodules.vision import read_pickled_batch
 
 
 class HierarchyError(CvlabError):
@@ -268,23 +268,9 @@ class ClassHierarchy:
 
 
 def read_cifar_pickle(path: str | Path) -> dict[str, Any]:
-    """A CIFAR python-version pickle, unpickled allowing only numpy arrays and builtins (no arbitrary code)."""
-    with open(path, "rb") as f:
-        data = _CifarUnpickler(f, encoding="latin1").load()
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise HierarchyError(f"refusing to unpickle {module}.{name} from a CIFAR file (only numpy arrays allowed)")
-        return super().find_class(module, name)
+    """A CIFAR python-version pickle read with the data layer's restricted unpickler
+    (:func:`datamodules.vision.read_pickled_batch`: plain data and numpy arrays only, no code)."""
+    return read_pickled_batch(path, "CIFAR-100")
 
 
 def read_wordnet_nouns(path: str | Path) -> dict[int, int | None]:
