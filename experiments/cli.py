@@ -346,36 +346,40 @@ def _quiet_third_parties() -> None:
 
 
 class _Parsed(Exception):
-    """Raised by :class:`_ParseOnlyCLI` once the arguments have parsed."""
+    """Raised by :class:`_ParseOnlyCLI` once the arguments have parsed; carries the parsed config."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__("parsed")
+        self.config = config
 
 
 class _ParseOnlyCLI(CvlabCLI):
-    """Parse a command line (config files, keys, types) and stop before anything is built or written."""
+    """Parse a command line (config files, keys, types) and stop before anything is read, built or written
+    (a later pipeline stage's ``--ckpt_path`` need not exist yet)."""
 
-    def _parse_ckpt_path(self) -> None:  # a later pipeline stage's checkpoint need not exist yet
-        raise _Parsed
-
-    def before_instantiate_classes(self) -> None:
-        raise _Parsed
+    def _parse_ckpt_path(self) -> None:
+        raise _Parsed(self.config)
 
 
-def check_arguments(argv: list[str]) -> None:
-    """Parse ``cvlab argv`` as the CLI would, instantiating nothing: a wrong key, type or config file
-    raises :class:`CvlabError` with LightningCLI's message (its last line) instead of exiting."""
+def parse_arguments_only(argv: list[str]) -> dict[str, Any]:
+    """Parse ``cvlab argv`` as the CLI would, instantiating nothing, and return the subcommand's resolved
+    config (what ``--print_config`` prints); a wrong key, type or config file raises :class:`CvlabError`
+    with LightningCLI's reason (the nested one, where jsonargparse wraps it in its Union report)."""
     import contextlib
     import io
 
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*args parameter is intended")
             _ParseOnlyCLI(args=list(argv))
-    except _Parsed:
-        return
+    except _Parsed as parsed:
+        sub = parsed.config.get("subcommand")
+        return (parsed.config[sub] if sub else parsed.config).as_dict()
     except SystemExit:
         text = err.getvalue()
         body = text.split("error:", 1)[-1] if "error:" in text else text
         lines = [ln.strip() for ln in body.splitlines() if ln.strip()]
-        # jsonargparse nests the real reason (an unknown option, a bad value) under its Union report
         start = next((i for i, ln in enumerate(lines) if ln.startswith("- Problem with given class_path")), None)
         if start is not None:
             nested = []
@@ -387,6 +391,7 @@ def check_arguments(argv: list[str]) -> None:
         else:
             msg = " ".join(ln for ln in lines if not ln.startswith(("Given value", "Subtypes"))) or "invalid arguments"
         raise CvlabError(msg) from None
+    raise CvlabError(f"`cvlab {' '.join(argv[:1])}` is not a command that parses a config")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -191,18 +191,22 @@ def validate_pipeline(stages: list[Stage], sets: list[str], only: list[str] | No
     check_stage_arguments(stages, sets)
 
 
+def _stage_argv(stage: Stage, sets: list[str]) -> list[str]:
+    """A CLI stage's command line for parsing before it runs (``${stage}`` references stand in as paths)."""
+    args = [_REF.sub(lambda m: f"/pipeline-stage/{m.group(1)}", a) for a in stage.args + _overrides_for(stage.name, sets)]
+    return [stage.command, *[f"--config={c}" for c in stage.config], *args]
+
+
 def check_stage_arguments(stages: list[Stage], sets: list[str]) -> None:
     """Parse every CLI stage's config files, args and ``--set`` overrides as its ``cvlab`` process will,
     before any stage runs (``${stage}`` references stand in as paths): a wrong key or value fails here."""
-    from experiments.cli import check_arguments
+    from experiments.cli import parse_arguments_only
 
     for stage in stages:
         if stage.command == "teacher":
             continue
-        args = [_REF.sub(lambda m: f"/pipeline-stage/{m.group(1)}", a) for a in stage.args + _overrides_for(stage.name, sets)]
-        argv = [stage.command, *[f"--config={c}" for c in stage.config], *args]
         try:
-            check_arguments(argv)
+            parse_arguments_only(_stage_argv(stage, sets))
         except CvlabError as e:
             raise CvlabError(f"stage {stage.name!r}: {e}; nothing was run") from None
 
@@ -314,18 +318,17 @@ def results_table(spec: dict[str, Any], metrics: dict[str, dict[str, float]], di
 def seed_overrides(stages: list[Stage], sets: list[str], seed: int) -> list[str]:
     """``--set`` overrides giving every CLI stage ``seed``: ``seed_everything`` always, and the model's and
     the datamodule's own ``seed`` argument where the stage's classes have one (found by parsing)."""
-    from experiments.cli import check_arguments
+    from experiments.cli import parse_arguments_only
 
     out = []
     for stage in stages:
         if stage.command == "teacher":
             continue
         out.append(f"{stage.name}.seed_everything={seed}")
-        args = [_REF.sub(lambda m: f"/pipeline-stage/{m.group(1)}", a) for a in stage.args + _overrides_for(stage.name, sets)]
-        argv = [stage.command, *[f"--config={c}" for c in stage.config], *args]
+        argv = _stage_argv(stage, sets)
         for key in ("model.init_args.seed", "data.init_args.seed"):
             try:
-                check_arguments([*argv, f"--{key}={seed}"])
+                parse_arguments_only([*argv, f"--{key}={seed}"])
             except CvlabError:
                 continue  # this stage's class has no such argument
             out.append(f"{stage.name}.{key}={seed}")

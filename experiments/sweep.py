@@ -49,7 +49,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -310,25 +309,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def resolved_config(argv: list[str]) -> dict[str, Any]:
-    """Parse ``cvlab <argv> --print_config`` in-process and return the resolved config (nothing runs)."""
-    from experiments.cli import CvlabCLI
+    """The resolved config of ``cvlab <argv>``, parsed in-process (nothing runs; see
+    :func:`experiments.cli.parse_arguments_only`)."""
+    from experiments.cli import parse_arguments_only
 
-    out, err = io.StringIO(), io.StringIO()
-    code: Any = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*args parameter is intended")  # `cvlab sweep`'s own argv
-            CvlabCLI(args=[*argv, "--print_config"])
-    except SystemExit as e:
-        code = e.code
-    if code not in (0, None):
-        lines = [ln.strip() for ln in err.getvalue().splitlines() if ln.strip()]
-        at = next((i for i, ln in enumerate(lines) if "not accepted" in ln), None)
-        if at is None:
-            at = next((i for i, ln in enumerate(lines) if "error:" in ln), len(lines) - 1)
-        why = " ".join(lines[at:at + 2] if at >= 0 and lines[at].endswith(":") else lines[at:at + 1]) or f"exit {code}"
-        raise CvlabError(why)
-    return yaml.safe_load(out.getvalue()) or {}
+    return parse_arguments_only(argv)
 
 
 def coverage_rows(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
