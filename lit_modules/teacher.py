@@ -23,6 +23,7 @@ architecture.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -380,8 +381,6 @@ def shape_from_teacher(hparams: Any, teacher: FrozenTeacher) -> None:
 
 def teacher_file_digest(teacher: TeacherArg | dict[str, Any]) -> dict[str, Any]:
     """What identifies a teacher in a manifest: its contract and a hash of its weights file."""
-    import hashlib
-
     spec = as_spec(teacher)
     d = asdict(spec)
     d["weights_sha256"] = hashlib.sha256(Path(spec.weights).read_bytes()).hexdigest()[:16]

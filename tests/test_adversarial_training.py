@@ -14,7 +14,7 @@ from cvlab.errors import CvlabError
 from lit_modules.robustness import AdversarialTrainer, SnapshotModel
 from lit_modules.robustness.adversarial_training import EmptyBagError
 from lit_modules.robustness.attacks import fgsm
-from tests.cli_runs import KillAtEpoch, SimulatedKill, read_metrics, run_cli, run_cli_subprocess
+from tests.cli_runs import SimulatedKill, read_metrics, run_cli, run_cli_subprocess
 from tests.test_attacks import _blobs
 
 

@@ -83,7 +83,6 @@ SHRINK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary
 def test_outside_teacher_drives_zskd_kd_lra_and_idlg(name: str, tmp_path: Path, data_root: Path) -> None:
     spec = TEACHERS[name](tmp_path)
     rgb = spec["in_channels"] == 3
-    task = "datamodules.CIFAR10DataModule" if rgb else "datamodules.MNISTDataModule"
     ds = "cifar10" if rgb else "mnist"
     teacher_cfg = _overlay(tmp_path / "teacher.yaml", "model", "teacher", spec)
     size = spec["image_size"]
