@@ -149,3 +149,53 @@ def write_svhn(root: str | os.PathLike, n_train: int = 50, n_test: int = 20, see
         savemat(root / f"{split}_32x32.mat", {"X": np.ascontiguousarray(x.transpose(2, 3, 1, 0)), "y": mat_y})
         out[split] = (x, y)
     return out
+
+
+# --- class folders of image files (ImageFolder / ImageNet layout) --------------------------------------------
+def write_image_folders(root: str | os.PathLike, classes: list[str], per_class: dict[str, int],
+                        size: tuple[int, int] = (40, 48), seed: int = 0, suffix: str = ".JPEG") -> Splits:
+    """``<root>/<split>/<class>/<i><suffix>`` for each split in ``per_class`` (``{"train": 3, "val": 2}``): JPEG
+    (or PNG) files of ``size`` (H, W) whose pixels are ``np.uint8`` noise around a class-dependent grey level.
+    Returns the decoded-as-written arrays for PNG (lossless); for JPEG only the labels are exact."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out: Splits = {}
+    for split, n in per_class.items():
+        xs, ys = [], []
+        for k, name in enumerate(classes):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                level = 40 + 160 * k / max(len(classes) - 1, 1)
+                img = np.clip(rng.normal(level, 20, size=(*size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{name}_{i}{suffix}")
+                xs.append(img.transpose(2, 0, 1))
+                ys.append(k)
+        out[split] = (np.stack(xs), np.asarray(ys, dtype=np.int64))
+    return out
+
+
+# --- WordNet 3.0 data.noun ------------------------------------------------------------------------------------
+# a small data.noun in WordNet 3.0's format: licence lines start with two spaces; w_cnt in hex, p_cnt 3 digits;
+# pointers "symbol offset pos source/target"; '~' hyponym pointers ignored; '@i' used when there is no '@'.
+DATA_NOUN = """\
+  1 This software and database is being provided to you, the LICENSEE, by
+  2 Princeton University under the following license.
+00001740 03 n 01 entity 0 002 ~ 00001930 n 0000 ~ 00002137 n 0000 | that which is perceived
+00001930 03 n 01 physical_entity 0 002 @ 00001740 n 0000 ~ 00002684 n 0000 | an entity that has physical existence
+00002137 03 n 02 abstraction 0 abstract_entity 0 001 @ 00001740 n 0000 | a general concept
+00002684 03 n 01 object 0 003 @ 00001930 n 0000 ~ 02084071 n 0000 ~ 02121620 n 0000 | a tangible thing
+02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 003 @ 00002684 n 0000 @ 00002137 n 0000 #m 02083346 n 0000 | a member of the genus Canis
+02121620 05 n 01 cat 0 001 @ 00002684 n 0000 | feline mammal
+09999999 18 n 01 Einstein 0 002 @i 00002137 n 0000 ;u 06000000 n 0000 | physicist
+"""
+
+
+def write_data_noun(path: str | os.PathLike) -> Path:
+    """:data:`DATA_NOUN` at ``path``: synsets entity > physical_entity > object > {dog n02084071, cat n02121620},
+    entity > abstraction > Einstein n09999999 (an instance hypernym)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(DATA_NOUN)
+    return path

@@ -18,7 +18,7 @@ import yaml
 from experiments.pipeline import run_pipeline
 from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
-from tests.fakedata import write_cifar, write_mnist_idx, write_svhn
+from tests.fakedata import write_cifar, write_data_noun, write_image_folders, write_mnist_idx, write_svhn
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 
@@ -35,6 +35,11 @@ _LRA = ["--model.init_args.batch_size=8", "--model.init_args.student_steps=1", "
         "--model.init_args.generator_kwargs={widths: [8, 4]}", "--data.init_args.steps_per_epoch=2",
         "--data.init_args.eval_batch_size=8"]
 SMOKE: list[tuple[str, str, list[str]]] = [
+    # three wnids of tests.fakedata.DATA_NOUN in <fake root>/imagenet/val (see fake_root)
+    ("experiments/severity/imagenet/report.yaml", "test", [
+        "--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x3}", "--model.init_args.hierarchy=wordnet:$CVLAB_TEST_DATA_NOUN",
+        "--model.init_args.eps=[0.1]", "--model.init_args.steps=2", "--data.init_args.num_classes=3",
+        "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--data.init_args.batch_size=3"]),
     ("experiments/severity/cifar100/report.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x100}",
                                                            "--model.init_args.eps=[0.1]", "--model.init_args.steps=2"]),
     ("experiments/severity/*/report.yaml", "test", ["--model.init_args.models={lenet5: $CVLAB_TEST_TEACHER_1x10}",
@@ -132,6 +137,7 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_cifar(root, 10, n_train=60, n_test=20)
     write_cifar(root, 100, n_train=400, n_test=40)  # 4 per class: each keeps training images beside the validation split
     write_svhn(root, n_train=60, n_test=20)
+    write_image_folders(root / "imagenet", ["n02084071", "n02121620", "n09999999"], {"val": 1})
     return root
 
 
@@ -145,7 +151,8 @@ def zskd_artifacts(tmp_path_factory: pytest.TempPathFactory):
 
     root, env = tmp_path_factory.mktemp("zskd"), {}
     tiny = {"width": 8, "depth": 2, "norm": "batchnorm"}
-    for key, arch, ch, k, kw in (("1x10", "lenet5", 1, 10, {}), ("3x10", "convnet", 3, 10, tiny), ("3x100", "convnet", 3, 100, tiny)):
+    for key, arch, ch, k, kw in (("1x10", "lenet5", 1, 10, {}), ("3x10", "convnet", 3, 10, tiny), ("3x100", "convnet", 3, 100, tiny),
+                                    ("3x3", "convnet", 3, 3, tiny)):
         m = ClassifierModule(arch=arch, num_classes=k, in_channels=ch, image_size=32, arch_kwargs=kw)
         torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, root / f"teacher_{key}.ckpt")
         env[f"CVLAB_TEST_TEACHER_{key}"] = str(root / f"teacher_{key}.ckpt")
@@ -153,6 +160,7 @@ def zskd_artifacts(tmp_path_factory: pytest.TempPathFactory):
         torch.save({"index": torch.arange(16), "image": torch.rand(16, ch, 32, 32), "target": torch.full((16, k), 1 / k)},
                    root / f"di_{key}" / "shard-000000000-000000015-r0.pt")
         env[f"CVLAB_TEST_IMPRESSIONS_{key}"] = str(root / f"di_{key}")
+    env["CVLAB_TEST_DATA_NOUN"] = str(write_data_noun(root / "data.noun"))
     return env
 
 

@@ -13,7 +13,7 @@ import torch
 from lit_modules.robustness.hierarchy import (
     BUILTIN, BUILTIN_CLASSES, ClassHierarchy, HierarchyError, load_hierarchy, read_cifar_pickle,
 )
-from tests.fakedata import write_cifar
+from tests.fakedata import write_cifar, write_data_noun
 
 # root -> {animal -> {cat, dog}, vehicle -> {car, truck -> {lorry}}}, plus 'fish' straight under the root.
 # classes in label order: cat 0, dog 1, car 2, lorry 3, fish 4; depths: 2, 2, 2, 3, 1.
@@ -114,24 +114,10 @@ def test_cifar100_missing_folder(tmp_path: Path) -> None:
         ClassHierarchy.from_cifar100(tmp_path)
 
 
-# a small data.noun in WordNet 3.0's format: licence lines start with two spaces; w_cnt in hex, p_cnt 3 digits;
-# pointers "symbol offset pos source/target"; '~' hyponym pointers ignored; '@i' used when there is no '@'.
-DATA_NOUN = """\
-  1 This software and database is being provided to you, the LICENSEE, by
-  2 Princeton University under the following license.
-00001740 03 n 01 entity 0 002 ~ 00001930 n 0000 ~ 00002137 n 0000 | that which is perceived
-00001930 03 n 01 physical_entity 0 002 @ 00001740 n 0000 ~ 00002684 n 0000 | an entity that has physical existence
-00002137 03 n 02 abstraction 0 abstract_entity 0 001 @ 00001740 n 0000 | a general concept
-00002684 03 n 01 object 0 003 @ 00001930 n 0000 ~ 02084071 n 0000 ~ 02121620 n 0000 | a tangible thing
-02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 003 @ 00002684 n 0000 @ 00002137 n 0000 #m 02083346 n 0000 | a member of the genus Canis
-02121620 05 n 01 cat 0 001 @ 00002684 n 0000 | feline mammal
-09999999 18 n 01 Einstein 0 002 @i 00002137 n 0000 ;u 06000000 n 0000 | physicist
-"""
 
 
 def test_wordnet_reader_on_generated_data_noun(tmp_path: Path) -> None:
-    p = tmp_path / "data.noun"
-    p.write_text(DATA_NOUN)
+    p = write_data_noun(tmp_path / "data.noun")
     h = ClassHierarchy.from_wordnet(p, ["n02084071", "n02121620", "n09999999"])
     # dog, cat: entity/physical_entity/object/{dog,cat} (dog's first '@' is object); Einstein: entity/abstraction/Einstein
     assert h.depth[:3] == (3, 3, 2)
@@ -143,8 +129,7 @@ def test_wordnet_reader_on_generated_data_noun(tmp_path: Path) -> None:
 def test_wordnet_errors(tmp_path: Path) -> None:
     with pytest.raises(HierarchyError, match="data.noun not found.*wordnet-base"):
         ClassHierarchy.from_wordnet(tmp_path / "nope" / "data.noun", ["n02084071"])
-    p = tmp_path / "data.noun"
-    p.write_text(DATA_NOUN)
+    p = write_data_noun(tmp_path / "data.noun")
     with pytest.raises(HierarchyError, match="n01234567 is not a synset"):
         ClassHierarchy.from_wordnet(p, ["n01234567"])
     with pytest.raises(HierarchyError, match="not a WordNet noun id"):

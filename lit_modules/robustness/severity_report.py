@@ -35,6 +35,7 @@ from cvlab.errors import CvlabError
 from lit_modules.robustness.attacks import Attack, Model, check_eps, fgsm, ifgsm, mifgsm, pgd
 from lit_modules.robustness.hierarchy import load_hierarchy
 from lit_modules.robustness.severity import FoolingSeverity
+from lit_modules.teacher import TeacherArg
 
 AttackName = Literal["fgsm", "ifgsm", "pgd", "mifgsm", "noise"]
 
@@ -67,10 +68,12 @@ class SeverityReport(L.LightningModule):
     """Attacks x models x eps -> severity table, CSV, histograms.
 
     Args:
-        models: ``{name: checkpoint path}`` (cvlab checkpoints or anything :func:`lit_modules.load_teacher` reads).
+        models: ``{name: checkpoint path or teacher spec}`` (anything :func:`lit_modules.load_teacher` reads: cvlab
+            checkpoints, TorchScript, a torchvision/timm state dict with ``arch``, ``num_classes``, ``mean``, ``std``).
         hierarchy: ``mnist`` / ``fashion_mnist`` (shipped), ``cifar100``, ``wordnet:<data.noun>``, or a YAML/JSON
             tree (see :func:`lit_modules.robustness.hierarchy.load_hierarchy`).
-        classes: class names (or WordNet ids) in label order, for a file or WordNet hierarchy.
+        classes: class names (or WordNet ids) in label order, for a file or WordNet hierarchy; ``None`` takes the
+            datamodule's ``class_names`` (e.g. ImageNet's wnids from its folders) when the run starts.
         hierarchy_data_dir: the data root holding ``cifar-100-python/``, for ``cifar100``.
         attacks: which attacks to run (``noise``: the random control).
         eps: Linf budgets in [0, 1] pixel units.
@@ -80,7 +83,7 @@ class SeverityReport(L.LightningModule):
 
     def __init__(
         self,
-        models: dict[str, str],
+        models: dict[str, TeacherArg],
         hierarchy: str = "fashion_mnist",
         classes: list[str] | None = None,
         hierarchy_data_dir: str | None = None,
@@ -100,11 +103,17 @@ class SeverityReport(L.LightningModule):
         self.eps = [float(e) for e in (eps or [0.05, 0.1, 0.2])]
         for e in self.eps:
             check_eps(e)
-        self.hier = load_hierarchy(hierarchy, classes, hierarchy_data_dir)
         self.nets = nn.ModuleDict()  # filled in setup (the checkpoints are read once, on every rank)
-        self.metrics = nn.ModuleDict({
+        self.metrics = nn.ModuleDict()
+        self.hier = None
+        if classes is not None or not _needs_classes(hierarchy):
+            self._build_hierarchy(classes)
+
+    def _build_hierarchy(self, classes: list[str] | None) -> None:
+        self.hier = load_hierarchy(self.hparams.hierarchy, classes, self.hparams.hierarchy_data_dir)
+        self.metrics.update({
             self._key(m, a, i): FoolingSeverity(self.hier, validate_args=False)
-            for m in models for a in self.attack_names for i in range(len(self.eps))
+            for m in self.hparams.models for a in self.attack_names for i in range(len(self.eps))
         })
 
     @staticmethod
@@ -114,6 +123,12 @@ class SeverityReport(L.LightningModule):
     def setup(self, stage: str) -> None:
         from lit_modules.teacher import load_teacher
 
+        if self.hier is None:
+            names = getattr(getattr(self._trainer, "datamodule", None), "class_names", None)
+            if names is None:
+                raise CvlabError(f"hierarchy {self.hparams.hierarchy!r} needs the class names in label order: set "
+                                 "--model.init_args.classes or use a datamodule with class_names (e.g. ImageNetDataModule)")
+            self._build_hierarchy(list(names))
         if not len(self.nets):
             for name, path in self.hparams.models.items():
                 net = load_teacher(path)
@@ -159,6 +174,11 @@ class SeverityReport(L.LightningModule):
             write_report(rows, folder, self.hparams.hierarchy, self.hier.height)
             plot_histograms(rows, folder / "images", self.hier.height, self.trainer)
         self.rows = rows
+
+
+def _needs_classes(hierarchy: str) -> bool:
+    """A WordNet or file hierarchy is read against the class names in label order."""
+    return hierarchy.startswith("wordnet:") or Path(hierarchy).suffix in (".yaml", ".yml", ".json")
 
 
 def _num_classes(net: nn.Module) -> int:
