@@ -8,7 +8,8 @@ Two paths to the ImageNet-C families (Hendrycks & Dietterich 2019, severities 1-
   constants (brightness and contrast equal the package's to a grey level; the noises are the same
   distributions, not the same draws);
 * every family of the ``imagecorruptions`` package (PyPI), per image on numpy uint8 ``H x W x 3`` (blurs,
-  weather, digital), :func:`corrupt_numpy`.
+  weather, digital), :func:`corrupt_numpy`; three of its 19 (glass_blur, fog, gaussian_blur) crash under numpy 2
+  and say so.
 
 Pixels are [0, 1] floats ``(B, 3, H, W)``; masks bool ``(B, 1, H, W)`` (True on the object).
 """
@@ -83,6 +84,10 @@ def corrupt_torch(x: Tensor, name: str, severity: int, generator: torch.Generato
     return fn(x, consts[severity - 1], generator).clamp(0.0, 1.0)
 
 
+#: families of imagecorruptions 1.1.2 that crash under the locked numpy 2 / scikit-image (checked at 32 and 224 px)
+BROKEN_WITH_NUMPY2 = ("glass_blur", "fog", "gaussian_blur")
+
+
 def corrupt_numpy(x: Tensor, name: str, severity: int) -> Tensor:
     """Any ``imagecorruptions`` family, per image (numpy, CPU): ``(B, 3, H, W)`` [0, 1] -> the same shape,
     quantised to uint8 levels as the package works."""
@@ -93,6 +98,9 @@ def corrupt_numpy(x: Tensor, name: str, severity: int) -> Tensor:
     names = get_corruption_names("all")
     if name not in names:
         raise DataError(f"unknown corruption {name!r}; imagecorruptions has {', '.join(names)}")
+    if name in BROKEN_WITH_NUMPY2:
+        raise DataError(f"imagecorruptions' {name} fails with numpy 2 / scikit-image >= 0.19 (removed np.float_ / "
+                        f"'multichannel'); the other {len(names) - len(BROKEN_WITH_NUMPY2)} families work")
     imgs = (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     out = [np.asarray(corrupt(im, corruption_name=name, severity=severity)).astype(np.float32)[: im.shape[0],
            : im.shape[1]] for im in imgs]

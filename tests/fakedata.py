@@ -149,3 +149,38 @@ def write_svhn(root: str | os.PathLike, n_train: int = 50, n_test: int = 20, see
         savemat(root / f"{split}_32x32.mat", {"X": np.ascontiguousarray(x.transpose(2, 3, 1, 0)), "y": mat_y})
         out[split] = (x, y)
     return out
+
+
+IN9_CLASSES = ("00_dog", "01_bird", "02_vehicle", "03_reptile", "04_carnivore", "05_insect", "06_instrument",
+               "07_primate", "08_fish")
+
+
+def write_imagenet9(root: str | os.PathLike, per_class: int = 2, size: int = 24, seed: int = 0,
+                    variants: tuple[str, ...] = ("original", "only_fg", "no_fg", "only_bg_b", "only_bg_t",
+                                                 "mixed_same", "mixed_rand", "mixed_next"),
+                    classes: tuple[str, ...] = IN9_CLASSES) -> dict[str, np.ndarray]:
+    """ImageNet-9 of the Backgrounds Challenge: ``<root>/<variant>/val/<class>/<stem>.JPEG`` (the same stems in
+    every variant) and ``<root>/fg_mask/val/<class>/<stem>.npy`` (bool H x W: a centred box). Returns the masks
+    ``(N, H, W)`` and labels ``(N,)`` in reading order (classes sorted, stems sorted)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    masks, labels = [], []
+    for label, c in enumerate(classes):
+        for i in range(per_class):
+            stem = f"n{label:08d}_{i:05d}"
+            m = np.zeros((size, size), dtype=bool)
+            lo, hi = sorted(rng.integers(size // 6, size - size // 6, size=2))
+            m[lo:hi + 2, size // 4: 3 * size // 4] = True
+            for v in variants:
+                d = root / v / "val" / c
+                d.mkdir(parents=True, exist_ok=True)
+                px = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(px).save(d / f"{stem}.JPEG", quality=95)
+            d = root / "fg_mask" / "val" / c
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / f"{stem}.npy", m)
+            masks.append(m)
+            labels.append(label)
+    return {"masks": np.stack(masks), "labels": np.asarray(labels, dtype=np.int64)}
