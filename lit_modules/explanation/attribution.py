@@ -170,8 +170,8 @@ def full_grad(model: nn.Module, x: Tensor, target: Tensor, layer: nn.Module | No
     total = _upsample(_minmax((gx * x).abs()).flatten(0, 1), size).view(x.shape).sum(1)
     for lay, g in zip(layers, grads):
         bias = _effective_bias(lay).detach()[None, :, None, None]
-        m = _minmax((bias * g).abs())  # (B, C, h, w)
-        total = total + _upsample(m.flatten(0, 1), size).view(*m.shape[:2], *size).sum(1)
+        m = _minmax((bias * g).abs())  # (B, C, h, w), each channel scaled on its own
+        total = total + _upsample(m.sum(1), size)  # bilinear resizing is linear: sum the channels first
     return total
 
 
