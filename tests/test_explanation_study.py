@@ -33,6 +33,7 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_shapes_study_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     run = tmp_path / "study"
     run_cli("test", f"--config={STUDY}", *QUIET, f"--model.init_args.models={{tiny: {tiny_ckpt}}}",
@@ -55,7 +56,7 @@ def test_shapes_study_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     from lit_modules.explanation.volume import background_filter
     from lit_modules.teacher import load_teacher
 
-    dm = ShapesContextDataModule(num_images=40, batch_size=40, context_corruptions=["contrast:3"])
+    dm = ShapesContextDataModule(num_images=40, batch_size=40, correlation=0.5, context_corruptions=["contrast:3"])  # as study.yaml
     x, m, y = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
     net = load_teacher(str(tiny_ckpt))
     keep = background_filter(m)
@@ -123,6 +124,7 @@ def test_efficientnet_lite0_weights_load_and_classify() -> None:
         EfficientNetLite0(num_classes=9, pretrained=True)
 
 
+@pytest.mark.slow
 def test_imagenet9_study_smoke_with_efficientnet(tmp_path: Path) -> None:
     write_imagenet9(tmp_path / "in9", per_class=1, size=32,
                     variants=("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next"))
