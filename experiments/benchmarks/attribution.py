@@ -57,9 +57,7 @@ def main(argv: list[str]) -> int:
     device = device_from_args(args)
     torch.manual_seed(0)
     net, size = _net(args.arch)
-    net = net.to(device).eval()
-    for q in net.parameters():
-        q.requires_grad_(False)
+    net = net.to(device).eval()  # parameters keep requires_grad: grad-cam's classes backpropagate into them
     layer = find_layer(net, None)
     b = args.batch_size
     x = torch.rand(b, 3, size, size, device=device)
