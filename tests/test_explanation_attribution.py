@@ -95,3 +95,16 @@ def test_unknown_layer_lists_close_names(tiny: nn.Module) -> None:
     assert find_layer(tiny, None) is tiny.features[3]  # default: the last Conv2d
     with pytest.raises(CvlabError, match="unknown attribution methods"):
         attribute("lime", tiny, _x(), torch.zeros(3, dtype=torch.long))
+
+
+def test_inplace_relu_after_the_layer_changes_nothing(tiny: nn.Module) -> None:
+    """The hooked outputs are differentiated before a downstream in-place ReLU touches them."""
+    import copy
+
+    inplace = copy.deepcopy(tiny)
+    inplace.features[2] = nn.ReLU(inplace=True)
+    inplace.features[4] = nn.ReLU(inplace=True)
+    x, target = _x(), torch.tensor([0, 2, 3])
+    for method in ("gradcampp", "fullgrad"):
+        torch.testing.assert_close(attribute(method, inplace, x, target, layer="features.3"),
+                                   attribute(method, tiny, x, target, layer="features.3"), msg=method)

@@ -66,34 +66,34 @@ def _minmax(maps: Tensor, eps: float = 1e-7) -> Tensor:
 
 def _activations_and_grads(model: nn.Module, x: Tensor, target: Tensor, layers: list[nn.Module],
                            input_grad: bool = False) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-    """One forward and one backward of ``sum_b logit[b, target_b]``: each layer's output (as it left the layer,
-    before any in-place op downstream) and its gradient; the input gradient if asked."""
-    acts: list[Tensor | None] = [None] * len(layers)
-    grads: list[Tensor | None] = [None] * len(layers)
+    """One forward and one backward of ``sum_b logit[b, target_b]``: each layer's output and its gradient (the
+    backward stops at the deepest layer asked for); the input gradient too if asked.
+
+    Each hooked layer passes a clone downstream, so an in-place op after it (``ReLU(inplace=True)``) modifies the
+    clone and the output we differentiate keeps its values."""
+    outs: list[Tensor | None] = [None] * len(layers)
 
     def hook(i: int) -> Callable:
-        def fwd(_m: nn.Module, _inp: tuple, out: Tensor) -> None:
-            acts[i] = out.detach().clone()
-
-            def save(g: Tensor) -> None:
-                grads[i] = g.detach()
-
-            out.register_hook(save)
+        def fwd(_m: nn.Module, _inp: tuple, out: Tensor) -> Tensor:
+            outs[i] = out
+            return out.clone()
         return fwd
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+            xg = x.detach().requires_grad_(True)  # so that every layer output is on the graph
             logits = model(xg)
+            if any(o is None for o in outs):
+                raise CvlabError("a target layer was not used by the forward pass")
             score = logits.gather(1, target[:, None]).sum()
-            (gx,) = torch.autograd.grad(score, xg)
+            grads = torch.autograd.grad(score, [*outs, *([xg] if input_grad else [])], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    if any(a is None for a in acts) or any(g is None for g in grads):
-        raise CvlabError("a target layer was not used by the forward pass (or its output has no gradient)")
-    return acts, grads, (gx if input_grad else None)  # type: ignore[return-value]
+    grads = [torch.zeros_like(o) if g is None else g for o, g in zip([*outs, xg], grads)]
+    acts = [o.detach() for o in outs]  # type: ignore[union-attr]
+    return acts, grads[: len(layers)], (grads[-1] if input_grad else None)
 
 
 # --- CAM family, written here ----------------------------------------------------------------------------------
