@@ -353,3 +353,96 @@ def load_class_map(path: str | os.PathLike, num_outputs: int = 1000) -> Tensor:
             raise DatasetCorruptError(f"class map {p}: index {k} outside 0..{num_outputs - 1}")
         out[int(k)] = int(v)
     return out
+
+
+# --- ImageNet-CS: ImageNet validation images with ImageNet-S masks ----------------------------------------------
+def imagenet_s_mask(png: Tensor) -> Tensor:
+    """An ImageNet-S segmentation PNG ``(3 or 4, H, W)`` uint8 -> the object mask ``(H, W)`` bool: the class id is
+    ``R + 256 G``; 0 is background and 1000 the "other" (ignored) label, both context here."""
+    ids = png[0].long() + 256 * png[1].long()
+    return (ids != 0) & (ids != 1000)
+
+
+class ImageNetSDataset(Dataset):
+    """Item ``i``: ``(uint8 (1, 3, S, S), bool (1, S, S), label)``: the image and its mask resized (shorter side to
+    ``S``, bilinear / nearest) and centre-cropped together."""
+
+    def __init__(self, images: list[Path], masks: list[Path], labels: list[int], image_size: int) -> None:
+        self.images, self.masks, self.labels, self.image_size = images, masks, labels, image_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        import torch.nn.functional as F
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            img = decode_image(str(self.images[i]), mode=ImageReadMode.RGB)
+            png = decode_image(str(self.masks[i]), mode=ImageReadMode.RGB)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a damaged file for the user
+            raise DatasetCorruptError(f"cannot decode {self.images[i]} or {self.masks[i]}: {e}") from None
+        if img.shape[-2:] != png.shape[-2:]:
+            raise DatasetCorruptError(f"mask {self.masks[i]} is {tuple(png.shape[-2:])} but image {self.images[i]} is "
+                                      f"{tuple(img.shape[-2:])} (H, W): masks must match their images")
+        m = imagenet_s_mask(png)[None, None].float()
+        h, w = img.shape[-2:]
+        s = self.image_size
+        nh, nw = (s, max(s, round(w * s / h))) if h <= w else (max(s, round(h * s / w)), s)
+        x = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        m = F.interpolate(m, size=(nh, nw), mode="nearest")
+        top, left = (nh - s) // 2, (nw - s) // 2
+        x = x[..., top:top + s, left:left + s].round().clamp(0, 255).to(torch.uint8)
+        return x, m[0, :, top:top + s, left:left + s].bool(), self.labels[i]
+
+
+class ImageNetSDataModule(ContextVariantsDataModule):
+    """ImageNet-CS (Lost in Context): ImageNet validation images that have an ImageNet-S mask, with the context or
+    the object corrupted through the mask (``context_corruptions`` / ``object_corruptions``, ImageNet-C families
+    at severities 1-5) and the no-information contexts; labels are ImageNet's 1000 (sorted wnids).
+
+    Layout under ``data_dir`` (default ``$CVLAB_DATA/imagenet``): images ``<image_dir>/<wnid>/<name>.JPEG``
+    (torchvision's ImageFolder ``val``), masks ``<mask_dir>/<wnid>/<name>.png`` (ImageNet-S, e.g.
+    ``ImageNetS919/validation-segmentation``). Only images with a mask are used; a wnid folder of masks without
+    its image folder is an error.
+    """
+
+    stored_variants = ("original",)
+    num_classes = 1000
+
+    def __init__(self, data_dir: str | None = None, image_dir: str = "val",
+                 mask_dir: str = "ImageNetS919/validation-segmentation", image_size: int = 224,
+                 no_information: bool = True, context_corruptions: list[str] | None = None,
+                 object_corruptions: list[str] | None = None, limit: int | None = None, batch_size: int = 32,
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(["original"], no_information, context_corruptions, object_corruptions, batch_size,
+                         num_workers, seed)
+        self.data_dir, self.image_dir, self.mask_dir = data_dir, image_dir, mask_dir
+        self.image_size, self.limit = image_size, limit
+
+    def stored_dataset(self) -> Dataset:
+        root = Path(self.data_dir).expanduser().resolve() if self.data_dir else resolve_data_dir(None) / "imagenet"
+        img_root, mask_root = root / self.image_dir, root / self.mask_dir
+        for f in (img_root, mask_root):
+            if not f.is_dir():
+                raise DatasetNotFoundError(f"ImageNet-CS needs {f} (images {img_root}/<wnid>/*.JPEG, ImageNet-S masks "
+                                           f"{mask_root}/<wnid>/*.png)")
+        wnids = sorted(p.name for p in img_root.iterdir() if p.is_dir())
+        self.class_names = wnids
+        index = {w: i for i, w in enumerate(wnids)}
+        images, masks, labels = [], [], []
+        for mdir in sorted(p for p in mask_root.iterdir() if p.is_dir()):
+            if mdir.name not in index:
+                raise DatasetCorruptError(f"masks for {mdir.name} but no image folder {img_root / mdir.name}")
+            stems = {p.stem: p for p in (img_root / mdir.name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+            for mp in sorted(mdir.glob("*.png")):
+                if mp.stem not in stems:
+                    raise DatasetCorruptError(f"mask {mp} has no image {img_root / mdir.name / mp.stem}.JPEG")
+                images.append(stems[mp.stem])
+                masks.append(mp)
+                labels.append(index[mdir.name])
+        if not labels:
+            raise DatasetNotFoundError(f"no ImageNet-S masks (*.png) under {mask_root}")
+        if self.limit is not None:
+            images, masks, labels = images[: self.limit], masks[: self.limit], labels[: self.limit]
+        return ImageNetSDataset(images, masks, labels, self.image_size)

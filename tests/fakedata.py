@@ -184,3 +184,29 @@ def write_imagenet9(root: str | os.PathLike, per_class: int = 2, size: int = 24,
             masks.append(m)
             labels.append(label)
     return {"masks": np.stack(masks), "labels": np.asarray(labels, dtype=np.int64)}
+
+
+def write_imagenet_s(root: str | os.PathLike, mask_dir: str = "ImageNetS919/validation-segmentation",
+                     size: tuple[int, int] = (30, 40), wnids: tuple[str, ...] = ("n01440764", "n01443537"),
+                     per_class: int = 2, seed: int = 0):
+    """ImageNet val images ``<root>/val/<wnid>/im<i>.JPEG`` with ImageNet-S masks ``<root>/<mask_dir>/<wnid>/im<i>.png``
+    (class id ``R + 256 G``; a box of the image's class, ids above 255 for odd ``i``, a corner of the ignored id
+    1000). Returns the object masks ``(N, H, W)`` bool in reading order."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    masks = []
+    for w, wnid in enumerate(wnids):
+        (root / "val" / wnid).mkdir(parents=True, exist_ok=True)
+        (root / mask_dir / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "val" / wnid / f"im{i}.JPEG")
+            ids = np.zeros(size, dtype=np.int64)
+            ids[5:20, 10:30] = w + 1 + 300 * (i % 2)
+            ids[0:3, 0:3] = 1000
+            png = np.stack([ids % 256, ids // 256, np.zeros_like(ids)], -1).astype(np.uint8)
+            Image.fromarray(png).save(root / mask_dir / wnid / f"im{i}.png")
+            masks.append(torch.from_numpy((ids != 0) & (ids != 1000)))
+    return torch.stack(masks)

@@ -19,7 +19,7 @@ from datamodules.context_variants import (
     no_information_context,
     paste,
 )
-from tests.fakedata import write_imagenet9
+from tests.fakedata import write_imagenet9, write_imagenet_s
 
 
 def _images_masks(n: int = 4, s: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,3 +187,33 @@ def test_imagenet9_mask_size_mismatch(tmp_path: Path) -> None:
     dm = ImageNet9DataModule(data_dir=str(tmp_path / "in9"), variants=["original"])
     with pytest.raises(CvlabError, match=r"mask .* is \(20, 24\) but image .* is \(24, 24\)"):
         dm.setup("test")
+
+
+# --- ImageNet-CS (ImageNet val + ImageNet-S masks) ------------------------------------------------------------------
+def test_imagenet_s_masks_and_context_corruption(tmp_path: Path) -> None:
+    from datamodules.context_variants import ImageNetSDataModule
+
+    truth = write_imagenet_s(tmp_path / "in", mask_dir="seg")
+    dm = ImageNetSDataModule(data_dir=str(tmp_path / "in"), mask_dir="seg", image_size=30, batch_size=4,
+                             context_corruptions=["impulse_noise:5"], object_corruptions=["contrast:5"])
+    x, m, y = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    assert dm.variant_names == ["original", "noise_gaussian", "noise_white", "mean_colour", "ctx_impulse_noise_5",
+                                "obj_contrast_5"]
+    assert x.shape == (4, 6, 3, 30, 30) and y.tolist() == [0, 0, 1, 1]
+    assert torch.equal(m[:, 0], truth[:, :, 5:35])  # shorter side 30 already: centre crop of the 40 columns
+    o = m.expand(-1, 3, -1, -1)
+    ctx, obj = x[:, 4], x[:, 5]
+    assert torch.equal(ctx[o], x[:, 0][o]) and not torch.equal(ctx[~o], x[:, 0][~o])
+    assert torch.equal(obj[~o], x[:, 0][~o]) and not torch.equal(obj[o], x[:, 0][o])
+
+
+def test_imagenet_s_mask_size_mismatch(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from datamodules.context_variants import ImageNetSDataModule
+
+    write_imagenet_s(tmp_path / "in", mask_dir="seg")
+    Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(tmp_path / "in" / "seg" / "n01440764" / "im0.png")
+    dm = ImageNetSDataModule(data_dir=str(tmp_path / "in"), mask_dir="seg", image_size=30)
+    with pytest.raises(CvlabError, match=r"mask .*im0.png is \(10, 10\) but image .* is \(30, 40\)"):
+        next(iter(dm.test_dataloader()))
