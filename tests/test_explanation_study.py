@@ -137,3 +137,28 @@ def test_imagenet9_study_smoke_with_efficientnet(tmp_path: Path) -> None:
     assert len(rows) == 2 * 2 * (5 + 3 + 5)
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
     assert (run / "context_report.md").is_file() and len(list((run / "images").glob("heatmaps_*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_study_two_processes_equal_one(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """The study on 2 CPU processes (DDP, gloo; each rank half the images) writes the same report as 1 process.
+    Stored variants only: the built variants' noise is drawn per batch, so it differs with the sharding."""
+    from tests.cli_runs import run_cli_subprocess
+
+    common = ["test", f"--config={STUDY}", *QUIET, f"--model.init_args.models={{tiny: {tiny_ckpt}}}",
+              "--data.init_args.num_images=40", "--data.init_args.batch_size=10", "--data.init_args.no_information=false",
+              "--data.init_args.context_corruptions=[]", "--model.init_args.methods=[gradcam, gradcampp, fullgrad]",
+              "--trainer.accelerator=cpu"]
+    one = run_cli_subprocess(*common, f"--run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli_subprocess(*common, "--trainer.devices=2", "--trainer.strategy=ddp", f"--run.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(a) == len(b) == 2 * 3 * 6
+    for ra, rb in zip(a, b):
+        assert (ra["model"], ra["method"], ra["variant"]) == (rb["model"], rb["method"], rb["variant"])
+        for k in ra:
+            if k.endswith("count") or k == "images":
+                assert ra[k] == rb[k], k
+            elif k not in ("model", "method", "variant") and ra[k] != "nan":
+                assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5), (k, ra["variant"])
