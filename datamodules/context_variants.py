@@ -23,8 +23,6 @@ backgrounds for the mixed variants). :class:`ImageNet9DataModule` reads the Back
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import lightning as L
@@ -339,20 +337,6 @@ class ImageNet9DataModule(ContextVariantsDataModule):
     def stored_dataset(self) -> Dataset:
         files, masks, labels = self.index()
         return ImageNet9Dataset(files, masks, labels, self.image_size)
-
-
-def load_class_map(path: str | os.PathLike, num_outputs: int = 1000) -> Tensor:
-    """``in_to_in9.json`` (``{"<imagenet index>": <in9 class or -1>}``) -> int64 ``(num_outputs,)``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DatasetNotFoundError(f"class map {p} not found (ImageNet-9's in_to_in9.json)")
-    raw = json.loads(p.read_text())
-    out = torch.full((num_outputs,), -1, dtype=torch.long)
-    for k, v in raw.items():
-        if not 0 <= int(k) < num_outputs:
-            raise DatasetCorruptError(f"class map {p}: index {k} outside 0..{num_outputs - 1}")
-        out[int(k)] = int(v)
-    return out
 
 
 # --- ImageNet-CS: ImageNet validation images with ImageNet-S masks ----------------------------------------------
