@@ -148,6 +148,21 @@ def generate_shapes(
         labels: int64 ``(num_images,)`` class of each image; default balanced (``i % num_classes``,
             shuffled).
     """
+    return generate_shapes_with_backgrounds(num_images, seed, image_size, num_classes, background, correlation,
+                                            labels)[0]
+
+
+def generate_shapes_with_backgrounds(
+    num_images: int,
+    seed: int,
+    image_size: int = 32,
+    num_classes: int = 10,
+    background: Background = "random",
+    correlation: float = 1.0,
+    labels: Tensor | None = None,
+) -> tuple[ShapesBatch, Tensor]:
+    """:func:`generate_shapes` (the same bytes) and each image's background alone: uint8 ``(N, 3, H, W)``, the
+    texture and pixel noise without the object (the ground truth behind the object, for context studies)."""
     if not 1 <= num_classes <= len(SHAPE_NAMES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPE_NAMES)}, got {num_classes}")
     if background not in ("random", "correlated", "swapped", "none"):
@@ -239,10 +254,11 @@ def generate_shapes(
         if idx.numel():
             masks[idx] = _shape_mask(k, cx[idx] + sy[idx], cy[idx] - sx[idx])
     masks = masks[:, None]
+    backgrounds = (img + noise).clamp_(0.0, 255.0).to(torch.uint8)
     img = torch.where(masks, (fg * 255.0 + 0.5)[:, :, None, None], img)
     img.add_(noise)
     images = img.clamp_(0.0, 255.0).to(torch.uint8)  # truncation of x + 0.5: rounding
-    return ShapesBatch(images=images, masks=masks, labels=labels, background_ids=fam)
+    return ShapesBatch(images=images, masks=masks, labels=labels, background_ids=fam), backgrounds
 
 
 class ShapesDataModule(TensorImageDataModule):

@@ -199,3 +199,63 @@ def write_data_noun(path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(DATA_NOUN)
     return path
+
+IN9_CLASSES = ("00_dog", "01_bird", "02_vehicle", "03_reptile", "04_carnivore", "05_insect", "06_instrument",
+               "07_primate", "08_fish")
+
+
+def write_imagenet9(root: str | os.PathLike, per_class: int = 2, size: int = 24, seed: int = 0,
+                    variants: tuple[str, ...] = ("original", "only_fg", "no_fg", "only_bg_b", "only_bg_t",
+                                                 "mixed_same", "mixed_rand", "mixed_next"),
+                    classes: tuple[str, ...] = IN9_CLASSES) -> dict[str, np.ndarray]:
+    """ImageNet-9 of the Backgrounds Challenge: ``<root>/<variant>/val/<class>/<stem>.JPEG`` (the same stems in
+    every variant) and ``<root>/fg_mask/val/<class>/<stem>.npy`` (bool H x W: a centred box). Returns the masks
+    ``(N, H, W)`` and labels ``(N,)`` in reading order (classes sorted, stems sorted)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    masks, labels = [], []
+    for label, c in enumerate(classes):
+        for i in range(per_class):
+            stem = f"n{label:08d}_{i:05d}"
+            m = np.zeros((size, size), dtype=bool)
+            lo, hi = sorted(rng.integers(size // 6, size - size // 6, size=2))
+            m[lo:hi + 2, size // 4: 3 * size // 4] = True
+            for v in variants:
+                d = root / v / "val" / c
+                d.mkdir(parents=True, exist_ok=True)
+                px = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(px).save(d / f"{stem}.JPEG", quality=95)
+            d = root / "fg_mask" / "val" / c
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / f"{stem}.npy", m)
+            masks.append(m)
+            labels.append(label)
+    return {"masks": np.stack(masks), "labels": np.asarray(labels, dtype=np.int64)}
+
+
+def write_imagenet_s(root: str | os.PathLike, mask_dir: str = "ImageNetS919/validation-segmentation",
+                     size: tuple[int, int] = (30, 40), wnids: tuple[str, ...] = ("n01440764", "n01443537"),
+                     per_class: int = 2, seed: int = 0):
+    """ImageNet val images ``<root>/val/<wnid>/im<i>.JPEG`` with ImageNet-S masks ``<root>/<mask_dir>/<wnid>/im<i>.png``
+    (class id ``R + 256 G``; a box of the image's class, ids above 255 for odd ``i``, a corner of the ignored id
+    1000). Returns the object masks ``(N, H, W)`` bool in reading order."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    masks = []
+    for w, wnid in enumerate(wnids):
+        (root / "val" / wnid).mkdir(parents=True, exist_ok=True)
+        (root / mask_dir / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "val" / wnid / f"im{i}.JPEG")
+            ids = np.zeros(size, dtype=np.int64)
+            ids[5:20, 10:30] = w + 1 + 300 * (i % 2)
+            ids[0:3, 0:3] = 1000
+            png = np.stack([ids % 256, ids // 256, np.zeros_like(ids)], -1).astype(np.uint8)
+            Image.fromarray(png).save(root / mask_dir / wnid / f"im{i}.png")
+            masks.append(torch.from_numpy((ids != 0) & (ids != 1000)))
+    return torch.stack(masks)

@@ -18,7 +18,7 @@ import yaml
 from experiments.pipeline import run_pipeline
 from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
-from tests.fakedata import write_cifar, write_data_noun, write_image_folders, write_mnist_idx, write_svhn
+from tests.fakedata import write_cifar, write_data_noun, write_imagenet9, write_imagenet_s, write_mnist_idx, write_svhn
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 
@@ -40,6 +40,12 @@ SMOKE: list[tuple[str, str, list[str]]] = [
         "--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x3}", "--model.init_args.hierarchy=wordnet:$CVLAB_TEST_DATA_NOUN",
         "--model.init_args.eps=[0.1]", "--model.init_args.steps=2", "--data.init_args.num_classes=3",
         "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--data.init_args.batch_size=3"]),
+    ("experiments/attribution/shapes/study.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x10}",
+     "--data.init_args.num_images=20", "--model.init_args.methods=[gradcam, scorecam]"]),
+    ("experiments/attribution/imagenet_cs/study.yaml", "test", ["--data.init_args.image_size=32",  # generated
+     "--data.init_args.num_workers=0", "--model.init_args.methods=[gradcam]", "--model.init_args.random_init=false"]),
+    ("experiments/attribution/imagenet9/study.yaml", "test", ["--data.init_args.image_size=32",  # generated IN-9
+     "--data.init_args.num_workers=0", "--model.init_args.methods=[gradcam]", "--model.init_args.random_init=false"]),
     ("experiments/severity/cifar100/report.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x100}",
                                                            "--model.init_args.eps=[0.1]", "--model.init_args.steps=2"]),
     ("experiments/severity/*/report.yaml", "test", ["--model.init_args.models={lenet5: $CVLAB_TEST_TEACHER_1x10}",
@@ -137,7 +143,10 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_cifar(root, 10, n_train=60, n_test=20)
     write_cifar(root, 100, n_train=400, n_test=40)  # 4 per class: each keeps training images beside the validation split
     write_svhn(root, n_train=60, n_test=20)
-    write_image_folders(root / "imagenet", ["n02084071", "n02121620", "n09999999"], {"val": 1})
+    write_imagenet9(root / "imagenet9", per_class=1, size=32, variants=("original", "only_fg", "mixed_same",
+                                                                        "mixed_rand", "mixed_next"))
+    # ImageNet's val layout (+ ImageNet-S masks) with three wnids of tests.fakedata.DATA_NOUN, for the WordNet report
+    write_imagenet_s(root / "imagenet", wnids=("n02084071", "n02121620", "n09999999"), per_class=1)
     return root
 
 
