@@ -1,0 +1,214 @@
+"""CBGAN: the class-balancing regulariser, the GAN module, long-tailed MNIST, focal loss / DRW, metrics."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cvlab.errors import CvlabError
+from datamodules import FashionMNISTLTDataModule, MNISTLTDataModule
+from lit_modules.classifier import ClassifierModule, class_balanced_weights, focal_loss
+from lit_modules.distillation.lra_update import all_reduce_mean
+from lit_modules.generation import (ClassBalanceState, ClassBalancingGAN, class_balance_loss, class_weights,
+                                    hard_counts, update_effective_counts)
+from lit_modules.generation.gan_losses import (discriminator_gradients, discriminator_loss, ema_update,
+                                               generator_gradients, generator_loss, set_grads, trainable)
+from lit_modules.generation.metrics import (ClassHistogram, FIDWeightsMissing, PackagedInception, feature_stats,
+                                            frechet_distance, kl_to_uniform, packaged_inception_path)
+from lit_modules.nets import create_discriminator, create_generator, create_net
+from tests.cli_runs import KillAtEpoch, SimulatedKill
+from tests.fakedata import write_mnist_idx
+
+SHARED = Path("/work/shared/data")
+
+
+# --- the regulariser: worked answers ----------------------------------------------------------------------------
+def test_class_weights_are_inverse_counts_summing_to_k() -> None:
+    torch.testing.assert_close(class_weights(torch.tensor([1.0, 3.0])), torch.tensor([1.5, 0.5]))
+    w = class_weights(torch.tensor([50.0, 10.0, 2.0, 1.0]))
+    assert w.sum().item() == pytest.approx(4.0)
+    assert (w.diff() > 0).all()  # fewer samples, more weight
+
+
+def test_effective_count_update_matches_a_worked_example() -> None:
+    # N <- 0.5 N + 0.5 n, then N >= 1
+    n_eff = update_effective_counts(torch.tensor([50.0, 50.0, 50.0]), torch.tensor([90.0, 10.0, 0.0]), 0.5)
+    torch.testing.assert_close(n_eff, torch.tensor([70.0, 30.0, 25.0]))
+    torch.testing.assert_close(update_effective_counts(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]), 0.5),
+                               torch.tensor([1.0, 1.5]))  # 0.5 -> floor 1
+
+
+def test_state_updates_every_period_with_the_counts_since_the_last_update() -> None:
+    s = ClassBalanceState(3, alpha=0.5, update_every=2, initial_count=50.0)
+    s.observe(torch.tensor([40.0, 10.0, 0.0]))
+    torch.testing.assert_close(s.effective_counts, torch.full((3,), 50.0))  # not yet: step 1 of 2
+    s.observe(torch.tensor([50.0, 0.0, 0.0]))  # n = [90, 10, 0] over the period
+    torch.testing.assert_close(s.effective_counts, torch.tensor([70.0, 30.0, 25.0]))
+    torch.testing.assert_close(s.pending_counts, torch.zeros(3))
+    s.observe(torch.tensor([0.0, 0.0, 2.0]))
+    s.observe(torch.tensor([0.0, 0.0, 0.0]))  # n = [0, 0, 2]: N = [35, 15, 13.5]
+    torch.testing.assert_close(s.effective_counts, torch.tensor([35.0, 15.0, 13.5]))
+    assert int(s.steps) == 4
+    # every tensor is a buffer: in the state dict, restored exactly
+    sd = s.state_dict()
+    assert set(sd) == {"effective_counts", "pending_counts", "steps"}
+    t = ClassBalanceState(3, alpha=0.5, update_every=2)
+    t.load_state_dict(sd)
+    torch.testing.assert_close(t.weights(), s.weights())
+
+
+def test_loss_value_worked_answers() -> None:
+    k = 4
+    uniform = torch.full((5, k), 1.0 / k)
+    assert class_balance_loss(uniform, torch.ones(k)).item() == pytest.approx(-math.log(k))
+    one_hot = F.one_hot(torch.zeros(5, dtype=torch.long), k).float()
+    assert class_balance_loss(one_hot, torch.ones(k)).item() == pytest.approx(0.0, abs=1e-9)
+    assert hard_counts(torch.tensor([[0.0, 2.0], [3.0, 1.0], [0.0, 5.0]]), 2).tolist() == [1.0, 2.0]
+
+
+def _descend(weights: torch.Tensor, steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """A toy "generator": free logits of a batch that start mostly on class 0; minimise the term by SGD."""
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 3) + torch.tensor([3.0, 0.0, 0.0])).requires_grad_(True)
+    pbar0 = logits.softmax(-1).mean(0).detach()
+    opt = torch.optim.SGD([logits], lr=5.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        class_balance_loss(logits.softmax(-1), weights).backward()
+        opt.step()
+    return pbar0, logits.softmax(-1).mean(0).detach()
+
+
+def test_gradient_moves_the_batch_mean_prediction_towards_under_represented_classes() -> None:
+    # the generator has so far produced class 0 a lot and class 2 rarely: w = [0.03, 0.14, 2.83]
+    w = class_weights(torch.tensor([500.0, 100.0, 5.0]))
+    pbar0, pbar = _descend(w)
+    assert pbar0[0] > 0.8 and pbar0[2] < 0.1
+    assert pbar[2] > pbar0[2] + 0.2 and pbar[0] < pbar0[0] - 0.2  # mass moves from the head to the rare class
+    assert pbar[2] > pbar[1]  # more to the rarest class than to the less rare one
+    # the first step already goes that way: the gradient w.r.t. pbar is w_k (log pbar_k + 1)
+    g = w * (torch.log(pbar0) + 1)
+    assert g[2] < g[1] < g[0]  # descending it raises class 2 most
+    # equal weights: the same term is the plain entropy, which only balances
+    _, flat = _descend(torch.ones(3))
+    assert (flat - 1 / 3).abs().max() < 0.7 * (pbar0 - 1 / 3).abs().max()
+    assert pbar[2] > flat[2]  # the weights tilt the balance towards the under-represented class
+
+
+def test_global_pbar_form_gives_the_global_batch_gradient_when_averaged() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(8, 4).requires_grad_(True)
+    w = class_weights(torch.tensor([9.0, 3.0, 2.0, 1.0]))
+    (g_full,) = torch.autograd.grad(class_balance_loss(logits.softmax(-1), w), logits)
+    P = logits.softmax(-1).mean(0).detach()
+    parts = [torch.autograd.grad(class_balance_loss(logits[i * 4:(i + 1) * 4].softmax(-1), w, P), logits)[0]
+             for i in range(2)]  # each "device" differentiates its own half of the batch
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, g_full)
+    assert class_balance_loss(logits[:4].softmax(-1), w, P).item() == pytest.approx(class_balance_loss(logits.softmax(-1), w).item())
+
+
+# --- GAN losses and networks -----------------------------------------------------------------------------------
+def test_gan_losses_worked_values() -> None:
+    r, f = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
+    sp = F.softplus
+    assert discriminator_loss("hinge", r, f).item() == pytest.approx((0 + 1) / 2 + (0 + 2) / 2)
+    assert generator_loss("hinge", f).item() == pytest.approx(0.0)
+    assert discriminator_loss("ns", r, f).item() == pytest.approx((sp(-r).mean() + sp(f).mean()).item())
+    # relativistic average: D(x_r) - mean D(x_f) = r - 0; f - mean r = f - 1
+    assert discriminator_loss("relativistic", r, f).item() == pytest.approx((sp(-r).mean() + sp(f - 1).mean()).item())
+    assert generator_loss("relativistic", f, r).item() == pytest.approx((sp(-(f - 1)).mean() + sp(r).mean()).item())
+    with pytest.raises(ValueError, match="needs the discriminator's logits on real"):
+        generator_loss("relativistic", f)
+
+
+@pytest.mark.parametrize("name", ["sndcgan", "resnet_gan"])
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+def test_gan_networks_shapes_pixels_and_spectral_norm_on_d_only(name: str, size: int, channels: int) -> None:
+    G = create_generator(name, latent_dim=16, out_channels=channels, image_size=size, width=8)
+    D = create_discriminator(name, in_channels=channels, image_size=size, width=8)
+    x = G(torch.randn(4, 16))
+    assert x.shape == (4, channels, size, size) and x.min() >= 0 and x.max() <= 1
+    assert D(x).shape == (4,)
+    assert not any("parametrizations" in n for n, _ in G.named_parameters())
+    sn = [n for n, _ in D.named_parameters() if "parametrizations" in n]
+    assert sn and all(n.endswith("original") for n in sn)
+    # orthogonal init: the generator's first linear layer has orthonormal columns (its weight is (out, in), out > in)
+    W = G.linear.weight
+    torch.testing.assert_close(W.T @ W, torch.eye(16), atol=1e-4, rtol=0)
+
+
+def test_ema_update_copies_then_averages() -> None:
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    ema_update(a, b, 0.0)
+    torch.testing.assert_close(a.weight, b.weight)
+    before = a.weight.detach().clone()
+    with torch.no_grad():
+        b.weight.add_(1.0)
+    ema_update(a, b, 0.9)
+    torch.testing.assert_close(a.weight, before + 0.1)
+
+
+# --- distributed: one GAN step on 2 processes == one process on the global batch ------------------------------
+def _gan_step(loss: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    G = create_generator("sndcgan", latent_dim=8, out_channels=1, image_size=28, width=4, norm="none")
+    D = create_discriminator("sndcgan", in_channels=1, image_size=28, width=4)
+    C = create_net("lenet5_half", 10, 1, 28).eval().requires_grad_(False)
+    # SGD: the claim is about the gradients; Adam would turn float-rounding noise on near-zero gradients
+    # (a bias behind a hinge) into lr-sized steps on either side
+    opt_g = torch.optim.SGD(G.parameters(), 0.05, momentum=0.5)
+    opt_d = torch.optim.SGD(D.parameters(), 0.05, momentum=0.5)
+    w = class_weights(torch.linspace(1, 50, 10))
+    reduce = all_reduce_mean if world > 1 else (lambda t: t)
+    b = 8 // world
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        x_real, z_d, z_g = torch.rand(8, 1, 28, 28, generator=g), torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+        sl = slice(rank * b, (rank + 1) * b)
+        with torch.no_grad():
+            x_fake = G(z_d[sl])
+        _, grads = discriminator_gradients(D, x_real[sl], x_fake, loss, reduce)
+        set_grads(trainable(D), grads)
+        opt_d.step()
+
+        def reg(x: torch.Tensor) -> torch.Tensor:
+            probs = C(x).softmax(-1)
+            P = all_reduce_mean([probs.mean(0).detach()])[0] if world > 1 else None
+            return 10.0 * class_balance_loss(probs, w, P)
+
+        D.requires_grad_(False)
+        _, _, grads, _ = generator_gradients(G, D, z_g[sl], x_real[sl], loss, reg, reduce)
+        D.requires_grad_(True)
+        set_grads(trainable(G), grads)
+        opt_g.step()
+    return {**{f"G.{n}": p.detach().clone() for n, p in G.named_parameters()},
+            **{f"D.{n}": p.detach().clone() for n, p in D.state_dict().items()}}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for loss in ("ns", "hinge"):
+            torch.save(_gan_step(loss, rank, world), Path(out_dir) / f"{loss}_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gan_step_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for loss in ("ns", "hinge"):
+        one = _gan_step(loss)
+        for rank in (0, 1):
+            two = torch.load(tmp_path / f"{loss}_rank{rank}.pt", weights_only=True)
+            assert two.keys() == one.keys()
+            for n in one:
+                torch.testing.assert_close(two[n], one[n], rtol=1e-5, atol=1e-6, msg=f"{loss} rank {rank} {n}")
