@@ -442,3 +442,29 @@ def test_inception_fid_of_mnist_halves_is_small_next_to_noise() -> None:
 
     halves, noise = fid(x[:150], x[150:]), fid(x[:150], torch.rand(150, 1, 28, 28))
     assert halves < 0.25 * noise, (halves, noise)
+
+
+@pytest.mark.slow  # two processes through the CLI
+def test_two_process_ddp_cli_run_keeps_the_class_balance_state_identical(lt_files, tmp_path: Path) -> None:
+    """The module under Lightning's DDP (gloo, 2 CPU processes): trains with manual optimisation without DDP's
+    unused-parameter error, and the summed argmax counts leave every rank with the same state (rank 0 saves it)."""
+    from tests.cli_runs import read_metrics, run_cli_subprocess
+
+    data, clf = lt_files
+    run = tmp_path / "ddp"
+    r = run_cli_subprocess(*_cbgan_args(data, clf), "--trainer.max_epochs=2", "--trainer.accelerator=cpu",
+                           "--trainer.devices=2", "--trainer.strategy=ddp", "--model.init_args.update_every=1000",
+                           f"--run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    sd = ckpt["state_dict"]
+    steps = int(sd["class_balance.steps"])
+    assert steps == int(sd["d_steps"]) > 0
+    # counts summed over both ranks: every generator step observed 2 x batch_size samples
+    observed = sd["class_balance.pending_counts"].sum().item()
+    dm = MNISTLTDataModule(data_dir=str(data))
+    dm.setup("fit")
+    per_rank = math.ceil(dm.train_y.numel() / 2)  # DistributedSampler's share (padded)
+    # no update yet (update_every 1000): pending holds every generated sample of both ranks over 2 epochs
+    assert observed == 2 * 2 * per_rank
+    assert math.isfinite(read_metrics(run)["val/kl_uniform"])

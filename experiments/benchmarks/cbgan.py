@@ -32,7 +32,7 @@ from lit_modules.generation.gan_losses import (discriminator_gradients, generato
 from lit_modules.generation.metrics import (ClassifierFeatures, PackagedInception, feature_stats, fid_metric,
                                             frechet_distance)
 from lit_modules.nets import create_discriminator, create_generator, create_net
-from lit_modules.teacher import FrozenTeacher
+from lit_modules.teacher import FrozenTeacher, TeacherSpec
 
 
 @register_benchmark("cbgan")
@@ -52,7 +52,8 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(0)
     G = create_generator("sndcgan", latent_dim=128, out_channels=c, image_size=s, width=args.width).to(dev)
     D = create_discriminator("sndcgan", in_channels=c, image_size=s, width=args.width).to(dev)
-    clf = FrozenTeacher(create_net("lenet5", 10, c, 32)).to(dev)
+    clf = FrozenTeacher(create_net("lenet5", 10, c, 32),
+                        TeacherSpec(weights="<random>", num_classes=10, in_channels=c, image_size=32)).to(dev)
     opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
     x_real = torch.rand(b, c, s, s, device=dev)
