@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from lit_modules.generation.gan_losses import (discriminator_gradients, discrimi
 from lit_modules.generation.metrics import (ClassHistogram, FIDWeightsMissing, PackagedInception, feature_stats,
                                             frechet_distance, kl_to_uniform, packaged_inception_path)
 from lit_modules.nets import create_discriminator, create_generator, create_net
-from tests.cli_runs import KillAtEpoch, SimulatedKill
+from tests.cli_runs import SimulatedKill
 from tests.fakedata import write_mnist_idx
 
 SHARED = Path("/work/shared/data")
@@ -374,6 +373,17 @@ def test_frechet_distance_worked_answers_and_torchmetrics_agree() -> None:
     m.update(f, real=True)
     m.update(g, real=False)
     assert m.compute().item() == pytest.approx(frechet_distance(*feature_stats(f), *feature_stats(g)).item(), rel=1e-4)
+
+
+def test_class_histogram_and_kl_to_uniform_worked_answers() -> None:
+    assert kl_to_uniform(torch.ones(4)).item() == pytest.approx(0.0, abs=1e-12)
+    assert kl_to_uniform(torch.tensor([0.0, 5.0, 0.0, 0.0])).item() == pytest.approx(math.log(4))
+    assert kl_to_uniform(torch.tensor([1.0, 1.0, 0.0, 0.0])).item() == pytest.approx(math.log(2))  # 2 * 0.5 log(4 * 0.5)
+    h = ClassHistogram(3)
+    h.update(torch.tensor([[5.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    h.update(torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
+    torch.testing.assert_close(h.compute(), torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
+    assert h.kl().item() == pytest.approx(0.5 * math.log(1.5) + 2 * 0.25 * math.log(0.75))
 
 
 def test_domain_fid_self_zero_halves_small_noise_large(tmp_path: Path) -> None:
