@@ -9,8 +9,10 @@ from datamodules.vision import (
     CIFAR100DataModule,
     CIFAR100LTDataModule,
     FashionMNISTDataModule,
+    FashionMNISTLTDataModule,
     KMNISTDataModule,
     MNISTDataModule,
+    MNISTLTDataModule,
     SVHNDataModule,
 )
 from datamodules.synthetic import ShapesDataModule, generate_shapes

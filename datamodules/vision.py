@@ -47,7 +47,7 @@ import torchvision.datasets as tvd
 from torch import Tensor
 
 from datamodules.base import Augment, TensorImageDataModule, ValSize
-from datamodules.errors import DatasetCorruptError, DatasetNotFoundError
+from datamodules.errors import CvlabError, DatasetCorruptError, DatasetNotFoundError
 from datamodules.longtail import long_tail_counts, long_tail_indices
 
 __all__ = [
@@ -59,6 +59,8 @@ __all__ = [
     "SVHNDataModule",
     "CIFAR10LTDataModule",
     "CIFAR100LTDataModule",
+    "MNISTLTDataModule",
+    "FashionMNISTLTDataModule",
     "DataUnpickler",
     "read_pickled_batch",
 ]
@@ -484,6 +486,10 @@ class SVHNDataModule(TensorImageDataModule):
 
 
 # --- long-tailed CIFAR ----------------------------------------------------------------------------
+class ImbalanceFactorError(CvlabError, ValueError):
+    """An imbalance factor below 1."""
+
+
 class _LongTailMixin(TensorImageDataModule):
     """Training set cut to the exponential long-tail profile (:mod:`datamodules.longtail`)."""
 
@@ -515,6 +521,11 @@ class _LongTailMixin(TensorImageDataModule):
             download=download,
             seed=seed,
         )
+        if not float(imbalance_factor) >= 1.0:  # also NaN
+            raise ImbalanceFactorError(
+                f"imbalance_factor must be >= 1 (the head-to-tail ratio; 1 = balanced), got {imbalance_factor}; "
+                "set --data.init_args.imbalance_factor to e.g. 100"
+            )
         self.imbalance_factor = float(imbalance_factor)
         self.max_per_class = max_per_class
         self.target_counts = long_tail_counts(self.n_max, self.num_classes, self.imbalance_factor)  # validates
@@ -560,3 +571,25 @@ class CIFAR100LTDataModule(_LongTailMixin, CIFAR100DataModule):
     """
 
     full_per_class = 500
+
+
+class MNISTLTDataModule(_LongTailMixin, MNISTDataModule):
+    """MNIST-LT: MNIST with a long-tailed training set (CBGAN's MNIST-scale setting).
+
+    Class ``k`` keeps its first ``floor(n_max * (1/imbalance_factor)^(k/9))`` training images in file order
+    (``n_max`` 5000, below every MNIST class's count, so the profile is exact: 5000 ... 50 for factor 100,
+    12,406 in all, as CIFAR-10-LT); the validation split comes from the images left out, the test set stays
+    balanced.
+
+    Args:
+        imbalance_factor: ratio of the largest to the smallest class (>= 1; 100 in CBGAN).
+        max_per_class: ``n_max`` (default 5000).
+    """
+
+    full_per_class = 5000
+
+
+class FashionMNISTLTDataModule(_LongTailMixin, FashionMNISTDataModule):
+    """Fashion-MNIST-LT: Fashion-MNIST with a long-tailed training set (as :class:`MNISTLTDataModule`)."""
+
+    full_per_class = 5000

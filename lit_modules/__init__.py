@@ -5,12 +5,13 @@
 - :mod:`lit_modules.nets`: plain ``nn.Module`` networks (the zoo), reachable by name or class path;
 - families: :mod:`lit_modules.distillation` (ZSKD, transfer sets, LRA), :mod:`lit_modules.condensation`
   (DC), :mod:`lit_modules.leakage` (DLG / iDLG), :mod:`lit_modules.robustness` (attacks, adversarial
-  training, GAT, gray-box evaluation).
+  training, GAT, gray-box evaluation), :mod:`lit_modules.generation` (CBGAN).
 """
 
 from lit_modules.classifier import ClassifierModule
 from lit_modules.condensation import DatasetCondensation
 from lit_modules.distillation import AdversarialKD, DataImpressionSynthesizer, KDStudent
+from lit_modules.generation import ClassBalancingGAN
 from lit_modules.leakage import LeakageAttack
 from lit_modules.robustness import AdversarialTrainer
 from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher
@@ -18,6 +19,7 @@ from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher
 __all__ = [
     "AdversarialKD",
     "AdversarialTrainer",
+    "ClassBalancingGAN",
     "ClassifierModule",
     "DataImpressionSynthesizer",
     "DatasetCondensation",

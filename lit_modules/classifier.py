@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -13,6 +13,33 @@ from torch import Tensor
 from cvlab.errors import CvlabError
 from lit_modules.nets import InputNormalization, NetSpec, create_net
 from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
+
+
+ClassLoss = Literal["ce", "focal"]
+
+
+def focal_loss(logits: Tensor, targets: Tensor, gamma: float = 1.0, weight: Tensor | None = None,
+               label_smoothing: float = 0.0) -> Tensor:
+    """Focal loss (Lin et al., ICCV 2017, https://arxiv.org/abs/1708.02002) as the LDAM-DRW code computes it
+    (Cao et al., NeurIPS 2019, https://arxiv.org/abs/1906.07413; the CBGAN classifier's recipe): with
+    ``l_i = CE(logits_i, y_i)`` (class-weighted by ``weight`` when given), ``mean_i (1 - exp(-l_i))^gamma l_i``.
+    ``gamma = 0`` is (weighted) cross-entropy.
+
+    ``focal_loss(tensor([[0., 0.]]), tensor([0]), gamma=1)`` is ``0.5 * log 2``.
+    """
+    ce = F.cross_entropy(logits, targets, weight=weight, reduction="none", label_smoothing=label_smoothing)  # (B,)
+    return ((1 - torch.exp(-ce)) ** gamma * ce).mean()
+
+
+def class_balanced_weights(counts: Tensor, beta: float = 0.9999) -> Tensor:
+    """Per-class weights of the "effective number of samples" (Cui et al., CVPR 2019): ``(1 - beta) /
+    (1 - beta^n_k)``, normalised to sum to K. DRW switches to them late in training (LDAM-DRW).
+
+    ``class_balanced_weights(tensor([1., 1.]))`` is ``[1, 1]``; a class with fewer samples gets more weight.
+    """
+    counts = counts.double().clamp_min(1)
+    w = (1 - beta) / (1 - torch.pow(torch.as_tensor(beta, dtype=torch.float64), counts))
+    return (w / w.sum() * counts.numel()).float()
 
 
 class ClassifierModule(L.LightningModule):
@@ -38,6 +65,12 @@ class ClassifierModule(L.LightningModule):
         lr_schedule: none, cosine or step (per optimisation step over the whole run).
         milestones: for ``step``, fractions of the run where the lr is multiplied by ``gamma``.
         label_smoothing: cross-entropy label smoothing.
+        loss: ``ce`` (cross-entropy) or ``focal`` (:func:`focal_loss`, for long-tailed data).
+        focal_gamma: the focal loss's gamma (1 in LDAM-DRW's code).
+        drw_epoch: deferred re-weighting (DRW, Cao et al. 2019): from this epoch on, the loss weights each
+            class by :func:`class_balanced_weights` of the training set's class counts (160 of 200 epochs in
+            LDAM-DRW); ``None``: never.
+        drw_beta: beta of the class-balanced weights (0.9999).
         channels_last: channels-last memory format (faster convolutions on GPU).
     """
 
@@ -59,6 +92,10 @@ class ClassifierModule(L.LightningModule):
         gamma: float = 0.1,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        loss: ClassLoss = "ce",
+        focal_gamma: float = 1.0,
+        drw_epoch: int | None = None,
+        drw_beta: float = 0.9999,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -67,7 +104,11 @@ class ClassifierModule(L.LightningModule):
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if loss not in ("ce", "focal"):
+            raise CvlabError(f"loss must be ce or focal; got {loss!r}")
         self.normalize = InputNormalization(mean, std)
+        # training examples per class, for DRW (read from the datamodule at setup; not in the checkpoint)
+        self.register_buffer("class_counts", torch.ones(num_classes), persistent=False)
         metric = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.train_acc = metric.clone()
         self.val_acc = metric.clone()
@@ -94,11 +135,31 @@ class ClassifierModule(L.LightningModule):
                 f"model and data disagree ({diff}); set --model.<key> to match {type(dm).__name__}"
             )
         adopt_data_normalization(self, dm)
+        if self.hparams.get("drw_epoch") is not None:
+            train_y = getattr(dm, "train_y", None)
+            if train_y is None:
+                dm.setup("fit")
+                train_y = getattr(dm, "train_y", None)
+            if train_y is None:
+                raise CvlabError(f"DRW needs the training labels of {type(dm).__name__} (a train_y tensor); set drw_epoch null")
+            counts = torch.bincount(train_y.reshape(-1).long().cpu(), minlength=self.hparams.num_classes)
+            self.class_counts = counts.float().to(self.class_counts.device)
+
+    def class_weights(self) -> Tensor | None:
+        """The loss's per-class weights now: DRW's class-balanced weights from ``drw_epoch`` on, else none."""
+        hp = self.hparams
+        if hp.get("drw_epoch") is None or self.current_epoch < hp.drw_epoch:
+            return None
+        return class_balanced_weights(self.class_counts, hp.drw_beta).to(self.class_counts.device)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        hp = self.hparams
+        if hp.get("loss", "ce") == "focal":
+            loss = focal_loss(logits, y, hp.focal_gamma, self.class_weights(), hp.label_smoothing)
+        else:
+            loss = F.cross_entropy(logits, y, weight=self.class_weights(), label_smoothing=hp.label_smoothing)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)

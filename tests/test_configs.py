@@ -34,6 +34,8 @@ _DC = ["--model.init_args.ipc=1", "--model.init_args.outer_loop=2", "--model.ini
 _LRA = ["--model.init_args.batch_size=8", "--model.init_args.student_steps=1", "--model.init_args.latent_dim=8",
         "--model.init_args.generator_kwargs={widths: [8, 4]}", "--data.init_args.steps_per_epoch=2",
         "--data.init_args.eval_batch_size=8"]
+_CBGAN = ["--model.init_args.generator_kwargs={width: 4}", "--model.init_args.discriminator_kwargs={width: 4}",
+          "--model.init_args.latent_dim=8", "--model.init_args.inception_fid_on=[]", "--data.init_args.eval_batch_size=8"]
 SMOKE: list[tuple[str, str, list[str]]] = [
     # three wnids of tests.fakedata.DATA_NOUN in <fake root>/imagenet/val (see fake_root)
     ("experiments/severity/imagenet/report.yaml", "test", [
@@ -46,6 +48,10 @@ SMOKE: list[tuple[str, str, list[str]]] = [
      "--data.init_args.num_workers=0", "--model.init_args.methods=[gradcam]", "--model.init_args.random_init=false"]),
     ("experiments/attribution/imagenet9/study.yaml", "test", ["--data.init_args.image_size=32",  # generated IN-9
      "--data.init_args.num_workers=0", "--model.init_args.methods=[gradcam]", "--model.init_args.random_init=false"]),
+    ("experiments/cbgan/*/classifier.yaml", "fit", ["--model.init_args.drw_epoch=0"]),
+    ("experiments/cbgan/[mf]*/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_1x10", *_CBGAN]),
+    ("experiments/cbgan/cifar100_lt/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x100", *_CBGAN]),
+    ("experiments/cbgan/cifar10_lt/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x10", *_CBGAN]),
     ("experiments/severity/cifar100/report.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x100}",
                                                            "--model.init_args.eps=[0.1]", "--model.init_args.steps=2"]),
     ("experiments/severity/*/report.yaml", "test", ["--model.init_args.models={lenet5: $CVLAB_TEST_TEACHER_1x10}",
@@ -86,6 +92,7 @@ SMOKE: list[tuple[str, str, list[str]]] = [
 
 #: overlay configs (budget settings to stack after a full config) -> the config they are tested on top of
 OVERLAYS = {
+    "experiments/cbgan/cpu.yaml": "experiments/cbgan/mnist_lt/cbgan.yaml",
     "experiments/lra/mnist/cpu_hour.yaml": "experiments/lra/mnist/lra.yaml",
     "experiments/dc/cpu.yaml": "experiments/dc/mnist/ipc1.yaml",
     "experiments/lra/generative_replay.yaml": "experiments/lra/mnist/lra.yaml",

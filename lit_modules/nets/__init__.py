@@ -9,6 +9,7 @@ image_size=32)``.
 from lit_modules.nets import alexnet, convnet, lenet, madry, resnet_cifar, wrn  # noqa: F401  (registration)
 from lit_modules.nets.base import ClassifierNet, classifier_layer, features_and_logits
 from lit_modules.nets.generator import DAFLGenerator, LatentEncoder, available_generators, create_generator
+from lit_modules.nets.gan import available_discriminators, create_discriminator
 from lit_modules.nets.normalization import InputNormalization
 from lit_modules.nets.registry import NetSpec, available_nets, create_net, import_class, net_name, register_net
 
@@ -22,7 +23,9 @@ __all__ = [
     "net_name",
     "DAFLGenerator",
     "LatentEncoder",
+    "available_discriminators",
     "available_generators",
+    "create_discriminator",
     "available_nets",
     "create_generator",
     "create_net",

