@@ -14,3 +14,4 @@ from datamodules.vision import (
     SVHNDataModule,
 )
 from datamodules.synthetic import ShapesDataModule, generate_shapes
+from datamodules.class_incremental import ClassIncrementalDataModule, check_splits, even_splits

@@ -67,6 +67,8 @@ SMOKE: list[tuple[str, str, list[str]]] = [
      "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_1x10"]),
     ("experiments/data_impressions/*/uap_real.yaml", "fit", ["--model.init_args.model=$CVLAB_TEST_TEACHER_1x10",
      "--data.init_args.pool.init_args.max_size=16"]),
+    ("experiments/data_impressions/*/cl_step.yaml", "fit", ["--model.init_args.num_impressions=10",
+     "--model.init_args.impression_iterations=2", "--model.init_args.replay_batch=4"]),
     ("experiments/transfer_sets/shapes/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
      "--data.init_args.pool.init_args.size=32", *_SHAPES_TASK]),
     ("experiments/transfer_sets/cifar100/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x100",
