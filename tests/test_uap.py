@@ -201,3 +201,14 @@ def test_ddp_two_processes_match_one(fake_mnist: Path, tmp_path: Path) -> None:
     ma, mb = read_metrics(single), read_metrics(ddp)
     for k in ("test/fooling_rate_0.1", "test/fooling_rate_0.3", "test/noise_fooling_rate_0.3", "val/fooling_rate_0.3"):
         assert ma[k] == pytest.approx(mb[k], abs=1e-6), k
+
+
+def test_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cvlab bench uap` (not timed here): both UAP paths and the three continual-learning steps run."""
+    from experiments.benchmarks.uap import main as bench_uap
+
+    assert bench_uap(["--iters", "1", "--batch-size", "8", "--replay-batch", "8", "--budgets", "0.1", "0.2"]) == 0
+    out = capsys.readouterr().out
+    for label in ("uap step batched", "uap step loop over budgets", "cl step impression replay", "cl step lwf",
+                  "cl step fine-tune"):
+        assert label in out
