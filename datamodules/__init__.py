@@ -15,3 +15,4 @@ from datamodules.vision import (
 )
 from datamodules.synthetic import ShapesDataModule, generate_shapes
 from datamodules.class_incremental import ClassIncrementalDataModule, check_splits, even_splits
+from datamodules.domain_shift import DomainShiftDataModule
