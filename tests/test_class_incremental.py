@@ -50,6 +50,11 @@ def test_loss_worked_answer() -> None:
     kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     assert kd.item() == pytest.approx(kl, rel=1e-5)
     assert total.item() == pytest.approx(math.log(2.0) + 0.5 * kl, rel=1e-5)
+    # impressions replayed as labelled old-class data too: + CE over the seen classes of [0, 0 | 9 unseen] vs class 1
+    total, ce, kd = class_incremental_loss(logits, torch.tensor([0]), seen, cur, prev, old, temperature=1.0,
+                                           kd_weight=0.5, kd_labels=torch.tensor([1]), kd_ce_weight=2.0)
+    assert ce.item() == pytest.approx(math.log(2.0) + 2 * math.log(2.0), rel=1e-5)
+    assert total.item() == pytest.approx(3 * math.log(2.0) + 0.5 * kl, rel=1e-5)
     # tau 2 weighs the KL by tau^2; equal old-class outputs give exactly 0 whatever the other classes do
     _, _, kd2 = class_incremental_loss(logits, torch.tensor([0]), seen, cur, prev, old, temperature=2.0)
     p, q = torch.tensor([3.0, 1.0]).sqrt(), torch.tensor([1.0, 1.0])
