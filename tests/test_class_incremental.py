@@ -145,3 +145,27 @@ def test_bad_split_on_the_command_line_is_one_line(fake_mnist: Path, tmp_path: P
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == \
         "cvlab: error: splits repeat classes [4]; each class must be learned in exactly one step"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(fake_mnist: Path, step0: Path, tmp_path: Path) -> None:
+    # the impressions are mined identically on each rank and the replay draw is seeded by the step (the same on both
+    # ranks); the new-data batches split the same permutation: 2 x 16 on 2 processes must equal 32 on one
+    common = _args(fake_mnist, "--data.init_args.step=1", f"--model.init_args.previous={step0}",
+                   "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--model.init_args.lr=0.01")
+    from tests.cli_runs import run_cli_subprocess as run
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    r1 = run(*common, "--data.init_args.batch_size=32", f"--run.dir={single}")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run(*common, "--data.init_args.batch_size=16", "--trainer.devices=2", "--trainer.strategy=ddp", f"--run.dir={ddp}")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+            for d in (single, ddp))
+    before = torch.load(step0, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(not torch.equal(a[k], before[k]) for k in before if k.startswith("net."))
+    for k in (k for k in a if k.startswith("net.")):
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=f"{k} differs between 1 and 2 processes")
+    ma, mb = read_metrics(single), read_metrics(ddp)
+    for k in ("test/acc", "test/old_acc", "test/new_acc"):
+        assert ma[k] == pytest.approx(mb[k], abs=1e-6), k
