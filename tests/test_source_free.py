@@ -90,3 +90,13 @@ def test_source_model_of_other_classes_is_a_clear_error(fake_mnist: Path, tmp_pa
     with pytest.raises(CvlabError, match="has 100 classes"):
         run_cli(*_args(fake_mnist, "sfda_im_only", f"--model.init_args.source_model={fake_mnist / 'lenet_100.ckpt'}"),
                 run_dir=tmp_path / "run")
+
+
+def test_real_target_as_colour_images(fake_mnist: Path) -> None:
+    task = MNISTDataModule(data_dir=str(fake_mnist), image_size=32, val_size=20)
+    dm = DomainShiftDataModule(MNISTDataModule(data_dir=str(fake_mnist), image_size=32, val_size=20), shift="none",
+                               channels=3)
+    task.setup("fit")
+    dm.setup("fit")
+    assert dm.in_channels == 3 and dm.input_shape == (3, 32, 32) and len(dm.mean) == 3
+    assert torch.equal(dm.test_x, task.test_x.expand(-1, 3, -1, -1))  # grey repeated: MNIST for an SVHN model

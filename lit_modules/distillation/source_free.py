@@ -91,12 +91,11 @@ class SourceFreeAdaptation(L.LightningModule):
             raise CvlabError(f"source model {self.hparams.source_model} has {k} classes but the target "
                              f"{type(dm).__name__} has {dm.num_classes}; adaptation keeps the label space")
         if stage == "fit" and self.source is not None and self.source_x is None:
-            task = getattr(dm, "task", dm)  # the source task's shape and channels
-            x, _ = self.source.load(task, self.hparams.seed)
+            x, _ = self.source.load(dm, self.hparams.seed)  # at the target's (= the source model's) input shape
             self.source_x = to_float(x)  # (N, C, H, W) pixels
-            if self.source_x.shape[1:] != tuple(task.input_shape):
-                raise CvlabError(f"source samples of shape {tuple(self.source_x.shape[1:])} do not fit the task's "
-                                 f"{tuple(task.input_shape)}")
+            if self.source_x.shape[1:] != tuple(dm.input_shape):
+                raise CvlabError(f"source samples of shape {tuple(self.source_x.shape[1:])} do not fit the target's "
+                                 f"{tuple(dm.input_shape)}")
 
     def on_fit_start(self) -> None:
         if self.source_x is not None:
