@@ -16,3 +16,5 @@ from datamodules.vision import (
     SVHNDataModule,
 )
 from datamodules.synthetic import ShapesDataModule, generate_shapes
+from datamodules.class_incremental import ClassIncrementalDataModule, check_splits, even_splits
+from datamodules.domain_shift import DomainShiftDataModule
