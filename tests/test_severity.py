@@ -253,3 +253,61 @@ def test_report_stage_writes_table_csv_histograms(tmp_path: Path, monkeypatch: p
     assert md.count("\n| lenet5 |") == 10 and "LCA height (own mistakes)" in md
     assert all((run / "images" / f"severity_hist_{a}.png").is_file() for a in ("fgsm", "pgd", "noise"))
     assert "test/lenet5/pgd/eps0.1/fooling_rate" in read_metrics(run)
+
+
+# --- the universal perturbation in the report -------------------------------------------------------------------
+def test_apply_uap_worked() -> None:
+    from lit_modules.robustness.severity_report import apply_uap
+
+    x = torch.tensor([0.95, 0.5, 0.02, 0.5]).view(1, 1, 2, 2)
+    v = torch.tensor([0.1, -0.2, -0.1, 0.05]).view(1, 2, 2)
+    # clipped to the eps-ball (-0.2 -> -0.1) and to [0, 1] (0.95 + 0.1 -> 1, 0.02 - 0.1 -> 0)
+    assert torch.allclose(apply_uap(x, v, 0.1), torch.tensor([1.0, 0.4, 0.0, 0.55]).view(1, 1, 2, 2))
+
+
+def _uap_ckpt(path: Path, w: torch.Tensor, budgets: list[float]) -> Path:
+    torch.save({"state_dict": {"w": w, "eps": torch.tensor(budgets)}, "hyper_parameters": {"budgets": budgets}}, path)
+    return path
+
+
+def test_report_uap_attack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zero perturbation moves nothing, a strong one moves the outputs; each eps row uses the matching budget."""
+    import csv
+
+    from lit_modules.classifier import ClassifierModule
+    from tests.cli_runs import run_cli
+    from tests.fakedata import write_mnist_idx
+
+    write_mnist_idx(tmp_path / "data", "FashionMNIST", n_train=20, n_test=24)
+    monkeypatch.setenv("CVLAB_DATA", str(tmp_path / "data"))
+    torch.manual_seed(0)
+    m = ClassifierModule(arch="lenet5", num_classes=10, in_channels=1, image_size=32)
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, tmp_path / "net.ckpt")
+    w = torch.zeros(3, 1, 32, 32)
+    w[2] = torch.where(torch.arange(32 * 32).view(1, 32, 32) % 2 == 0, 1.0, -1.0)  # budget 0.9: a checkerboard
+    uap = _uap_ckpt(tmp_path / "uap.ckpt", w, [0.1, 0.5, 0.9])
+    run = tmp_path / "run"
+    run_cli("test", "--config=experiments/severity/fashion_mnist/report.yaml", f"--model.init_args.models={{n: {tmp_path / 'net.ckpt'}}}",
+            "--model.init_args.attacks=[uap]", f"--model.init_args.uaps={{n: {uap}}}", "--model.init_args.eps=[0.1, 0.9]",
+            "--data.init_args.batch_size=12", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+            "--run.logger=csv", run_dir=run)
+    rows = {float(r["eps"]): r for r in csv.DictReader(open(run / "severity_report.csv"))}
+    assert set(rows) == {0.1, 0.9} and all(r["attack"] == "uap" and int(r["images"]) == 24 for r in rows.values())
+    # budget 0.1's perturbation is zero: nothing moves; budget 0.9's checkerboard moves the true-class confidence
+    assert float(rows[0.1]["fooling_rate"]) == 0.0 and float(rows[0.1]["confidence_drop"]) == 0.0
+    assert float(rows[0.9]["confidence_drop"]) != 0.0
+
+
+def test_report_uap_bad_input(tmp_path: Path) -> None:
+    from lit_modules.robustness.severity_report import SeverityReport
+
+    with pytest.raises(CvlabError, match="attack 'uap' needs a UniversalPerturbation checkpoint per model"):
+        SeverityReport(models={"n": "x.ckpt"}, attacks=["uap"])
+    report = SeverityReport(models={"n": "x.ckpt"}, attacks=["uap"], eps=[0.2],
+                            uaps={"n": str(_uap_ckpt(tmp_path / "u.ckpt", torch.zeros(1, 1, 4, 4), [0.1]))})
+    with pytest.raises(CvlabError, match=r"has budgets \[0.1.*\], the report asks eps 0.2"):
+        report._uaps_for("n")
+    torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    report.hparams.uaps["n"] = str(tmp_path / "other.ckpt")
+    with pytest.raises(CvlabError, match="not a UniversalPerturbation checkpoint"):
+        report._uaps_for("n")

@@ -37,7 +37,28 @@ from lit_modules.robustness.hierarchy import load_hierarchy
 from lit_modules.robustness.severity import FoolingSeverity
 from lit_modules.teacher import TeacherArg
 
-AttackName = Literal["fgsm", "ifgsm", "pgd", "mifgsm", "noise"]
+AttackName = Literal["fgsm", "ifgsm", "pgd", "mifgsm", "noise", "uap"]
+ATTACKS = ("fgsm", "ifgsm", "pgd", "mifgsm", "noise", "uap")
+
+
+def read_uap(path: str | Path) -> tuple[list[float], Tensor]:
+    """``(budgets, v (E, C, H, W))`` from a :class:`lit_modules.robustness.UniversalPerturbation` checkpoint
+    (``cvlab fit`` of ``experiments/data_impressions/*/uap_*.yaml``), read weights-only."""
+    from lit_modules.teacher import read_checkpoint
+
+    state = read_checkpoint(path).get("state_dict", {})
+    if "w" not in state or "eps" not in state:
+        raise CvlabError(f"{path} is not a UniversalPerturbation checkpoint (no 'w' / 'eps' in its state_dict)")
+    eps = state["eps"].float()
+    return [float(e) for e in eps], eps.view(-1, 1, 1, 1) * state["w"].float().clamp(-1, 1)
+
+
+def apply_uap(x: Tensor, v: Tensor, eps: float) -> Tensor:
+    """One universal perturbation ``v (C, H, W)`` on every image of ``x (B, C, H, W)``: ``x + P(v)`` inside the Linf
+    ball of ``eps`` and [0, 1] (the projection the perturbation was learned under)."""
+    from lit_modules.robustness.uap_objective import project_linf_box
+
+    return x + project_linf_box(v.to(x.device, x.dtype), x, eps)
 
 
 def sign_noise(model: Model, x: Tensor, y: Tensor | None, eps: float, generator: torch.Generator | None = None,
@@ -75,7 +96,10 @@ class SeverityReport(L.LightningModule):
         classes: class names (or WordNet ids) in label order, for a file or WordNet hierarchy; ``None`` takes the
             datamodule's ``class_names`` (e.g. ImageNet's wnids from its folders) when the run starts.
         hierarchy_data_dir: the data root holding ``cifar-100-python/``, for ``cifar100``.
-        attacks: which attacks to run (``noise``: the random control).
+        attacks: which attacks to run (``noise``: the random control; ``uap``: a universal perturbation learned per
+            model by :class:`lit_modules.robustness.UniversalPerturbation`, from ``uaps``).
+        uaps: ``{model name: UniversalPerturbation checkpoint}`` for the ``uap`` attack; the checkpoint must hold a
+            perturbation for every report ``eps`` (its ``budgets``).
         eps: Linf budgets in [0, 1] pixel units.
         steps: steps of I-FGSM, PGD and MI-FGSM (step eps / steps; PGD's 2.5 eps / steps).
         seed: seeds PGD's random start and the noise control.
@@ -88,6 +112,7 @@ class SeverityReport(L.LightningModule):
         classes: list[str] | None = None,
         hierarchy_data_dir: str | None = None,
         attacks: list[AttackName] | None = None,
+        uaps: dict[str, str] | None = None,
         eps: list[float] | None = None,
         steps: int = 10,
         seed: int = 0,
@@ -97,13 +122,18 @@ class SeverityReport(L.LightningModule):
         if not models:
             raise CvlabError("SeverityReport needs models: {name: checkpoint path}")
         self.attack_names = list(attacks or ["fgsm", "ifgsm", "pgd", "mifgsm", "noise"])
-        unknown = set(self.attack_names) - {"fgsm", "ifgsm", "pgd", "mifgsm", "noise"}
+        unknown = set(self.attack_names) - set(ATTACKS)
         if unknown:
-            raise CvlabError(f"unknown attacks {sorted(unknown)}; choose from fgsm, ifgsm, pgd, mifgsm, noise")
+            raise CvlabError(f"unknown attacks {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+        missing = [m for m in models if "uap" in self.attack_names and m not in (uaps or {})]
+        if missing:
+            raise CvlabError(f"attack 'uap' needs a UniversalPerturbation checkpoint per model: give "
+                             f"--model.init_args.uaps {{{missing[0]}: .../checkpoints/last.ckpt, ...}} (missing: {missing})")
         self.eps = [float(e) for e in (eps or [0.05, 0.1, 0.2])]
         for e in self.eps:
             check_eps(e)
         self.nets = nn.ModuleDict()  # filled in setup (the checkpoints are read once, on every rank)
+        self.uap_tables: dict[str, Tensor] = {}  # model -> (len(eps), C, H, W), filled in setup
         self.metrics = nn.ModuleDict()
         self.hier = None
         if classes is not None or not _needs_classes(hierarchy):
@@ -136,6 +166,26 @@ class SeverityReport(L.LightningModule):
                     raise CvlabError(f"model {name!r} has {_num_classes(net)} outputs, the hierarchy "
                                      f"{self.hparams.hierarchy!r} {self.hier.num_classes} classes")
                 self.nets[name] = net
+            if "uap" in self.attack_names:
+                for name in self.hparams.models:
+                    self.uap_tables[name] = self._uaps_for(name)
+
+    def _uaps_for(self, name: str) -> Tensor:
+        """The model's universal perturbations in the report's eps order ``(len(eps), C, H, W)``."""
+        path = self.hparams.uaps[name]
+        budgets, v = read_uap(path)
+        rows = []
+        for e in self.eps:
+            hit = [i for i, b in enumerate(budgets) if abs(b - e) < 1e-6]
+            if not hit:
+                raise CvlabError(f"UAP checkpoint {path} for {name!r} has budgets {budgets}, the report asks eps {e}: "
+                                 "learn it with the report's eps as its budgets")
+            rows.append(v[hit[0]])
+        table = torch.stack(rows)
+        shape = getattr(self.nets[name], "input_shape", None)
+        if shape is not None and tuple(table.shape[1:]) != tuple(shape):
+            raise CvlabError(f"UAP checkpoint {path} is {tuple(table.shape[1:])}, model {name!r} takes {tuple(shape)}")
+        return table
 
     def on_test_epoch_start(self) -> None:
         if torch.is_inference_mode_enabled():
@@ -150,7 +200,7 @@ class SeverityReport(L.LightningModule):
             for i, eps in enumerate(self.eps):
                 suite = severity_attacks(eps, self.hparams.steps, self.generator)
                 for a in self.attack_names:
-                    x_adv = suite[a](net, x, y)
+                    x_adv = apply_uap(x, self.uap_tables[name][i], eps) if a == "uap" else suite[a](net, x, y)
                     with torch.no_grad():
                         adv = net(x_adv)
                     self.metrics[self._key(name, a, i)].update(clean, adv, y)
