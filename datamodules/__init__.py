@@ -14,6 +14,7 @@ from datamodules.vision import (
     MNISTDataModule,
     MNISTLTDataModule,
     SVHNDataModule,
+    USPSDataModule,
 )
 from datamodules.synthetic import ShapesDataModule, generate_shapes
 from datamodules.class_incremental import ClassIncrementalDataModule, check_splits, even_splits

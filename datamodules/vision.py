@@ -57,6 +57,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "SVHNDataModule",
+    "USPSDataModule",
     "CIFAR10LTDataModule",
     "CIFAR100LTDataModule",
     "MNISTLTDataModule",
@@ -483,6 +484,34 @@ class SVHNDataModule(TensorImageDataModule):
         x = torch.from_numpy(ds.data).contiguous()  # (N, 3, 32, 32) uint8
         y = torch.as_tensor(ds.labels, dtype=torch.long).reshape(-1)
         return x, y
+
+
+class USPSDataModule(TensorImageDataModule):
+    """USPS handwritten digits (Hull, 1994): 7,291 train / 2,007 test, 1x16x16 grey, 10 classes (0-9), read by
+    torchvision's ``USPS`` from the LIBSVM files ``<data_dir>/USPS/usps.bz2`` and ``usps.t.bz2``. A target domain for
+    MNIST models (``image_size: 32`` resizes it to LeNet-5's input; MNIST's digits are white on black like USPS's)."""
+
+    num_classes = 10
+    in_channels = 1
+    native_size = 16
+    mean = (0.5,)  # not measured (no USPS on this machine): networks trained on USPS normalise with these
+    std = (0.5,)
+    default_val_size = 729  # a tenth of the 7,291 training digits
+    dataset_name = "USPS"
+    files = ("usps.bz2", "usps.t.bz2")
+
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        folder, expected = self.data_dir / "USPS", list(self.files)
+        name = self.files[0 if train else 1]
+        if not self.download and not (folder / name).is_file():
+            raise dataset_not_found(self.dataset_name, folder, expected, [f for f in expected if not (folder / f).is_file()])
+        try:
+            with _not_found_as_ours(self.dataset_name, folder, expected):
+                ds = tvd.USPS(str(folder), train=train, download=self.download)
+        except (OSError, EOFError, ValueError) as e:
+            raise DatasetCorruptError(f"USPS file {folder / name} is damaged or not in LIBSVM format ({_first_line(e)})") from None
+        x = torch.from_numpy(ds.data).unsqueeze(1).contiguous()  # (N, 1, 16, 16) uint8
+        return x, torch.as_tensor(ds.targets, dtype=torch.long)
 
 
 # --- long-tailed CIFAR ----------------------------------------------------------------------------

@@ -259,3 +259,25 @@ def write_imagenet_s(root: str | os.PathLike, mask_dir: str = "ImageNetS919/vali
             Image.fromarray(png).save(root / mask_dir / wnid / f"im{i}.png")
             masks.append(torch.from_numpy((ids != 0) & (ids != 1000)))
     return torch.stack(masks)
+
+
+# --- USPS: LIBSVM text, bz2 ----------------------------------------------------------------------------------
+def write_usps(root: str | os.PathLike, n_train: int = 30, n_test: int = 20, seed: int = 0) -> Splits:
+    """``<root>/USPS/usps.bz2`` and ``usps.t.bz2``: lines ``label idx:value ...`` (labels 1..10 for digits 0..9, 256
+    values in [-1, 1]), as LIBSVM ships them. Each value sits half a grey level above its pixel, so torchvision's
+    truncating ``((v + 1) / 2 * 255).astype(uint8)`` decodes it exactly."""
+    import bz2
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "USPS"
+    folder.mkdir(parents=True, exist_ok=True)
+    out: Splits = {}
+    for name, split, n in (("usps.bz2", "train", n_train), ("usps.t.bz2", "test", n_test)):
+        x, y = _images_labels(n, 10, (1, 16, 16), rng)
+        lines = []
+        for img, label in zip(x, y):
+            vals = (img.reshape(-1).astype(np.float64) + 0.5) / 255 * 2 - 1
+            lines.append(f"{label + 1} " + " ".join(f"{j + 1}:{v:.10f}" for j, v in enumerate(vals)))
+        (folder / name).write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+        out[split] = (x, y)
+    return out

@@ -18,7 +18,7 @@ import yaml
 from experiments.pipeline import run_pipeline
 from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
-from tests.fakedata import write_cifar, write_data_noun, write_imagenet9, write_imagenet_s, write_mnist_idx, write_svhn
+from tests.fakedata import write_cifar, write_data_noun, write_imagenet9, write_imagenet_s, write_mnist_idx, write_svhn, write_usps
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 
@@ -165,6 +165,7 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_cifar(root, 10, n_train=60, n_test=20)
     write_cifar(root, 100, n_train=400, n_test=40)  # 4 per class: each keeps training images beside the validation split
     write_svhn(root, n_train=60, n_test=20)
+    write_usps(root, n_train=60, n_test=20)
     write_imagenet9(root / "imagenet9", per_class=1, size=32, variants=("original", "only_fg", "mixed_same",
                                                                         "mixed_rand", "mixed_next"))
     # ImageNet's val layout (+ ImageNet-S masks) with three wnids of tests.fakedata.DATA_NOUN, for the WordNet report

@@ -16,6 +16,7 @@ import torch
 
 import datamodules
 import datamodules.vision as vision
+from datamodules.errors import DatasetCorruptError
 from datamodules import (
     CIFAR10DataModule,
     CIFAR10LTDataModule,
@@ -26,10 +27,11 @@ from datamodules import (
     KMNISTDataModule,
     MNISTDataModule,
     SVHNDataModule,
+    USPSDataModule,
     long_tail_counts,
     long_tail_indices,
 )
-from tests.fakedata import write_cifar, write_mnist_idx, write_svhn
+from tests.fakedata import write_cifar, write_mnist_idx, write_svhn, write_usps
 
 MNIST_FAMILY = [
     (MNISTDataModule, "MNIST", (0.1307,), (0.3081,)),
@@ -205,6 +207,21 @@ def test_svhn(tmp_path, no_network):
     check_normalised(dm, x, xb)
 
 
+def test_usps(tmp_path, no_network):
+    ref = write_usps(tmp_path, n_train=30, n_test=20, seed=4)
+    dm = USPSDataModule(data_dir=str(tmp_path), batch_size=10, image_size=32)
+    dm.setup()
+    assert (dm.num_classes, dm.in_channels, dm.train_x.shape[1:], len(dm.val_x)) == (10, 1, (1, 32, 32), 3)
+    raw = USPSDataModule(data_dir=str(tmp_path))  # native 16 x 16: the pixels and labels exactly as written
+    raw.setup()
+    np.testing.assert_array_equal(raw.test_x.numpy(), ref["test"][0])
+    np.testing.assert_array_equal(raw.test_y.numpy(), ref["test"][1])
+    np.testing.assert_array_equal(raw.train_x.numpy(), ref["train"][0][raw.train_indices.numpy()])
+    (tmp_path / "USPS" / "usps.t.bz2").write_bytes(b"BZh91AY&SY not really bz2")
+    with pytest.raises(DatasetCorruptError, match="USPS file .*usps.t.bz2 is damaged"):
+        USPSDataModule(data_dir=str(tmp_path)).setup()
+
+
 @pytest.mark.parametrize("which", ["mnist", "cifar10", "cifar100", "svhn"])
 def test_download_true_uses_present_files_offline(tmp_path, no_network, which):
     """Generated files do not match the official MD5s; present files must not be re-fetched."""
@@ -312,6 +329,7 @@ MISSING = [
     (CIFAR10LTDataModule, "cifar-10-batches-py", "batches.meta"),
     (CIFAR100LTDataModule, "cifar-100-python", "train"),
     (SVHNDataModule, "", "test_32x32.mat"),
+    (USPSDataModule, "USPS", "usps.bz2"),
 ]
 
 
