@@ -61,6 +61,32 @@ def test_inverted_domain(fake_mnist: Path) -> None:
         assert torch.equal(getattr(dm, f"{split}_y"), getattr(task, f"{split}_y"))
 
 
+def test_blend_over_textures_worked() -> None:
+    from datamodules.domain_shift import blend_over_textures
+    from datamodules.synthetic import generate_shapes_with_backgrounds
+
+    x = torch.tensor([0, 255, 51, 0], dtype=torch.uint8).view(1, 1, 2, 2).repeat(3, 1, 1, 1)
+    _, tex = generate_shapes_with_backgrounds(3, 7, 2, background="random")
+    t = tex.float().mean(1, keepdim=True)  # grey textures (3, 1, 2, 2)
+    out = blend_over_textures(x, seed=7)
+    # a = x / 255: black pixels become the texture, white strokes stay white, 51 (a = 0.2) is 0.2 * 51 + 0.8 * t
+    torch.testing.assert_close(out.float(), (0.2 * 51 + 0.8 * t).round().where(x == 51, t.round()).where(x != 255, x.float()))
+
+
+def test_textured_domain_keeps_strokes_and_labels(fake_mnist: Path) -> None:
+    task = MNISTDataModule(data_dir=str(fake_mnist), image_size=32, val_size=20)
+    dm = DomainShiftDataModule(MNISTDataModule(data_dir=str(fake_mnist), image_size=32, val_size=20), shift="texture")
+    task.setup("fit")
+    dm.setup("fit")
+    for split in ("train", "val", "test"):
+        src, tgt = getattr(task, f"{split}_x").int(), getattr(dm, f"{split}_x").int()
+        assert torch.equal(getattr(dm, f"{split}_y"), getattr(task, f"{split}_y"))
+        dark, bright = src < 40, src > 215
+        assert tgt[dark].float().mean() > src[dark].float().mean() + 20  # the dark background is texture now
+        assert (tgt[bright] - src[bright]).abs().max() <= 41  # (1 - a) <= 40/255 of a bright pixel is texture
+    assert not torch.equal(dm.train_x[:4], dm.test_x[:4])  # splits draw their own textures
+
+
 def _args(root: Path, config: str, *extra: str) -> list[str]:
     return ["fit", f"--config=experiments/data_impressions/mnist/{config}.yaml",
             f"--data.init_args.task.init_args.data_dir={root}", "--data.init_args.batch_size=16",
