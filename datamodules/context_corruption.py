@@ -8,15 +8,17 @@ Two paths to the ImageNet-C families (Hendrycks & Dietterich 2019, severities 1-
   constants (brightness and contrast equal the package's to a grey level; the noises are the same
   distributions, not the same draws);
 * every family of the ``imagecorruptions`` package (PyPI), per image on numpy uint8 ``H x W x 3`` (blurs,
-  weather, digital), :func:`corrupt_numpy`; three of its 19 (glass_blur, fog, gaussian_blur) crash under numpy 2
-  and say so.
+  weather, digital), :func:`corrupt_numpy`; three of its 19 (glass_blur, fog, gaussian_blur) call APIs that
+  numpy 2 / scikit-image >= 0.19 removed (``np.float_``, ``gaussian(multichannel=True)``): they run through
+  :func:`_legacy_apis`, which supplies the old names for the duration of the call.
 
 Pixels are [0, 1] floats ``(B, 3, H, W)``; masks bool ``(B, 1, H, W)`` (True on the object).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -84,8 +86,34 @@ def corrupt_torch(x: Tensor, name: str, severity: int, generator: torch.Generato
     return fn(x, consts[severity - 1], generator).clamp(0.0, 1.0)
 
 
-#: families of imagecorruptions 1.1.2 that crash under the locked numpy 2 / scikit-image (checked at 32 and 224 px)
-BROKEN_WITH_NUMPY2 = ("glass_blur", "fog", "gaussian_blur")
+#: families of imagecorruptions 1.1.2 written against numpy 1 / scikit-image < 0.19 (checked at 32 and 224 px)
+LEGACY_FAMILIES = ("glass_blur", "fog", "gaussian_blur")
+
+
+@contextlib.contextmanager
+def _legacy_apis() -> Iterator[None]:
+    """``np.float_`` (removed in numpy 2: ``np.float64``) and ``gaussian(..., multichannel=True)`` (scikit-image 0.19:
+    ``channel_axis=-1``) for imagecorruptions' fog / glass_blur / gaussian_blur, restored afterwards."""
+    import numpy as np
+    import imagecorruptions.corruptions as ic
+
+    modern = ic.gaussian
+
+    def gaussian(image, *args, multichannel=None, **kwargs):
+        if multichannel:
+            kwargs.setdefault("channel_axis", -1)
+        return modern(image, *args, **kwargs)
+
+    had_float_ = "float_" in np.__dict__
+    ic.gaussian = gaussian
+    if not had_float_:
+        np.float_ = np.float64
+    try:
+        yield
+    finally:
+        ic.gaussian = modern
+        if not had_float_:
+            del np.float_
 
 
 def corrupt_numpy(x: Tensor, name: str, severity: int) -> Tensor:
@@ -98,12 +126,10 @@ def corrupt_numpy(x: Tensor, name: str, severity: int) -> Tensor:
     names = get_corruption_names("all")
     if name not in names:
         raise DataError(f"unknown corruption {name!r}; imagecorruptions has {', '.join(names)}")
-    if name in BROKEN_WITH_NUMPY2:
-        raise DataError(f"imagecorruptions' {name} fails with numpy 2 / scikit-image >= 0.19 (removed np.float_ / "
-                        f"'multichannel'); the other {len(names) - len(BROKEN_WITH_NUMPY2)} families work")
     imgs = (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    out = [np.asarray(corrupt(im, corruption_name=name, severity=severity)).astype(np.float32)[: im.shape[0],
-           : im.shape[1]] for im in imgs]
+    with _legacy_apis() if name in LEGACY_FAMILIES else contextlib.nullcontext():
+        out = [np.asarray(corrupt(im, corruption_name=name, severity=severity)).astype(np.float32)[: im.shape[0],
+               : im.shape[1]] for im in imgs]
     return (torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 255.0).clamp(0, 1).to(x.device, x.dtype)
 
 
