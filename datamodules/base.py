@@ -37,6 +37,8 @@ def validation_count(val_size: ValSize, default: int | float, n_train: int) -> i
     is taken as is. An explicit count must leave training images; a share is rounded down. At least one
     image is held out whenever a split is asked for and there are two or more. 0 holds out nothing.
     """
+    if isinstance(val_size, float) and val_size > 1 and val_size.is_integer():
+        val_size = int(val_size)  # the CLI parses Union[int, float] "1000" as 1000.0: a count all the same
     if val_size is None:
         if n_train < 2:
             return 0

@@ -1,4 +1,5 @@
-"""Datamodules over image files in class folders: ImageNet and any ``ImageFolder``-style dataset.
+"""Datamodules over image files: ImageNet and any ``ImageFolder``-style dataset in class folders; iNaturalist 2019
+(torchvision's reader, the competition's JSON splits).
 
 Layout (torchvision's ``ImageFolder`` / ``ImageNet`` after extraction)::
 
@@ -33,7 +34,7 @@ from torchvision.io import ImageReadMode, decode_image
 from datamodules.base import EpochSeededRandomSampler, TensorImageDataModule, ValSize
 from datamodules.errors import CvlabError, DatasetCorruptError, DatasetNotFoundError
 
-__all__ = ["ImageFolderDataModule", "ImageNetDataModule", "FolderDataset", "scan_class_folders"]
+__all__ = ["ImageFolderDataModule", "ImageNetDataModule", "INaturalist2019DataModule", "FolderDataset", "scan_class_folders"]
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
 
@@ -181,14 +182,19 @@ class ImageFolderDataModule(TensorImageDataModule):
                                       f"expects {self.num_classes} (set --data.init_args.num_classes)")
         self.class_names = classes
 
+    def list_split(self, split: str) -> tuple[list[str], list[Path], Tensor]:
+        """``(class names, files, labels)`` of one split; here the class folders of ``<root>/<split>``."""
+        return scan_class_folders(self.root / split)
+
     def setup(self, stage: str | None = None) -> None:
         if self.test_set is None:
-            classes, files, labels = scan_class_folders(self.root / self.test_split)
+            classes, files, labels = self.list_split(self.test_split)
             self._check_classes(classes, self.test_split)
             self.test_set = FolderDataset(files, labels, self.image_size, self.resize_size, train=False)
+            self.test_y = labels
         if stage in ("test", "predict") or self.train_set is not None:
             return
-        classes, files, labels = scan_class_folders(self.root / self.train_split)
+        classes, files, labels = self.list_split(self.train_split)
         self._check_classes(classes, self.train_split)
         train_idx, val_idx = self.split_indices(len(files), None)
         self.train_indices, self.val_indices, self.val_count = train_idx, val_idx, val_idx.numel()
@@ -196,6 +202,8 @@ class ImageFolderDataModule(TensorImageDataModule):
         self.train_set = FolderDataset(*pick(train_idx), self.image_size, self.resize_size, train=True)
         self.val_set = (FolderDataset(*pick(val_idx), self.image_size, self.resize_size, train=False)
                         if self.val_count else self.test_set)
+        # the labels alone (the images stay files): class counts for DRW, long-tail profiles
+        self.train_y, self.val_y = self.train_set.labels, self.val_set.labels
 
     def _folder_loader(self, ds: FolderDataset, train: bool) -> DataLoader:
         return DataLoader(
@@ -227,3 +235,53 @@ class ImageNetDataModule(ImageFolderDataModule):
 
     folder = "imagenet"
     num_classes = 1000
+
+
+class INaturalist2019DataModule(ImageFolderDataModule):
+    """iNaturalist 2019 (1,010 species, long-tailed): images indexed by torchvision's ``INaturalist(version="2019")``
+    reader in ``<data_dir>/inaturalist/2019/<super category>/<category id>/*.jpg`` (the ``train_val2019`` archive,
+    extracted there), split by the competition's ``train2019.json`` / ``val2019.json`` next to that folder (COCO
+    style: ``images[].file_name`` = ``train_val2019/<super>/<id>/<file>``, ``annotations[].category_id``). Labels are
+    the category ids (torchvision's ``full`` target); the training split is ``train``, the test split the official
+    ``val`` (3 images a class); our validation split is held out of ``train``."""
+
+    folder = "inaturalist"
+    num_classes = 1010
+    #: the torchvision version name and the split files
+    version = "2019"
+    split_files = {"train": "train2019.json", "val": "val2019.json"}
+
+    def list_split(self, split: str) -> tuple[list[str], list[Path], Tensor]:
+        import json
+
+        import torchvision.datasets as tvd
+
+        if split not in self.split_files:
+            raise CvlabError(f"iNaturalist 2019 has splits {sorted(self.split_files)}, not {split!r}")
+        ann = self.root / self.split_files[split]
+        if not (self.root / self.version).is_dir() or not ann.is_file():
+            raise DatasetNotFoundError(
+                f"iNaturalist 2019 not found: expected {self.root / self.version}/<super>/<id>/*.jpg (train_val2019.tar.gz "
+                f"extracted and renamed) and {ann} (train2019.json / val2019.json from the competition)")
+        try:
+            ds = tvd.INaturalist(str(self.root), version=self.version, target_type="full", download=False)
+        except RuntimeError as e:
+            raise DatasetCorruptError(f"iNaturalist 2019 under {self.root / self.version}: {str(e).splitlines()[0]}") from None
+        # torchvision's index: (category id, file name) under root/2019/<all_categories[id]>/
+        where = {f"{ds.all_categories[c]}/{f}": c for c, f in ds.index}
+        try:
+            meta = json.loads(ann.read_text())
+            label_of = {a["image_id"]: int(a["category_id"]) for a in meta["annotations"]}
+            entries = [(im["file_name"], label_of[im["id"]]) for im in meta["images"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetCorruptError(f"{ann} is not an iNaturalist annotation file ({type(e).__name__}: {e})") from None
+        files, labels = [], []
+        for name, label in entries:
+            key = "/".join(Path(name).parts[-3:])  # <super>/<id>/<file>
+            if where.get(key) != label:
+                raise DatasetCorruptError(f"{ann}: {name} (category {label}) is not in {self.root / self.version}"
+                                          + ("" if key not in where else f" under category {where[key]}"))
+            files.append(self.root / self.version / key)
+            labels.append(label)
+        classes = [str(i) for i in range(len(ds.all_categories))]
+        return classes, files, torch.tensor(labels, dtype=torch.long)

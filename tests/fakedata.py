@@ -281,3 +281,35 @@ def write_usps(root: str | os.PathLike, n_train: int = 30, n_test: int = 20, see
         (folder / name).write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
         out[split] = (x, y)
     return out
+
+
+# --- iNaturalist 2019: <root>/2019/<super>/<id>/*.jpg + train2019.json / val2019.json ------------------------
+def write_inaturalist2019(root: str | os.PathLike, counts: dict[int, tuple[int, int]], supers: tuple[str, ...] = ("Birds", "Plants"),
+                          size: tuple[int, int] = (30, 40), seed: int = 0) -> dict[str, list[int]]:
+    """Category ``c`` (ids 0..K-1, super category ``supers[c % len(supers)]``) gets ``counts[c] = (train, val)``
+    JPEGs; the JSONs list them COCO-style with ``file_name`` ``train_val2019/<super>/<c>/<file>``. Returns the labels
+    of each split in file order."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    out: dict[str, list[int]] = {"train": [], "val": []}
+    meta = {s: {"images": [], "annotations": [], "categories": []} for s in out}
+    for c, (n_train, n_val) in sorted(counts.items()):
+        folder = root / "2019" / supers[c % len(supers)] / str(c)
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", n_train), ("val", n_val)):
+            meta[split]["categories"].append({"id": c, "name": f"species {c}"})
+            for i in range(n):
+                name = f"{split}_{c}_{i}.jpg"
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / name)
+                k = len(meta[split]["images"])
+                meta[split]["images"].append({"id": 1000 * c + 10 * i + len(split), "file_name":
+                                              f"train_val2019/{supers[c % len(supers)]}/{c}/{name}"})
+                meta[split]["annotations"].append({"id": k, "image_id": 1000 * c + 10 * i + len(split), "category_id": c})
+                out[split].append(c)
+    for split in out:
+        (root / f"{split}2019.json").write_text(json.dumps(meta[split]))
+    return out

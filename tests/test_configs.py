@@ -18,7 +18,7 @@ import yaml
 from experiments.pipeline import run_pipeline
 from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
-from tests.fakedata import write_cifar, write_data_noun, write_imagenet9, write_imagenet_s, write_mnist_idx, write_svhn, write_usps
+from tests.fakedata import write_cifar, write_data_noun, write_imagenet9, write_imagenet_s, write_mnist_idx, write_svhn, write_usps, write_inaturalist2019
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 
@@ -48,6 +48,11 @@ SMOKE: list[tuple[str, str, list[str]]] = [
      "--data.init_args.num_workers=0", "--model.init_args.methods=[gradcam]", "--model.init_args.random_init=false"]),
     ("experiments/attribution/imagenet9/study.yaml", "test", ["--data.init_args.image_size=32",  # generated IN-9
      "--data.init_args.num_workers=0", "--model.init_args.methods=[gradcam]", "--model.init_args.random_init=false"]),
+    # three categories of generated iNaturalist 2019 files (see fake_root)
+    ("experiments/cbgan/inaturalist2019/classifier.yaml", "fit", ["--model.init_args.drw_epoch=0",
+     "--model.init_args.num_classes=3", "--data.init_args.num_classes=3", "--data.init_args.num_workers=0"]),
+    ("experiments/cbgan/inaturalist2019/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x3", *_CBGAN,
+     "--data.init_args.num_classes=3", "--data.init_args.num_workers=0", "--data.init_args.val_size=3"]),
     ("experiments/cbgan/*/classifier.yaml", "fit", ["--model.init_args.drw_epoch=0"]),
     ("experiments/cbgan/[mf]*/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_1x10", *_CBGAN]),
     ("experiments/cbgan/cifar100_lt/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x100", *_CBGAN]),
@@ -166,6 +171,7 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_cifar(root, 100, n_train=400, n_test=40)  # 4 per class: each keeps training images beside the validation split
     write_svhn(root, n_train=60, n_test=20)
     write_usps(root, n_train=60, n_test=20)
+    write_inaturalist2019(root / "inaturalist", {0: (4, 1), 1: (4, 1), 2: (4, 1)})
     write_imagenet9(root / "imagenet9", per_class=1, size=32, variants=("original", "only_fg", "mixed_same",
                                                                         "mixed_rand", "mixed_next"))
     # ImageNet's val layout (+ ImageNet-S masks) with three wnids of tests.fakedata.DATA_NOUN, for the WordNet report

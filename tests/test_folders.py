@@ -130,3 +130,39 @@ def test_wordnet_hierarchy_without_class_names_says_how(tmp_path: Path) -> None:
     assert report.hier is None  # built from the datamodule's class names when the run starts
     with pytest.raises(CvlabError, match="needs the class names"):
         report.setup("test")
+
+
+def test_inaturalist2019_splits_from_json(tmp_path: Path) -> None:
+    from datamodules.folders import INaturalist2019DataModule
+    from tests.fakedata import write_inaturalist2019
+
+    counts = {0: (6, 1), 1: (3, 1), 2: (1, 1)}  # a long tail
+    ref = write_inaturalist2019(tmp_path / "inaturalist", counts)
+    dm = INaturalist2019DataModule(data_dir=str(tmp_path), num_classes=3, image_size=16, val_size=2, batch_size=4,
+                                   num_workers=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (8, 2, 3)
+    assert sorted(dm.train_set.labels.tolist() + dm.val_set.labels.tolist()) == sorted(ref["train"])
+    assert dm.test_set.labels.tolist() == ref["val"] and all("val_" in f.name for f in dm.test_set.files)
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (3, 3, 16, 16) and y.tolist() == [0, 1, 2]
+
+
+def test_inaturalist2019_errors(tmp_path: Path) -> None:
+    import json
+
+    from datamodules.folders import INaturalist2019DataModule
+    from tests.fakedata import write_inaturalist2019
+
+    with pytest.raises(DatasetNotFoundError, match="iNaturalist 2019 not found.*train2019.json"):
+        INaturalist2019DataModule(data_dir=str(tmp_path), num_workers=0).setup("fit")
+    write_inaturalist2019(tmp_path / "inaturalist", {0: (2, 1), 1: (2, 1)})
+    ann = tmp_path / "inaturalist" / "val2019.json"
+    meta = json.loads(ann.read_text())
+    meta["annotations"][0]["category_id"] = 1  # an image filed under category 0 labelled 1
+    ann.write_text(json.dumps(meta))
+    with pytest.raises(DatasetCorruptError, match="category 1.*is not in .*under category 0"):
+        INaturalist2019DataModule(data_dir=str(tmp_path), num_classes=2, num_workers=0).setup("test")
+    ann.write_text("{\"images\": []")
+    with pytest.raises(DatasetCorruptError, match="is not an iNaturalist annotation file"):
+        INaturalist2019DataModule(data_dir=str(tmp_path), num_classes=2, num_workers=0).setup("test")

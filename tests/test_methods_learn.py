@@ -188,6 +188,7 @@ def test_validation_count_worked_values() -> None:
     assert validation_count(None, 5000, 60) == 6 and validation_count(None, 5000, 5) == 1
     assert validation_count(None, 0.1, 10000) == 1000 and validation_count(0.25, 5000, 10) == 2
     assert validation_count(0, 5000, 60000) == 0 and validation_count(300, 5000, 60000) == 300
+    assert validation_count(300.0, 5000, 60000) == 300  # the CLI parses "--data.init_args.val_size 300" as 300.0
     from cvlab.errors import CvlabError
 
     for bad in (60, 1.0, -1, 1.5):
