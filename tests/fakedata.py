@@ -18,6 +18,15 @@ import numpy as np
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
+def save_cvlab_checkpoint(module, path: str | os.PathLike) -> Path:
+    """``module`` (a LightningModule, e.g. an untrained ClassifierModule) saved as cvlab's checkpoints are:
+    ``{"state_dict", "hyper_parameters"}``, which :func:`lit_modules.teacher.load_teacher` reads."""
+    import torch
+
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return Path(path)
+
+
 def _images_labels(n: int, num_classes: int, shape: tuple[int, ...], rng: np.random.Generator):
     x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
     y = rng.permutation(np.arange(n) % num_classes).astype(np.int64)

@@ -25,7 +25,7 @@ import torch
 
 from experiments.cli import main
 from tests.cli_runs import QUICKSTART, REPO, TINY_SHAPES
-from tests.fakedata import write_cifar, write_mnist_idx
+from tests.fakedata import write_cifar, write_mnist_idx, save_cvlab_checkpoint
 
 
 class RunsCode:
@@ -62,7 +62,7 @@ def make_workspace(w: Path) -> dict[str, Path]:
     # teachers: a tiny 3x10 ConvNet and a 1-channel LeNet-5 (cvlab checkpoints), and bad files
     for name, arch, ch, kw in (("teacher3.ckpt", "convnet", 3, {"width": 8, "depth": 2, "norm": "batchnorm"}), ("teacher1.ckpt", "lenet5", 1, {})):
         m = ClassifierModule(arch=arch, num_classes=10, in_channels=ch, image_size=32, arch_kwargs=kw)
-        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, w / name)
+        save_cvlab_checkpoint(m, w / name)
         p[name.split(".")[0]] = w / name
     lenet = ClassifierModule(arch="lenet5", num_classes=10, in_channels=1, image_size=32)
     torch.save({k.removeprefix("net."): v for k, v in lenet.state_dict().items()}, w / "lenet_state_dict.pt")

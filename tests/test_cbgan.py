@@ -22,7 +22,7 @@ from lit_modules.generation.metrics import (ClassHistogram, FIDWeightsMissing, P
                                             frechet_distance, kl_to_uniform, packaged_inception_path)
 from lit_modules.nets import create_discriminator, create_generator, create_net
 from tests.cli_runs import SimulatedKill
-from tests.fakedata import write_mnist_idx
+from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
 
 SHARED = Path("/work/shared/data")
 
@@ -220,7 +220,7 @@ def save_classifier(path: Path, num_classes: int = 10, image_size: int = 32, see
     torch.manual_seed(seed)
     m = ClassifierModule(arch="lenet5", num_classes=num_classes, in_channels=1, image_size=image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, path)
+    save_cvlab_checkpoint(m, path)
     return path
 
 

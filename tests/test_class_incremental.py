@@ -13,7 +13,7 @@ from datamodules import ClassIncrementalDataModule, MNISTDataModule, check_split
 from lit_modules.classifier import ClassifierModule
 from lit_modules.distillation.class_incremental import class_incremental_loss
 from tests.cli_runs import read_metrics, run_cli, run_cli_subprocess
-from tests.fakedata import write_mnist_idx
+from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
 
 
 def test_even_splits_worked_answers() -> None:
@@ -70,7 +70,7 @@ def fake_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cl_data")
     write_mnist_idx(root, "MNIST", n_train=200, n_test=60)
     m = ClassifierModule(arch="lenet5", num_classes=100, in_channels=1, image_size=32)
-    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, root / "lenet_100.ckpt")
+    save_cvlab_checkpoint(m, root / "lenet_100.ckpt")
     return root
 
 

@@ -18,7 +18,7 @@ import yaml
 from experiments.pipeline import run_pipeline
 from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
-from tests.fakedata import write_cifar, write_data_noun, write_imagenet9, write_imagenet_s, write_mnist_idx, write_svhn, write_usps, write_inaturalist2019
+from tests.fakedata import write_cifar, write_data_noun, write_imagenet9, write_imagenet_s, write_mnist_idx, write_svhn, write_usps, write_inaturalist2019, save_cvlab_checkpoint
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 
@@ -192,7 +192,7 @@ def zskd_artifacts(tmp_path_factory: pytest.TempPathFactory):
     for key, arch, ch, k, kw in (("1x10", "lenet5", 1, 10, {}), ("3x10", "convnet", 3, 10, tiny), ("3x100", "convnet", 3, 100, tiny),
                                     ("3x3", "convnet", 3, 3, tiny)):
         m = ClassifierModule(arch=arch, num_classes=k, in_channels=ch, image_size=32, arch_kwargs=kw)
-        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, root / f"teacher_{key}.ckpt")
+        save_cvlab_checkpoint(m, root / f"teacher_{key}.ckpt")
         env[f"CVLAB_TEST_TEACHER_{key}"] = str(root / f"teacher_{key}.ckpt")
         (root / f"di_{key}").mkdir()
         torch.save({"index": torch.arange(16), "image": torch.rand(16, ch, 32, 32), "target": torch.full((16, k), 1 / k)},

@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from datamodules.errors import CvlabError, DatasetCorruptError, DatasetNotFoundError
 from datamodules.folders import (ImageFolderDataModule, ImageNetDataModule, center_crop, random_resized_crop,
                                  scan_class_folders)
-from tests.fakedata import write_data_noun, write_image_folders
+from tests.fakedata import write_data_noun, write_image_folders, save_cvlab_checkpoint
 
 WNIDS = ["n02084071", "n02121620", "n09999999"]  # dog, cat, Einstein in tests.fakedata.DATA_NOUN
 
@@ -108,7 +108,7 @@ def test_severity_report_on_imagenet_layout_with_wordnet(tmp_path: Path) -> None
     write_image_folders(tmp_path / "data" / "imagenet", WNIDS, {"val": 4})
     noun = write_data_noun(tmp_path / "data.noun")
     m = ClassifierModule(arch="lenet5", num_classes=3, in_channels=3, image_size=32)
-    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, tmp_path / "net.ckpt")
+    save_cvlab_checkpoint(m, tmp_path / "net.ckpt")
     run = tmp_path / "run"
     run_cli("test", "--config=experiments/severity/imagenet/report.yaml", f"--model.init_args.models={{n: {tmp_path / 'net.ckpt'}}}",
             f"--model.init_args.hierarchy=wordnet:{noun}", "--model.init_args.eps=[0.1]", "--model.init_args.steps=2",

@@ -41,7 +41,7 @@ from lit_modules.nets import LatentEncoder, create_generator, create_net
 from lit_modules.nets.generator import upsample2x_conv3x3
 from tests.cli_runs import KillAtEpoch, SimulatedKill, read_metrics, run_cli
 from tests.conftest import REPO
-from tests.fakedata import write_mnist_idx
+from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
 
 TINY_GEN = {"widths": [8, 4]}
 
@@ -51,7 +51,7 @@ def save_teacher(path: Path, arch: str = "lenet5", in_channels: int = 1, image_s
     torch.manual_seed(seed)
     m = ClassifierModule(arch=arch, num_classes=10, in_channels=in_channels, image_size=image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, path)
+    save_cvlab_checkpoint(m, path)
     return path
 
 

@@ -13,7 +13,7 @@ import torch
 from lit_modules.robustness.hierarchy import (
     BUILTIN, BUILTIN_CLASSES, ClassHierarchy, HierarchyError, load_hierarchy, read_cifar_pickle,
 )
-from tests.fakedata import write_cifar, write_data_noun
+from tests.fakedata import write_cifar, write_data_noun, save_cvlab_checkpoint
 
 # root -> {animal -> {cat, dog}, vehicle -> {car, truck -> {lorry}}}, plus 'fish' straight under the root.
 # classes in label order: cat 0, dog 1, car 2, lorry 3, fish 4; depths: 2, 2, 2, 3, 1.
@@ -236,7 +236,7 @@ def test_report_stage_writes_table_csv_histograms(tmp_path: Path, monkeypatch: p
     for arch in ("lenet5", "lenet5_half"):
         m = ClassifierModule(arch=arch, num_classes=10, in_channels=1, image_size=32)
         ckpts[arch] = tmp_path / f"{arch}.ckpt"
-        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, ckpts[arch])
+        save_cvlab_checkpoint(m, ckpts[arch])
     models = "{" + ", ".join(f"{k}: {v}" for k, v in ckpts.items()) + "}"
     run = tmp_path / "run"
     run_cli("test", "--config=experiments/severity/fashion_mnist/report.yaml", f"--model.init_args.models={models}",
@@ -282,7 +282,7 @@ def test_report_uap_attack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("CVLAB_DATA", str(tmp_path / "data"))
     torch.manual_seed(0)
     m = ClassifierModule(arch="lenet5", num_classes=10, in_channels=1, image_size=32)
-    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, tmp_path / "net.ckpt")
+    save_cvlab_checkpoint(m, tmp_path / "net.ckpt")
     w = torch.zeros(3, 1, 32, 32)
     w[2] = torch.where(torch.arange(32 * 32).view(1, 32, 32) % 2 == 0, 1.0, -1.0)  # budget 0.9: a checkerboard
     uap = _uap_ckpt(tmp_path / "uap.ckpt", w, [0.1, 0.5, 0.9])

@@ -13,7 +13,7 @@ from datamodules import DomainShiftDataModule, MNISTDataModule
 from lit_modules.classifier import ClassifierModule
 from lit_modules.distillation.adaptation_losses import coral_loss, feature_covariance, information_maximization
 from tests.cli_runs import read_metrics, run_cli
-from tests.fakedata import write_mnist_idx
+from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
 
 
 def test_coral_worked_answer() -> None:
@@ -44,7 +44,7 @@ def fake_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_mnist_idx(root, "MNIST", n_train=120, n_test=40)
     for k in (10, 100):
         m = ClassifierModule(arch="lenet5", num_classes=k, in_channels=1, image_size=32)
-        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, root / f"lenet_{k}.ckpt")
+        save_cvlab_checkpoint(m, root / f"lenet_{k}.ckpt")
     (root / "di").mkdir()
     torch.save({"index": torch.arange(30), "image": torch.rand(30, 1, 32, 32), "target": torch.full((30, 10), 0.1)},
                root / "di" / "shard-000000000-000000029-r0.pt")

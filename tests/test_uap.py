@@ -13,7 +13,7 @@ from lit_modules.classifier import ClassifierModule
 from lit_modules.robustness import UniversalPerturbation
 from lit_modules.robustness.uap_objective import fooling_loss, fooling_rate, project_linf_box, random_sign_noise
 from tests.cli_runs import read_metrics, run_cli, run_cli_subprocess
-from tests.fakedata import write_mnist_idx
+from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
 
 # --- the projection ---------------------------------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ def fake_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_mnist_idx(root, "MNIST", n_train=120, n_test=40)
     for k in (10, 100):
         m = ClassifierModule(arch="lenet5", num_classes=k, in_channels=1, image_size=32)
-        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, root / f"lenet_{k}.ckpt")
+        save_cvlab_checkpoint(m, root / f"lenet_{k}.ckpt")
     (root / "di_10").mkdir()
     g = torch.Generator().manual_seed(0)
     torch.save({"index": torch.arange(40), "image": torch.rand(40, 1, 32, 32, generator=g),

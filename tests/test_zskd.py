@@ -34,6 +34,7 @@ from lit_modules.distillation.kd_loss import distillation_loss, kd_kl_loss, soft
 from lit_modules.distillation.kd_student import KDStudent
 from lit_modules.teacher import load_teacher
 from tests.conftest import REPO
+from tests.fakedata import save_cvlab_checkpoint
 
 
 def save_teacher(path: Path, arch: str = "convnet", num_classes: int = 10, in_channels: int = 3,
@@ -43,7 +44,7 @@ def save_teacher(path: Path, arch: str = "convnet", num_classes: int = 10, in_ch
     kw = arch_kwargs if arch_kwargs is not None else ({"width": 8, "depth": 2, "norm": "batchnorm"} if arch == "convnet" else {})
     m = ClassifierModule(arch=arch, num_classes=num_classes, in_channels=in_channels, image_size=32, arch_kwargs=kw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, path)
+    save_cvlab_checkpoint(m, path)
     return path
 
 
