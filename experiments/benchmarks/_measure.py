@@ -57,6 +57,13 @@ def add_device_args(parser, threads_default: int | None = None) -> None:
     parser.add_argument("--threads", type=int, default=threads_default, help="torch CPU threads")
 
 
+def random_batch(args, device: torch.device, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded batch of ``--batch-size`` random ``--channels x --image-size^2`` pixels and labels, on ``device``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, generator=g).to(device)
+    return x, torch.randint(0, num_classes, (args.batch_size,), generator=g).to(device)
+
+
 def device_from_args(args) -> torch.device:
     """Apply ``--threads`` and return ``--device``."""
     if args.threads:

@@ -17,7 +17,7 @@ import functools
 import torch
 
 from experiments.benchmarks import register_benchmark
-from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
+from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure, random_batch
 from lit_modules.robustness import AdversarialTrainer
 from lit_modules.robustness.attacks import fgsm, pgd
 
@@ -53,9 +53,7 @@ def main(argv: list[str]) -> int:
     device = device_from_args(args)
     print(f"robustness benchmark: {args.arch}, {args.channels}x{args.image_size}x{args.image_size}, batch "
           f"{args.batch_size}, eps {args.eps}, {hardware(device)}{', bf16' if args.bf16 else ''}")
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    x, y = random_batch(args, device)
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     if args.part in ("attacks", "both"):

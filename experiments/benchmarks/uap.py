@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from experiments.benchmarks import register_benchmark
-from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
+from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure, random_batch
 from lit_modules.classifier import ClassifierModule
 from lit_modules.distillation import ClassIncrementalLearner
 from lit_modules.robustness import UniversalPerturbation
@@ -55,9 +55,8 @@ def main(argv: list[str]) -> int:
     print(f"uap benchmark: {args.arch}, {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch_size}, "
           f"{len(args.budgets)} budgets, {hardware(device)}{', bf16' if args.bf16 else ''}")
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    x, y = random_batch(args, device)
+    g = torch.Generator().manual_seed(1)  # the replayed "impressions" of the CL step
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _checkpoint(Path(tmp), args)
         if args.part in ("uap", "both"):
