@@ -101,6 +101,24 @@ class RunFolderConfig(SaveConfigCallback):
         self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
 
 
+def command_line_model_keys(argv: list[str]) -> list[str]:
+    """The ``model.init_args.*`` keys set on a command line (``--model.init_args.k v``, ``--model.k=v``);
+    ``class_path`` and appends (``+=``) are left out."""
+    keys = []
+    for arg in argv:
+        if not isinstance(arg, str) or not arg.startswith("--model."):
+            continue
+        key = arg[2:].split("=", 1)[0]
+        if key.endswith("+") or key in ("model.class_path", "model.init_args"):
+            continue
+        if not key.startswith("model.init_args."):
+            key = "model.init_args." + key[len("model."):]
+        key = ".".join(key.split(".")[:3])  # the whole parameter (a nested key sets part of a dict)
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
 class CvlabCLI(LightningCLI):
     """LightningCLI with cvlab's run folders, logger defaults and safety callbacks."""
 
@@ -116,14 +134,28 @@ class CvlabCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"devices": 1})
         super().__init__(*args, **kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """Check an explicit ``--ckpt_path`` (readable, a Lightning checkpoint; a damaged ``last.ckpt``
-        falls back to ``last.ckpt.previous``) before LightningCLI reads its hyper-parameters."""
+        falls back to ``last.ckpt.previous``) before LightningCLI reads its hyper-parameters.
+
+        LightningCLI lays the checkpoint's hyper-parameters over the whole config, so ``cvlab test
+        --ckpt_path X --model.init_args.k v`` would silently run with the checkpoint's ``k``; the model
+        keys given on the command line are put back on top (and said)."""
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
             self.config[sub].ckpt_path = str(readable_checkpoint(ckpt))
+        explicit = {k: self.config[sub].get(k) for k in command_line_model_keys(getattr(self, "_argv", []))} if sub else {}
         super()._parse_ckpt_path()
+        for key, value in explicit.items():
+            if self.config[sub].get(key) != value:
+                print(f"cvlab: --{key} from the command line overrides the checkpoint's {self.config[sub].get(key)!r}",
+                      flush=True)
+                self.config[sub][key] = value
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run.root", type=str, default=os.environ.get("CVLAB_RUNS", "runs"),

@@ -87,3 +87,23 @@ def test_model_data_mismatch_is_explained(tmp_path: Path, capsys: pytest.Capture
         main(["fit", f"--config={QUICKSTART}", *TINY_SHAPES, "--model.init_args.in_channels=1",
               f"--run.dir={tmp_path / 'r'}"])
     assert "in_channels: model 1 vs data 3" in capsys.readouterr().err
+
+
+def test_command_line_model_keys_beat_the_checkpoints_hyper_parameters(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    from experiments.cli import command_line_model_keys
+
+    assert command_line_model_keys(["test", "--model.init_args.lr=0.5", "--model.momentum", "0.1",
+                                    "--model.init_args.arch_kwargs.width=4", "--model.class_path=x",
+                                    "--trainer.max_epochs=1", "--model.init_args.lr", "0.2"]) == [
+        "model.init_args.lr", "model.init_args.momentum", "model.init_args.arch_kwargs"]
+    run = tmp_path / "run"
+    run_cli("fit", f"--config={QUICKSTART}", *TINY_SHAPES, "--trainer.max_epochs=1", run_dir=run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    # LightningCLI alone would test with the checkpoint's lr (its hyper-parameters are laid over the config)
+    cli = run_cli("test", f"--config={QUICKSTART}", *TINY_SHAPES, f"--ckpt_path={ckpt}", "--model.init_args.lr=0.123",
+                  run_dir=tmp_path / "test")
+    assert cli.model.hparams.lr == pytest.approx(0.123)
+    assert "--model.init_args.lr from the command line overrides" in capsys.readouterr().out
+    same = run_cli("test", f"--config={QUICKSTART}", *TINY_SHAPES, f"--ckpt_path={ckpt}", run_dir=tmp_path / "test2")
+    assert same.model.hparams.lr != pytest.approx(0.123)
