@@ -149,7 +149,7 @@ class CvlabCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
             self.config[sub].ckpt_path = str(readable_checkpoint(ckpt))
-        explicit = {k: self.config[sub].get(k) for k in command_line_model_keys(getattr(self, "_argv", []))} if sub else {}
+        explicit = {k: self.config[sub].get(k) for k in command_line_model_keys(self._argv)} if sub else {}
         super()._parse_ckpt_path()
         for key, value in explicit.items():
             if self.config[sub].get(key) != value:
