@@ -27,7 +27,8 @@ sample sd and range of every test metric (``test/*``, ``eval/*``) over the seeds
 (printed; appended to ``--results-md`` when given).
 
 Each stage runs as its own ``cvlab`` process (so DDP launchers work as usual). A stage's folder is
-named by a hash of its command, its config files' contents and its resolved arguments: a stage
+named by a hash of its command, its config files' parsed contents (comments and layout do not count) and its
+resolved arguments: a stage
 whose folder holds ``stage.json`` is skipped; one with ``checkpoints/last.ckpt`` but no
 ``stage.json`` was killed and is resumed from it. Changing a config gives a new folder and keeps
 the old one.
@@ -147,8 +148,12 @@ def stage_hash(stage: Stage, args: list[str]) -> str:
         weights = Path(stage.teacher["weights"])
         if weights.is_file():
             h.update(weights.read_bytes())
-    for c in stage.config:
-        h.update(Path(c).read_bytes())
+    for c in stage.config:  # the parsed content: editing a comment or the layout must not re-run a finished stage
+        try:
+            content = yaml.safe_load(Path(c).read_text())
+        except yaml.YAMLError as e:
+            raise CvlabError(f"stage {stage.name!r}: config {c} is not valid YAML: {e}") from None
+        h.update(json.dumps(content, sort_keys=True, default=str).encode())
     for a in args:
         h.update(b"\0" + a.encode())
     return h.hexdigest()[:8]

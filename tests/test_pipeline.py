@@ -107,3 +107,20 @@ def test_a_misspelled_override_fails_before_any_stage_runs(tmp_path: Path) -> No
     with pytest.raises(CvlabError, match="stage 'teacher': .*max_epochs.*Expected a <class 'int'>"):
         run_pipeline(pipe, root=tmp_path / "runs", sets=["*.trainer.max_epochs=many"])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+
+
+def test_stage_hash_follows_config_content_not_comments(tmp_path: Path) -> None:
+    from experiments.pipeline import Stage, stage_hash
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trainer:\n  max_epochs: 20   # twenty\nmodel: {lr: 0.1}\n")
+    stage = Stage("s", "fit", [str(cfg)], [])
+    before = stage_hash(stage, ["--seed_everything=0"])
+    cfg.write_text("# a new comment\ntrainer:\n    max_epochs: 20  # a changed comment, another indent\nmodel:\n  lr: 0.1\n")
+    assert stage_hash(stage, ["--seed_everything=0"]) == before
+    cfg.write_text("trainer:\n  max_epochs: 21\nmodel: {lr: 0.1}\n")
+    assert stage_hash(stage, ["--seed_everything=0"]) != before
+    assert stage_hash(stage, ["--seed_everything=1"]) != stage_hash(stage, ["--seed_everything=0"])
+    cfg.write_text("trainer: [unclosed\n")
+    with pytest.raises(CvlabError, match="not valid YAML"):
+        stage_hash(stage, [])
