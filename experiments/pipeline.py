@@ -23,8 +23,8 @@ A pipeline file::
 ``S .. S + N - 1`` (``--seed-start S``, default 0), each in its own folder ``<root>/<name>/seed-<s>/``:
 every CLI stage gets ``seed_everything``, and ``model.init_args.seed`` / ``data.init_args.seed`` where its
 model / datamodule has one (the data seed also draws the validation split). It ends with the mean,
-sample sd and range of every test metric (``test/*``, ``eval/*``) over the seeds, as a markdown table with the command
-(printed; appended to ``--results-md`` when given).
+sample sd and range of every test metric (``test/*``, ``eval/*``) and validation metric (``val/*``) over
+the seeds, as a markdown table with the command (printed; appended to ``--results-md`` when given).
 
 Each stage runs as its own ``cvlab`` process (so DDP launchers work as usual). A stage's folder is
 named by a hash of its command, its config files' parsed contents (comments and layout do not count) and its
@@ -343,14 +343,16 @@ def seed_overrides(stages: list[Stage], sets: list[str], seed: int) -> list[str]
 def seed_summary(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
     """``{seed: {stage: metrics}}`` -> ``{"stage:test/metric": {mean, sd, min, max, n, values}}`` over the
     seeds that have the metric: every test-split metric (``test/*``, and ``eval/*``, the evaluation
-    protocols that train fresh networks and test them, as Dataset Condensation's); ``sd`` is the
-    sample standard deviation (0 for one seed)."""
+    protocols that train fresh networks and test them, as Dataset Condensation's), then the validation
+    metrics (``val/*``, the figures a recipe is chosen on); ``sd`` is the sample standard deviation (0 for
+    one seed)."""
     values: dict[str, list[float]] = {}
-    for seed in sorted(per_seed):
-        for stage, m in per_seed[seed].items():
-            for k, v in sorted(m.items()):
-                if k.startswith(("test/", "eval/")):
-                    values.setdefault(f"{stage}:{k}", []).append(float(v))
+    for prefixes in (("test/", "eval/"), ("val/",)):
+        for seed in sorted(per_seed):
+            for stage, m in per_seed[seed].items():
+                for k, v in sorted(m.items()):
+                    if k.startswith(prefixes):
+                        values.setdefault(f"{stage}:{k}", []).append(float(v))
     out = {}
     for key, vs in values.items():
         n = len(vs)
@@ -382,8 +384,8 @@ def run_seeds(
     only: list[str] | None = None,
     command: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run the pipeline once per seed (folders ``<root>/<name>/seed-<s>/``) and summarise every test metric
-    (:func:`seed_summary`); print the table and append it to ``results_md`` when given."""
+    """Run the pipeline once per seed (folders ``<root>/<name>/seed-<s>/``) and summarise every test and
+    validation metric (:func:`seed_summary`); print the table and append it to ``results_md`` when given."""
     spec, stages = load_pipeline(path)
     sets = sets or []
     validate_pipeline(stages, sets, only)
@@ -414,7 +416,7 @@ def main(argv: list[str]) -> int:
                    help="run just these stages (the stages they reference must be done)")
     p.add_argument("--results-md", default=None, help="append the final table to this markdown file")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="run the pipeline over N seeds and report the mean, sd and range of every test metric")
+                   help="run the pipeline over N seeds and report the mean, sd and range of every test and validation metric")
     p.add_argument("--seed-start", type=int, default=0, metavar="S", help="with --seeds: the first seed (default 0)")
     a, extra = p.parse_known_args(argv)
     bad = [x for x in extra if not (x.startswith("--") and "=" in x and "." in x.split("=", 1)[0])]

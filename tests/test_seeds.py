@@ -22,7 +22,9 @@ def test_seed_summary_worked_values() -> None:
         2: {"student": {"test/acc": 0.7, "train/loss": 0.1}, "dc": {"eval/acc_mean": 0.5}},
     }
     s = seed_summary(per_seed)
-    assert set(s) == {"student:test/acc", "teacher:test/acc", "dc:eval/acc_mean"}  # test-split metrics only
+    # test-split metrics, then validation ones (what recipes are chosen on); no training metrics
+    assert list(s) == ["student:test/acc", "teacher:test/acc", "dc:eval/acc_mean", "student:val/acc"]
+    assert s["student:val/acc"]["values"] == [0.5, 0.6]
     st = s["student:test/acc"]
     assert st["mean"] == pytest.approx(0.8) and st["sd"] == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
     assert (st["min"], st["max"], st["n"], st["values"]) == (0.7, 0.9, 3, [0.9, 0.8, 0.7])
