@@ -322,7 +322,9 @@ def results_table(spec: dict[str, Any], metrics: dict[str, dict[str, float]], di
 
 def seed_overrides(stages: list[Stage], sets: list[str], seed: int) -> list[str]:
     """``--set`` overrides giving every CLI stage ``seed``: ``seed_everything`` always, and the model's and
-    the datamodule's own ``seed`` argument where the stage's classes have one (found by parsing)."""
+    the datamodule's own ``seed`` argument where the stage's classes have one (found by parsing), and that of
+    a datamodule's wrapped ``task`` (a data-free or transfer-set student validates on its task's split, which
+    must be the one its seed's teacher held out)."""
     from experiments.cli import parse_arguments_only
 
     out = []
@@ -331,7 +333,7 @@ def seed_overrides(stages: list[Stage], sets: list[str], seed: int) -> list[str]
             continue
         out.append(f"{stage.name}.seed_everything={seed}")
         argv = _stage_argv(stage, sets)
-        for key in ("model.init_args.seed", "data.init_args.seed"):
+        for key in ("model.init_args.seed", "data.init_args.seed", "data.init_args.task.init_args.seed"):
             try:
                 parse_arguments_only([*argv, f"--{key}={seed}"])
             except CvlabError:

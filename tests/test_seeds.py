@@ -59,6 +59,14 @@ def test_seed_overrides_reach_the_methods_own_seed_arguments(tmp_path: Path) -> 
                    "student.model.init_args.seed=3", "student.data.init_args.seed=3"]
 
 
+def test_seed_overrides_reach_a_wrapped_task_datamodule() -> None:
+    """LRA's students validate on the task's split: it must follow the seed, as the teacher's does."""
+    _, stages = load_pipeline(Path(__file__).resolve().parents[1] / "experiments" / "lra" / "mnist" / "pipeline_cpu_hour.yaml")
+    out = seed_overrides([s for s in stages if s.name in ("teacher", "lra")], [], 2)
+    assert "teacher.data.init_args.seed=2" in out and "lra.data.init_args.task.init_args.seed=2" in out
+    assert "lra.model.init_args.seed=2" in out and "lra.data.init_args.seed=2" not in out
+
+
 @pytest.mark.slow
 def test_two_seeds_of_the_tiny_quickstart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path, md = _tiny_quickstart(tmp_path), tmp_path / "RESULTS.md"
