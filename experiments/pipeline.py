@@ -23,9 +23,9 @@ A pipeline file::
 ``S .. S + N - 1`` (``--seed-start S``, default 0), each in its own folder ``<root>/<name>/seed-<s>/``:
 every CLI stage gets ``seed_everything``, and ``model.init_args.seed`` / ``data.init_args.seed`` /
 ``data.init_args.task.init_args.seed`` where its model / datamodule / wrapped task has one (the data seed also
-draws the validation split). It ends with the mean,
-sample sd and range of every test metric (``test/*``, ``eval/*``) and validation metric (``val/*``) over
-the seeds, as a markdown table with the command (printed; appended to ``--results-md`` when given).
+draws the validation split). It ends with the mean, sample sd and range of every test metric (``test/*``,
+``eval/*``) and validation metric (``val/*``) over the seeds, as a markdown table with the command (printed;
+appended to ``--results-md`` when given).
 
 Each stage runs as its own ``cvlab`` process (so DDP launchers work as usual). A stage's folder is
 named by a hash of its command, its config files' parsed contents (comments and layout do not count) and its
