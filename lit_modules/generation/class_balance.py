@@ -14,8 +14,10 @@ the *effective* number of samples the generator has produced of each class, with
 
 where ``n_k`` counts the generated samples the classifier put in class ``k`` (hard argmax) since the last
 update. Settings from the public code (val-iisc/class-balancing-gan): ``N_k`` starts at 50, T = 2000,
-alpha 0.5 (0.995 on iNaturalist). A class the generator under-produces gets a small ``N_k``, a large
-weight, and the gradient of ``L_reg`` pushes ``pbar`` towards it (tested on a toy case).
+alpha 0.5 (0.995 on iNaturalist), and the first period's ``n_k`` starts at 512 a class (its ``init_size``;
+later periods start at 0), so the first update is ``N_k <- alpha 50 + (1 - alpha)(512 + n_k)``.
+A class the generator under-produces gets a small ``N_k``, a large weight, and the gradient of ``L_reg``
+pushes ``pbar`` towards it (tested on a toy case).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def class_balance_loss(probs: Tensor, weights: Tensor, global_pbar: Tensor | Non
 
 def hard_counts(logits: Tensor, num_classes: int) -> Tensor:
     """``(B, K)`` logits -> ``(K,)`` float counts of the argmax class (no host sync)."""
-    return torch.bincount(logits.argmax(-1), minlength=num_classes).to(logits.dtype if logits.is_floating_point() else torch.float32)
+    dtype = logits.dtype if logits.is_floating_point() else torch.float32
+    return torch.bincount(logits.argmax(-1), minlength=num_classes).to(dtype)
 
 
 def update_effective_counts(effective: Tensor, observed: Tensor, alpha: float, floor: float = 1.0) -> Tensor:
@@ -76,7 +79,8 @@ class ClassBalanceState(nn.Module):
 
     Buffers:
         effective_counts: ``N_k`` ``(K,)``, starts at ``initial_count``.
-        pending_counts: ``n_k`` ``(K,)``, argmax counts of generated samples since the last update.
+        pending_counts: ``n_k`` ``(K,)``, argmax counts of generated samples since the last update; starts at
+            ``initial_pending_count`` (the first period only).
         steps: generator steps observed (a 0-d int64 tensor).
 
     Args:
@@ -84,17 +88,22 @@ class ClassBalanceState(nn.Module):
         alpha: forgetting factor of the update (0.5; 0.995 on iNaturalist).
         update_every: generator steps between updates (2000).
         initial_count: starting ``N_k`` (50).
+        initial_pending_count: starting ``n_k`` of the first period, every class (512, the public code's
+            ``init_size``; 0: the first update sees only generated samples).
     """
 
-    def __init__(self, num_classes: int, alpha: float = 0.5, update_every: int = 2000, initial_count: float = 50.0) -> None:
+    def __init__(self, num_classes: int, alpha: float = 0.5, update_every: int = 2000, initial_count: float = 50.0,
+                 initial_pending_count: float = 512.0) -> None:
         super().__init__()
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         if update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
+        if initial_pending_count < 0:
+            raise ValueError(f"initial_pending_count must be >= 0, got {initial_pending_count}")
         self.num_classes, self.alpha, self.update_every = num_classes, float(alpha), int(update_every)
         self.register_buffer("effective_counts", torch.full((num_classes,), float(initial_count)))
-        self.register_buffer("pending_counts", torch.zeros(num_classes))
+        self.register_buffer("pending_counts", torch.full((num_classes,), float(initial_pending_count)))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def weights(self) -> Tensor:

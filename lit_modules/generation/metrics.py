@@ -118,7 +118,8 @@ class ClassifierFeatures(_HiddenNet):
     def __init__(self, classifier: nn.Module, in_channels: int, image_size: int) -> None:
         super().__init__(classifier)
         with torch.no_grad():
-            self.num_features = int(classifier.features_and_logits(torch.zeros(2, in_channels, image_size, image_size))[0].shape[1])
+            self.num_features = int(
+                classifier.features_and_logits(torch.zeros(2, in_channels, image_size, image_size))[0].shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
