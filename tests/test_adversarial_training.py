@@ -17,14 +17,13 @@ from lit_modules.robustness.attacks import fgsm
 from tests.cli_runs import SimulatedKill, read_metrics, run_cli, run_cli_subprocess
 from tests.test_attacks import _blobs
 
-
 # a tiny GAT run on the embedded shapes data through the CLI (seconds)
 GAT_TINY = [
     "--model=lit_modules.robustness.AdversarialTrainer",
     "--model.init_args.regime=gat", "--model.init_args.eps=0.03", "--model.init_args.arch=convnet",
     "--model.init_args.arch_kwargs={width: 8, depth: 2, norm: instancenorm}", "--model.init_args.in_channels=3",
     "--model.init_args.optimizer=adam", "--model.init_args.lr=0.003", "--model.init_args.weight_decay=0",
-    "--model.init_args.current_prob=0.0",
+    "--model.init_args.snapshot_share=1.0",
     "--data=datamodules.ShapesDataModule", "--data.init_args.num_train=200", "--data.init_args.num_test=64",
     "--data.init_args.batch_size=50", "--trainer.max_epochs=3", "--trainer.inference_mode=false",
     "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -84,7 +83,7 @@ def test_pgd_at_trains_on_adversaries_only() -> None:
 
 
 def test_gat_seeds_adversaries_from_a_snapshot() -> None:
-    model = _module("gat", current_prob=0.0, random_eps=False, fgsm_labels="true", warmup_epochs=0)
+    model = _module("gat", snapshot_share=1.0, random_eps=False, fgsm_labels="true", warmup_epochs=0)
     old = {k: v.clone() for k, v in model.net.state_dict().items()}
     model.bag.add(model.net, epoch=0)
     with torch.no_grad():
@@ -113,11 +112,35 @@ def test_bag_keeps_the_latest_snapshots() -> None:
     assert model.bag.epochs == [2, 3] and len(model.bag) == 2
 
 
+def test_bag_refresh_first_keeps_the_first_and_reservoir_a_seeded_sample() -> None:
+    model = _module("gat", bag_size=3, bag_refresh="first")
+    for k in range(1, 9):
+        model.bag.add(model.net, 0, step=10 * k)
+    assert model.bag.steps == [10, 20, 30] and model.bag.taken == 8
+    picks = []
+    for seed in range(40):
+        bag = _module("gat", bag_size=3, bag_refresh="reservoir", seed=seed).bag
+        for k in range(1, 13):
+            bag.add(model.net, 0, step=k)
+        assert len(bag) == 3 and len(set(bag.steps)) == 3 and bag.taken == 12
+        again = _module("gat", bag_size=3, bag_refresh="reservoir", seed=seed).bag
+        for k in range(1, 13):
+            again.add(model.net, 0, step=k)
+        assert again.steps == bag.steps  # seeded by (seed, n): the same run keeps the same sample
+        picks += bag.steps
+    # a uniform sample of 12: each step kept 40 * 3 / 12 = 10 times on average; the first ones are not lost
+    assert sum(s <= 3 for s in picks) >= 15 and sum(s >= 10 for s in picks) >= 15
+
+
 def test_bad_trainer_settings_fail_early() -> None:
     with pytest.raises(CvlabError, match=r"eps must be in \[0, 1\]"):
         _module("fgsm", eps=8.0)
     with pytest.raises(CvlabError, match="adv_ratio"):
         _module("fgsm", adv_ratio=0.0)
+    with pytest.raises(CvlabError, match="bag_refresh"):
+        _module("gat", bag_refresh="lifo")
+    with pytest.raises(CvlabError, match="restore_best.*robust_val_images"):
+        _module("fast", restore_best=True)
 
 
 def _bag(ckpt: Path) -> dict:
@@ -177,7 +200,8 @@ def test_snapshots_survive_resume_and_graybox_evaluates(tmp_path: Path) -> None:
     images = Path(full.trainer.default_root_dir) / "images"
     assert (images / "graybox_curve.png").is_file() and list(images.glob("test_adversarial_examples_*.png"))
     # as a stage: `cvlab test --ckpt_path` restores the snapshots and gives the same numbers
-    stage = run_cli("test", *GAT_TINY, f"--ckpt_path={Path(full.trainer.default_root_dir) / 'checkpoints' / 'last.ckpt'}",
+    stage = run_cli("test", *GAT_TINY,
+                    f"--ckpt_path={Path(full.trainer.default_root_dir) / 'checkpoints' / 'last.ckpt'}",
                     run_dir=tmp_path / "stage")
     s = read_metrics(stage.trainer.default_root_dir)
     for k in ("test/acc", "test/acc_graybox_e0_fgsm", "test/acc_graybox_e1_fgsm", "test/acc_fgsm"):
@@ -188,8 +212,8 @@ def test_snapshots_survive_resume_and_graybox_evaluates(tmp_path: Path) -> None:
 # adversarial, fixed eps: per-device batches then split the global batch's work exactly) with the snapshot drawn
 # by (seed, global_step), identical on every rank; instance norm (BatchNorm's statistics are per rank)
 DDP = [a for a in GAT_TINY if not a.startswith(("--trainer.callbacks", "--data.init_args.batch_size",
-                                                 "--model.init_args.current_prob"))] + [
-    "--model.init_args.adv_ratio=1.0", "--model.init_args.random_eps=false", "--model.init_args.current_prob=0.5",
+                                                 "--model.init_args.snapshot_share"))] + [
+    "--model.init_args.adv_ratio=1.0", "--model.init_args.random_eps=false", "--model.init_args.snapshot_share=1.0",
     "--model.init_args.optimizer=sgd", "--model.init_args.momentum=0.0", "--model.init_args.lr=0.05",
     "--data.init_args.augment=none", "--trainer.accelerator=cpu", "--run.test_after_fit=false",
 ]

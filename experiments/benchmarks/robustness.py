@@ -2,10 +2,13 @@
 
 1. Attacks: images/s of our FGSM and PGD-10 (Linf) against torchattacks' on the same model and batch
    (torchattacks is a dev dependency: ``uv sync`` installs it).
-2. Training: seconds per optimisation step of :class:`AdversarialTrainer` in the clean, FGSM-AT, GAT and
-   PGD-AT regimes (GAT with a full snapshot bag, so the snapshot path is what is timed).
+2. Training: seconds per optimisation step of :class:`AdversarialTrainer` in the clean, FGSM-AT, GAT,
+   fast-AT (RS-FGSM) and PGD-AT regimes (GAT with a full snapshot bag and half of its adversaries crafted on a
+   snapshot, so the snapshot path is what is timed).
+3. Evaluation (``--part eval``): images/s of PGD-40 and of PGD-50 x 10 restarts (the restarts as one batch).
 
     uv run cvlab bench robustness --arch lenet5 --channels 1                      # MNIST-like 1x32x32
+    uv run cvlab bench robustness --arch wong_mnist --image-size 28 --batch-size 100 --part train   # issue 36
     uv run cvlab bench robustness --arch resnet18 --channels 3 --bf16             # CIFAR-like, GPU
 """
 
@@ -26,7 +29,7 @@ def _trainer(args, regime: str, device: torch.device) -> tuple[AdversarialTraine
     torch.manual_seed(0)
     model = AdversarialTrainer(regime=regime, eps=args.eps, arch=args.arch, in_channels=args.channels,
                                image_size=args.image_size, num_classes=10, pgd_steps=args.train_pgd_steps,
-                               pgd_alpha=None, current_prob=0.0, warmup_epochs=0,
+                               pgd_alpha=None, snapshot_share=0.5, warmup_epochs=0,
                                mean=[0.5] * args.channels, std=[0.25] * args.channels).to(device)
     if regime == "gat":
         for e in range(model.bag.size):
@@ -46,7 +49,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--train-pgd-steps", type=int, default=10, help="PGD steps of PGD-AT")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3, help="attack timings: alternating rounds, best of each")
-    p.add_argument("--part", choices=["attacks", "train", "both"], default="both")
+    p.add_argument("--part", choices=["attacks", "train", "eval", "both"], default="both")
     add_device_args(p)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     args = p.parse_args(argv)
@@ -90,7 +93,7 @@ def main(argv: list[str]) -> int:
                   f"{m_ours.rate(1) / m_theirs.rate(1):5.2f}x | peak mem {m_ours.peak_mem_mb:7.0f} MB")
 
     if args.part in ("train", "both"):
-        for regime in ("clean", "fgsm", "gat", "pgd"):
+        for regime in ("clean", "fgsm", "gat", "fast", "pgd"):
             model, opt = _trainer(args, regime, device)
             model.train()
 
@@ -102,6 +105,19 @@ def main(argv: list[str]) -> int:
                 opt.step()
 
             m = measure(step, device, warmup=2, iters=args.iters)
-            label = f"pgd-at ({args.train_pgd_steps} steps)" if regime == "pgd" else {"fgsm": "fgsm-at"}.get(regime, regime)
+            label = (f"pgd-at ({args.train_pgd_steps} steps)" if regime == "pgd"
+                     else {"fgsm": "fgsm-at", "fast": "fast-at (rs-fgsm)"}.get(regime, regime))
             print(f"  train {label:20s} {m.seconds_per_iter * 1e3:8.1f} ms/step | {m.rate(args.batch_size):8.0f} img/s")
+
+    if args.part == "eval":
+        model, _ = _trainer(args, "clean", device)
+        model.eval()
+        for name, f in (("pgd40", lambda: pgd(model, x, y, args.eps, alpha=0.01, steps=40)),
+                        ("pgd50x10", lambda: pgd(model, x, y, args.eps, alpha=0.01, steps=50, restarts=10))):
+            def run(f=f):
+                with autocast():
+                    f()
+
+            m = measure(run, device, warmup=1, iters=max(1, args.iters // 5))
+            print(f"  eval {name:9s} {m.rate(args.batch_size):8.0f} img/s | peak mem {m.peak_mem_mb:7.0f} MB")
     return 0

@@ -6,10 +6,10 @@ Generators (z -> images) have their own names: ``create_generator("dafl", latent
 image_size=32)``.
 """
 
-from lit_modules.nets import alexnet, convnet, lenet, madry, resnet_cifar, wrn  # noqa: F401  (registration)
+from lit_modules.nets import alexnet, convnet, lenet, madry, resnet_cifar, wong, wrn  # noqa: F401  (registration)
 from lit_modules.nets.base import ClassifierNet, classifier_layer, features_and_logits
-from lit_modules.nets.generator import DAFLGenerator, LatentEncoder, available_generators, create_generator
 from lit_modules.nets.gan import available_discriminators, create_discriminator
+from lit_modules.nets.generator import DAFLGenerator, LatentEncoder, available_generators, create_generator
 from lit_modules.nets.normalization import InputNormalization
 from lit_modules.nets.registry import NetSpec, available_nets, create_net, import_class, net_name, register_net
 

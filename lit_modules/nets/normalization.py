@@ -31,8 +31,10 @@ class InputNormalization(nn.Module):
         self.mean_values = None if mean is None else tuple(float(m) for m in mean)
         self.std_values = None if std is None else tuple(float(s) for s in std)
         shape = (1, -1, 1, 1)
-        self.register_buffer("mean", None if mean is None else torch.tensor(self.mean_values).view(shape), persistent=False)
-        self.register_buffer("std", None if std is None else torch.tensor(self.std_values).view(shape), persistent=False)
+        self.register_buffer("mean", None if mean is None else torch.tensor(self.mean_values).view(shape),
+                             persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(self.std_values).view(shape),
+                             persistent=False)
 
     @property
     def is_identity(self) -> bool:

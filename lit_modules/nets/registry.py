@@ -87,7 +87,8 @@ def create_from(registry: Registry, spec: NetSpec, **shape: Any) -> nn.Module:
     if isinstance(spec, str):
         return registry.get(spec)(**shape)
     if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
-        raise CvlabError(f"a {registry.kind} is a registered name or {{class_path: ..., init_args: {{...}}}}, got {spec!r}")
+        raise CvlabError(f"a {registry.kind} is a registered name or {{class_path: ..., init_args: {{...}}}}, "
+                         f"got {spec!r}")
     cls = import_class(spec["class_path"])
     init_args = dict(spec.get("init_args") or {})
     try:

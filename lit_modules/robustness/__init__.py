@@ -11,5 +11,5 @@ from lit_modules.robustness.severity import FoolingSeverity
 from lit_modules.robustness.severity_report import SeverityReport
 from lit_modules.robustness.universal_perturbation import UniversalPerturbation
 
-__all__ = ["AdversarialTrainer", "ClassHierarchy", "FoolingSeverity", "GrayBoxEvaluation", "SeverityReport", "SnapshotBag",
-           "SnapshotModel", "UniversalPerturbation", "load_hierarchy"]
+__all__ = ["AdversarialTrainer", "ClassHierarchy", "FoolingSeverity", "GrayBoxEvaluation", "SeverityReport",
+           "SnapshotBag", "SnapshotModel", "UniversalPerturbation", "load_hierarchy"]

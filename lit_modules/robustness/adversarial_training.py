@@ -1,7 +1,7 @@
-"""Adversarial training of any cvlab network: clean, FGSM-AT, PGD-AT and Gray-box Adversarial Training.
+"""Adversarial training of any cvlab network: clean, FGSM-AT, PGD-AT, fast-AT and Gray-box Adversarial Training.
 
 :class:`AdversarialTrainer` is a :class:`lit_modules.ClassifierModule` whose ``training_step`` trains on
-adversarial examples; ``regime`` picks the adversary, so the four regimes are one config key apart and
+adversarial examples; ``regime`` picks the adversary, so the five regimes are one config key apart and
 every checkpoint is a teacher for every method.
 
 - ``clean``: cross-entropy on clean images (the undefended baseline).
@@ -11,10 +11,13 @@ every checkpoint is a teacher for every method.
   ``(sum_clean CE + adv_weight * sum_adv CE) / (m - k + adv_weight * k)``.
 - ``pgd`` (PGD-AT; Madry et al., ICLR 2018, arXiv 1706.06083): every image replaced by its PGD adversary
   (``pgd_steps`` steps of ``pgd_alpha`` from a random start), plain CE.
+- ``fast`` (RS-FGSM, "fast is better than free"; Wong, Rice, Kolter, ICLR 2020, arXiv 2001.03994): every image
+  replaced by one FGSM step of ``fast_alpha`` (default 1.25 eps: 0.375 at MNIST's eps 0.3) from a uniform random
+  start in the eps ball, projected back onto the ball; true labels, plain CE. With Wong's one-cycle lr
+  (``lr_schedule: cyclic``) and robust validation (below) to catch catastrophic overfitting.
 - ``gat`` (Gray-box Adversarial Training; Vivek B.S., Mopuri, Babu, ECCV 2018, arXiv 1808.01753): as FGSM-AT,
-  but each batch's adversaries are seeded from a model drawn from {the current model} + a *bag of snapshots*
-  of the model taken earlier in the same run, so the model cannot escape its adversaries by learning to make
-  its own gradients weak.
+  but a share of each batch's adversaries is crafted on a *bag of snapshots* of the model taken earlier in the
+  same run, so the model cannot escape its adversaries by learning to make its own gradients weak.
 
 Choices where the GAT paper's text could not be checked (all configurable):
 
@@ -23,15 +26,32 @@ Choices where the GAT paper's text could not be checked (all configurable):
   regimes differ only in the crafting model).
 - loss: ``adv_ratio`` 0.5 and ``adv_weight`` 0.3 (Kurakin et al.'s k = m / 2 and lambda = 0.3); the
   adversarial images are the first ``round(adv_ratio * m)`` of each device's batch (batches are shuffled).
-- snapshots: one at the end of every ``snapshot_every`` epochs (taken at the epoch's last training batch,
-  so the epoch's checkpoint holds it); the bag keeps the latest ``bag_size`` (oldest dropped first).
-- sampling: per batch, the current model with probability ``current_prob``, else a snapshot drawn
-  uniformly from the bag; the draw comes from a generator seeded by ``(seed, global_step)``, so every
-  device draws the same model and a resumed run draws what the uninterrupted one would have.
-- warm-up: until the first snapshot exists (the first ``snapshot_every`` epochs) GAT is FGSM-AT on the
-  current model; ``warmup_epochs: 0`` with an empty bag is an error (nothing to seed from).
+- snapshots (``snapshot_steps``): ``0``: one at the end of every ``snapshot_every`` epochs (taken at the epoch's
+  last training batch, so the epoch's checkpoint holds it); ``n > 0``: one of the model at every global step
+  that is a positive multiple of ``n`` (taken before that step's adversaries are crafted: the snapshot of step
+  k holds the weights after k updates), so several per epoch from the first steps of training, before a
+  single-step defence has learned to mask its gradients (FGSM-AT on MNIST masks within its first epoch).
+- the bag (``bag_size``, ``bag_refresh``): ``fifo`` keeps the latest snapshots; ``reservoir`` a uniform sample
+  of all taken so far (early ones stay); ``first`` the first ``bag_size`` (see :class:`SnapshotBag`).
+- seeding (``snapshot_share``): of each batch's ``k`` adversaries, the first ``round(snapshot_share * k)`` are
+  crafted on one snapshot drawn uniformly from the bag, the rest on the current model; the draw comes from a
+  generator seeded by ``(seed, global_step)``, so every device draws the same snapshot and a resumed run draws
+  what the uninterrupted one would have. ``last_seed`` records the step and bag index of the last draw.
+- warm-up: while the bag is empty (and, with epoch snapshots, for the first ``warmup_epochs``, default
+  ``snapshot_every``) GAT is FGSM-AT on the current model; with epoch snapshots ``warmup_epochs: 0`` and an
+  empty bag is an error (nothing to seed from).
 
 The snapshots live in the checkpoint (``on_save_checkpoint``), so a resumed run keeps its bag.
+
+Robust validation (any regime, ``robust_val_images > 0``): the first ``robust_val_images`` validation images are
+attacked by PGD (``robust_val_steps`` steps of ``robust_val_alpha``, ``robust_val_restarts`` random starts drawn
+from a generator seeded by ``seed``, so every validation sees the same images and the same starts) and the
+accuracy is logged as ``val/robust_acc`` (``ModelCheckpoint``/``EarlyStopping`` can monitor it; ``mode: max``).
+With ``restore_best: true`` the module keeps the weights of the best ``val/robust_acc`` so far (in memory and in
+the checkpoint, so resume keeps them) and loads them back when training ends, so **the final weights** (what
+``test`` after ``fit`` evaluates) **are the restored best-robust-on-validation weights**, not the last step's;
+``val/robust_acc_best`` and ``val/best_epoch`` record which. ``last.ckpt`` keeps the last step's weights (it is
+for resuming) with the best ones under ``robust_best``.
 """
 
 from __future__ import annotations
@@ -45,11 +65,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from cvlab.errors import CvlabError
+from cvlab.seeding import mix_seed
 from lit_modules.classifier import ClassifierModule
 from lit_modules.nets import InputNormalization
 from lit_modules.robustness.attacks import check_eps, fgsm, pgd
 
-Regime = Literal["clean", "fgsm", "pgd", "gat"]
+Regime = Literal["clean", "fgsm", "pgd", "fast", "gat"]
 
 
 class SnapshotModel(nn.Module):
@@ -71,25 +92,54 @@ class EmptyBagError(CvlabError):
     """A snapshot was asked for before any was taken."""
 
 
-class SnapshotBag:
-    """The latest ``size`` snapshots of a network (state_dict copies, detached), oldest dropped first."""
+BagRefresh = Literal["fifo", "reservoir", "first"]
 
-    def __init__(self, size: int) -> None:
+
+class SnapshotBag:
+    """Up to ``size`` snapshots of a network (detached state_dict copies), each tagged with the epoch and the
+    global step it was taken at, refreshed by ``refresh``:
+
+    - ``fifo``: the latest ``size`` (oldest dropped first);
+    - ``reservoir``: a uniform sample of every snapshot taken so far (Vitter's algorithm R; the n-th snapshot
+      replaces a random slot with probability size / n, drawn from a generator seeded by ``(seed, n)``, so a
+      resumed run keeps what the uninterrupted one keeps): early snapshots stay in the bag all run long;
+    - ``first``: the first ``size`` snapshots, kept for the whole run.
+    """
+
+    def __init__(self, size: int, refresh: BagRefresh = "fifo", seed: int = 0) -> None:
         if size < 1:
             raise CvlabError(f"bag_size must be >= 1, got {size}")
-        self.size = size
+        if refresh not in ("fifo", "reservoir", "first"):
+            raise CvlabError(f"bag_refresh must be fifo, reservoir or first; got {refresh!r}")
+        self.size, self.refresh, self.seed = size, refresh, seed
         self.snapshots: list[dict[str, Tensor]] = []
         self.epochs: list[int] = []
+        self.steps: list[int] = []
+        self.taken = 0  # snapshots offered to the bag so far (kept or not)
+        self.last_step = -1  # the global step of the last one offered
 
     def __len__(self) -> int:
         return len(self.snapshots)
 
-    def add(self, net: nn.Module, epoch: int) -> None:
-        self.snapshots.append({k: v.detach().clone() for k, v in net.state_dict().items()})
-        self.epochs.append(epoch)
-        if len(self.snapshots) > self.size:
-            self.snapshots.pop(0)
-            self.epochs.pop(0)
+    def add(self, net: nn.Module, epoch: int, step: int = -1) -> None:
+        self.taken += 1
+        self.last_step = step
+        slot = len(self.snapshots)  # a free slot: append
+        if slot >= self.size:
+            if self.refresh == "first":
+                return
+            if self.refresh == "fifo":
+                self.snapshots.pop(0), self.epochs.pop(0), self.steps.pop(0)
+                slot = self.size - 1
+            else:  # reservoir: keep the n-th snapshot with probability size / n, in a uniformly drawn slot
+                g = torch.Generator().manual_seed(mix_seed(self.seed, self.taken))
+                slot = int(torch.randint(self.taken, (), generator=g))
+                if slot >= self.size:
+                    return
+                self.snapshots.pop(slot), self.epochs.pop(slot), self.steps.pop(slot)
+        self.snapshots.insert(slot, {k: v.detach().clone() for k, v in net.state_dict().items()})
+        self.epochs.insert(slot, epoch)
+        self.steps.insert(slot, step)
 
     def get(self, i: int) -> dict[str, Tensor]:
         if not self.snapshots:
@@ -100,10 +150,15 @@ class SnapshotBag:
         return self.snapshots[i]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": list(self.epochs), "snapshots": [{k: v.cpu() for k, v in s.items()} for s in self.snapshots]}
+        return {"epochs": list(self.epochs), "steps": list(self.steps), "taken": self.taken,
+                "last_step": self.last_step,
+                "snapshots": [{k: v.cpu() for k, v in s.items()} for s in self.snapshots]}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
         self.epochs = [int(e) for e in state["epochs"]]
+        self.steps = [int(e) for e in state.get("steps", [-1] * len(self.epochs))]
+        self.taken = int(state.get("taken", len(self.epochs)))
+        self.last_step = int(state.get("last_step", -1))
         self.snapshots = [{k: v.to(device) for k, v in s.items()} for s in state["snapshots"]]
 
 
@@ -119,15 +174,23 @@ class AdversarialTrainer(ClassifierModule):
         random_eps: FGSM with a per-image eps uniform in (0, eps] instead of eps.
         pgd_steps, pgd_alpha: PGD-AT's adversary (alpha default ``2.5 * eps / pgd_steps``; Madry's MNIST: 40
             steps of 0.01).
-        snapshot_every: GAT: epochs between snapshots.
+        snapshot_every: GAT with ``snapshot_steps: 0``: epochs between snapshots.
+        snapshot_steps: GAT: global steps between snapshots (0: epoch-end snapshots, ``snapshot_every``).
         bag_size: GAT: snapshots kept.
-        current_prob: GAT: probability of seeding a batch's adversaries from the current model.
-        warmup_epochs: GAT: epochs of FGSM-AT on the current model before the bag is used (``None``:
-            ``snapshot_every``, when the first snapshot exists).
+        bag_refresh: GAT: ``fifo`` (the latest), ``reservoir`` (a uniform sample of all) or ``first``.
+        snapshot_share: GAT: share of each batch's adversaries crafted on a snapshot (the rest: current model).
+        warmup_epochs: GAT with epoch snapshots: epochs of FGSM-AT on the current model before the bag is
+            used (``None``: ``snapshot_every``, when the first snapshot exists).
         seed: GAT: seed of the per-step model draw.
         eps_warmup_epochs: the training adversary's eps grows linearly from 0 to ``eps`` over this many epochs
             (0: the full eps from the first step); a small network trained by PGD at MNIST's eps 0.3 from the
             first step can stay at chance (LeNet-5, 3 epochs: 11% accuracy).
+        fast_alpha: ``fast`` (RS-FGSM): the step from the random start (``None``: 1.25 * eps, Wong et al.).
+        robust_val_images: PGD-attack this many of the first validation images each validation and log
+            ``val/robust_acc`` (0: off).
+        robust_val_steps, robust_val_alpha, robust_val_restarts: that PGD (alpha ``None``: 2.5 * eps / steps).
+        restore_best: keep the best ``val/robust_acc`` weights and load them back at the end of training
+            (needs ``robust_val_images > 0``).
         **kwargs: :class:`ClassifierModule`'s arguments (``arch``, optimizer, schedule, ...).
     """
 
@@ -142,39 +205,63 @@ class AdversarialTrainer(ClassifierModule):
         pgd_steps: int = 40,
         pgd_alpha: float | None = 0.01,
         snapshot_every: int = 1,
+        snapshot_steps: int = 0,
         bag_size: int = 5,
-        current_prob: float = 0.5,
+        bag_refresh: BagRefresh = "fifo",
+        snapshot_share: float = 0.5,
         warmup_epochs: int | None = None,
         seed: int = 0,
         eps_warmup_epochs: float = 0.0,
+        fast_alpha: float | None = None,
+        robust_val_images: int = 0,
+        robust_val_steps: int = 20,
+        robust_val_alpha: float | None = None,
+        robust_val_restarts: int = 1,
+        restore_best: bool = False,
         **kwargs: Any,
     ) -> None:
+        if "current_prob" in kwargs:  # checkpoints before snapshot_share: a per-batch draw of the same expected share
+            snapshot_share = 1.0 - float(kwargs.pop("current_prob"))
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        if regime not in ("clean", "fgsm", "pgd", "gat"):
-            raise CvlabError(f"regime must be one of clean, fgsm, pgd, gat; got {regime!r}")
+        if regime not in ("clean", "fgsm", "pgd", "fast", "gat"):
+            raise CvlabError(f"regime must be one of clean, fgsm, pgd, fast, gat; got {regime!r}")
+        if robust_val_images < 0 or robust_val_steps < 1 or robust_val_restarts < 1:
+            raise CvlabError(f"need robust_val_images >= 0, robust_val_steps >= 1, robust_val_restarts >= 1; got "
+                             f"{robust_val_images}, {robust_val_steps}, {robust_val_restarts}")
+        if restore_best and robust_val_images == 0:
+            raise CvlabError("restore_best keeps the best val/robust_acc weights: set robust_val_images > 0 too")
         check_eps(eps)
-        if not 0.0 < adv_ratio <= 1.0 or adv_weight < 0 or not 0.0 <= current_prob <= 1.0:
-            raise CvlabError(f"need 0 < adv_ratio <= 1, adv_weight >= 0, 0 <= current_prob <= 1; got "
-                             f"{adv_ratio}, {adv_weight}, {current_prob}")
-        self.bag = SnapshotBag(bag_size)
+        if not 0.0 < adv_ratio <= 1.0 or adv_weight < 0 or not 0.0 <= snapshot_share <= 1.0:
+            raise CvlabError(f"need 0 < adv_ratio <= 1, adv_weight >= 0, 0 <= snapshot_share <= 1; got "
+                             f"{adv_ratio}, {adv_weight}, {snapshot_share}")
+        if snapshot_steps < 0 or snapshot_every < 1:
+            raise CvlabError(f"need snapshot_steps >= 0 and snapshot_every >= 1; got {snapshot_steps}, "
+                             f"{snapshot_every}")
+        self.bag = SnapshotBag(bag_size, bag_refresh, seed)
+        self.last_seed: tuple[int, int] | None = None  # GAT: (global step, bag index) of the last snapshot drawn
         self._epoch_t0 = 0.0
         self._epoch_s: float | None = None
+        self._robust = torch.zeros(2)  # (correct, attacked) of this validation, on the module's device
+        self.best_robust: dict[str, Any] | None = None  # {"acc", "epoch", "state"}: restore_best's weights
 
     # --- the adversary of each regime -------------------------------------------------------------------
 
     def seed_model(self) -> tuple[nn.Module, int]:
-        """GAT: the model this batch's adversaries are crafted on, and its bag index (-1: the current model)."""
+        """GAT: the snapshot this batch's snapshot share is crafted on, and its bag index; ``(self, -1)``: the
+        current model (during the warm-up, or while the bag is empty with step snapshots)."""
         hp = self.hparams
-        warmup = hp.snapshot_every if hp.warmup_epochs is None else hp.warmup_epochs
-        if self.current_epoch < warmup:
+        if hp.snapshot_steps == 0:
+            warmup = hp.snapshot_every if hp.warmup_epochs is None else hp.warmup_epochs
+            if self.current_epoch < warmup:
+                return self, -1
+            if len(self.bag) == 0:
+                self.bag.get(0)  # raises EmptyBagError with what to do
+        elif len(self.bag) == 0:
             return self, -1
-        if len(self.bag) == 0:
-            self.bag.get(0)  # raises EmptyBagError with what to do
-        g = torch.Generator().manual_seed(hp.seed * 1_000_003 + self.global_step)  # CPU: no device sync
-        if torch.rand((), generator=g).item() < hp.current_prob:
-            return self, -1
+        g = torch.Generator().manual_seed(mix_seed(hp.seed, self.global_step))  # CPU: no device sync
         i = int(torch.randint(len(self.bag), (), generator=g))
+        self.last_seed = (self.global_step, i)
         return SnapshotModel(self.net, self.normalize, self.bag.get(i)), i
 
     def train_eps(self) -> float:
@@ -192,9 +279,20 @@ class AdversarialTrainer(ClassifierModule):
         if hp.regime == "pgd":
             alpha = None if hp.pgd_alpha is None else hp.pgd_alpha * eps / hp.eps if hp.eps > 0 else hp.pgd_alpha
             return pgd(self, x, y, eps, alpha=alpha, steps=hp.pgd_steps, check=False)
-        model, _ = self.seed_model() if hp.regime == "gat" else (self, -1)
+        if hp.regime == "fast":  # RS-FGSM: a uniform start in the ball, one step of alpha, projected
+            alpha = 1.25 * eps if hp.fast_alpha is None else hp.fast_alpha * eps / hp.eps if hp.eps > 0 else 0.0
+            return pgd(self, x, y, eps, alpha=alpha, steps=1, check=False)
         labels = None if hp.fgsm_labels == "predicted" else y
-        return fgsm(model, x, labels, eps, random_eps=hp.random_eps, check=False)
+        model, i = self.seed_model() if hp.regime == "gat" else (self, -1)
+        if i < 0:
+            return fgsm(self, x, labels, eps, random_eps=hp.random_eps, check=False)
+        ks = round(hp.snapshot_share * x.shape[0])  # the first ks on the snapshot, the rest on the current model
+        parts = [fgsm(model, x[:ks], None if labels is None else labels[:ks], eps, random_eps=hp.random_eps,
+                      check=False)] if ks > 0 else []
+        if ks < x.shape[0]:
+            parts.append(fgsm(self, x[ks:], None if labels is None else labels[ks:], eps, random_eps=hp.random_eps,
+                              check=False))
+        return torch.cat(parts)
 
     # --- training -----------------------------------------------------------------------------------------
 
@@ -204,10 +302,10 @@ class AdversarialTrainer(ClassifierModule):
             return super().training_step(batch, batch_idx)
         x, y = batch
         m = x.shape[0]
-        k = m if hp.regime == "pgd" else max(1, round(hp.adv_ratio * m))
+        k = m if hp.regime in ("pgd", "fast") else max(1, round(hp.adv_ratio * m))
         x = torch.cat([self.craft(x[:k], y[:k]), x[k:]])  # adversaries first, then the clean rest
         losses = F.cross_entropy(self(x), y, reduction="none", label_smoothing=hp.label_smoothing)  # (m,)
-        if hp.regime == "pgd":
+        if hp.regime in ("pgd", "fast"):
             loss = losses.mean()
         else:  # Kurakin et al.'s mixed loss
             loss = (hp.adv_weight * losses[:k].sum() + losses[k:].sum()) / (hp.adv_weight * k + (m - k))
@@ -217,26 +315,85 @@ class AdversarialTrainer(ClassifierModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_t0 = time.perf_counter()
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # GAT step snapshots: the model at step k (after k updates), before step k crafts its adversaries
+        k, n = self.global_step, self.hparams.snapshot_steps
+        if self.hparams.regime == "gat" and n > 0 and k > 0 and k % n == 0 and k != self.bag.last_step:
+            self.bag.add(self.net, self.current_epoch, k)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # the epoch's last batch, before validation and the epoch's checkpoint: the checkpoint holds the snapshot
         if batch_idx + 1 != self.trainer.num_training_batches:
             return
         self._epoch_s = time.perf_counter() - self._epoch_t0
-        if self.hparams.regime == "gat" and (self.current_epoch + 1) % self.hparams.snapshot_every == 0:
-            self.bag.add(self.net, self.current_epoch)
+        hp = self.hparams
+        if hp.regime == "gat" and hp.snapshot_steps == 0 and (self.current_epoch + 1) % hp.snapshot_every == 0:
+            self.bag.add(self.net, self.current_epoch, self.global_step)
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_s is not None:
             self.log("train/epoch_s", self._epoch_s)  # training batches only (no validation), this device
 
+    # --- robust validation ----------------------------------------------------------------------------------
+
+    def robust_val_attack(self, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
+        """The robust validation's PGD adversaries of ``x`` (a fixed generator per batch: every validation
+        attacks its images from the same random starts)."""
+        hp = self.hparams
+        g = torch.Generator(device=x.device).manual_seed(mix_seed(hp.seed, batch_idx))
+        return pgd(self, x, y, hp.eps, alpha=hp.robust_val_alpha, steps=hp.robust_val_steps,
+                   restarts=hp.robust_val_restarts, generator=g, check=False)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        n = self.hparams.robust_val_images
+        if n == 0:
+            return
+        x, y = batch
+        start = batch_idx * x.shape[0]  # validation batches are in order and of one size (the last may be short)
+        if start >= n:
+            return
+        x, y = x[: n - start], y[: n - start]
+        with torch.no_grad():
+            hit = (self(self.robust_val_attack(x, y, batch_idx)).argmax(-1) == y).sum()
+        n_seen = torch.tensor(float(y.shape[0]), device=x.device)
+        self._robust = self._robust.to(x.device) + torch.stack([hit.float(), n_seen])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.hparams.robust_val_images == 0:
+            return
+        counts = self._robust.to(self.device)
+        if self._trainer is not None:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self._robust = torch.zeros(2, device=self.device)
+        if float(counts[1]) == 0:
+            return
+        acc = float(counts[0] / counts[1])  # one host sync per validation
+        self.log("val/robust_acc", acc, sync_dist=False)
+        if not self.hparams.restore_best or (self._trainer is not None and self.trainer.sanity_checking):
+            return
+        if self.best_robust is None or acc > self.best_robust["acc"]:
+            self.best_robust = {"acc": acc, "epoch": self.current_epoch,
+                                "state": {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}}
+        self.log("val/robust_acc_best", self.best_robust["acc"], sync_dist=False)
+        self.log("val/best_epoch", float(self.best_robust["epoch"]), sync_dist=False)
+
+    def on_train_end(self) -> None:
+        if self.hparams.restore_best and self.best_robust is not None:
+            self.net.load_state_dict(self.best_robust["state"])  # the final weights: best val/robust_acc
+
     # --- checkpoints ----------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gat_bag"] = self.bag.state_dict()
+        if self.best_robust is not None:
+            checkpoint["robust_best"] = self.best_robust
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "gat_bag" in checkpoint:
             self.bag.load_state_dict(checkpoint["gat_bag"], device=self.device)
+        if "robust_best" in checkpoint:
+            self.best_robust = checkpoint["robust_best"]
 
     def on_fit_start(self) -> None:
         # a bag restored before the module moved to its device

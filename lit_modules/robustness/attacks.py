@@ -117,7 +117,8 @@ def project(x: Tensor, x_adv: Tensor, eps: float | Tensor, norm: Norm = "linf") 
     """Project ``x_adv`` onto the ``norm`` ball of radius ``eps`` around ``x``, then onto [0, 1]."""
     delta = x_adv - x
     if norm == "linf":
-        delta = delta.clamp(-eps, eps) if not isinstance(eps, Tensor) else torch.maximum(torch.minimum(delta, eps), -eps)
+        delta = (delta.clamp(-eps, eps) if not isinstance(eps, Tensor)
+                 else torch.maximum(torch.minimum(delta, eps), -eps))
     else:
         n = _l2_norm(delta)
         delta = delta * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
@@ -174,7 +175,8 @@ def _random_start(x: Tensor, eps: float, norm: Norm, generator: torch.Generator 
         return (x + noise).clamp(0.0, 1.0)
     # a uniform radius along a Gaussian direction (torchattacks.PGDL2's start)
     d = torch.empty_like(x).normal_(generator=generator)
-    r = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype).uniform_(0, 1, generator=generator)
+    r = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device,
+                    dtype=x.dtype).uniform_(0, 1, generator=generator)
     return (x + d * r / _l2_norm(d) * eps).clamp(0.0, 1.0)
 
 
@@ -218,8 +220,9 @@ def pgd(
         alpha: step size (Linf: times sign(grad); L2: times grad / ||grad||); default ``2.5 * eps / steps``.
         steps: gradient steps per restart.
         random_start: start from a uniform point in the ball (Linf) or a random point in it (L2).
-        restarts: independent random starts; per sample the result is the first restart's adversarial that
-            is misclassified, else the one of highest loss (only with ``random_start``).
+        restarts: independent random starts, run together as one batch of ``restarts * B`` images; per sample
+            the result is the restart's adversarial that is misclassified with the highest loss, else the one of
+            highest loss (the first on ties; only with ``random_start``).
     """
     if norm not in ("linf", "l2"):
         raise AttackError(f"norm must be 'linf' or 'l2', got {norm!r}")
@@ -232,18 +235,16 @@ def pgd(
     alpha = 2.5 * eps / steps if alpha is None else alpha
     with crafting(model):
         x, y = _prepare(model, x, y, min(eps, 1.0) if norm == "l2" else eps, check)
-        best, best_score = None, None
         runs = restarts if random_start else 1
-        for _ in range(runs):
+        if runs == 1:
             start = _random_start(x, eps, norm, generator) if random_start else x.clone()
-            x_adv, score = _steps(model, x, y, start, eps, alpha, steps, norm, score=runs > 1)
-            if best is None:
-                best, best_score = x_adv, score
-            else:
-                better = score > best_score  # (B,): fooled beats not fooled, then higher loss
-                best = torch.where(better.view(-1, *([1] * (x.ndim - 1))), x_adv, best)
-                best_score = torch.maximum(score, best_score)
-        return best
+            return _steps(model, x, y, start, eps, alpha, steps, norm, score=False)[0]
+        # all restarts as one batch of R * B images (the starts drawn restart by restart, as R sequential runs)
+        starts = torch.cat([_random_start(x, eps, norm, generator) for _ in range(runs)])  # (R * B, C, H, W)
+        x_adv, score = _steps(model, x.repeat(runs, *([1] * (x.ndim - 1))), y.repeat(runs), starts, eps, alpha,
+                              steps, norm)
+        pick = score.view(runs, -1).argmax(0)  # (B,): per image the first restart of the highest score
+        return x_adv.view(runs, *x.shape)[pick, torch.arange(x.shape[0], device=x.device)]
 
 
 def ifgsm(

@@ -15,11 +15,22 @@ black-box attacks craft them on an undefended model. The model is as robust as i
   black-box attack, independently seeded models of the same architecture for gray-box);
 - logs ``test/acc_<attack>``, ``test/acc_graybox_e<epoch>_<attack>``, ``test/acc_transfer_<i>_<attack>``,
   the worst gray-box/transfer case ``test/acc_graybox_worst`` and the worst of everything ``test/acc_worst``;
+  the white-box attacks are FGSM, I-FGSM, PGD-40 (``pgd``) and the stronger PGD with restarts
+  (``pgd<steps>x<restarts>``, default ``pgd50x10``: 50 steps of 0.01 from 10 random starts, per image the worst
+  start; Wong et al.'s and Madry et al.'s MNIST evaluation), all restarts of a batch run as one batch;
+- flags gradient masking: ``test/masking_gap`` = FGSM accuracy - the lowest white-box PGD accuracy, and
+  ``test/masked`` = 1 when that gap exceeds ``masking_threshold`` (default 0.2, i.e. 20 points: a model whose
+  single-step accuracy is that far above its iterative accuracy defends against the single step by weak
+  gradients, not by robustness; Madry's and Wong's robust MNIST models sit about 5 points apart, FGSM-AT's
+  masked ones 30-90 points), see :func:`gradient_masking`;
   draws the curve of accuracy over snapshots (``images/graybox_curve.png``) and a grid of clean images and
   their white-box PGD adversaries with the predictions (``images/adversarial_examples``).
 
 As a *stage*: ``cvlab test --config <the training config> --ckpt_path <its checkpoint>`` restores the
-snapshots from the checkpoint and evaluates (any ``sources`` given on the command line).
+snapshots from the checkpoint and evaluates (any ``sources`` given on the command line). ``cvlab validate`` runs
+the same report on the validation split (``val/acc_*``): recipes and GAT's snapshot policy are chosen on it.
+Snapshots equal to the evaluated weights are skipped (the final model is not its own gray-box source; with
+``restore_best`` the final weights can be an earlier epoch's).
 Needs ``Trainer(inference_mode=False)``. Counts are summed on each device and reduced once at the end.
 """
 
@@ -33,8 +44,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.image_grid import log_image_grid
 from cvlab.errors import CvlabError
+from cvlab.image_log import log_image_grid
 from lit_modules.robustness.adversarial_training import SnapshotModel
 from lit_modules.robustness.attacks import Attack, check_eps, fgsm, ifgsm, pgd
 
@@ -42,13 +53,30 @@ AttackName = Literal["fgsm", "ifgsm", "pgd"]
 
 
 def attack_suite(eps: float, ifgsm_steps: int, pgd_steps: int, pgd_alpha: float | None,
-                 pgd_restarts: int) -> dict[str, Attack]:
-    """The white-box attacks by name, their budgets bound (true labels; pixels are [0, 1] by contract)."""
-    return {
+                 pgd_restarts: int, strong_steps: int = 0, strong_alpha: float | None = 0.01,
+                 strong_restarts: int = 10) -> dict[str, Attack]:
+    """The white-box attacks by name, their budgets bound (true labels; pixels are [0, 1] by contract); with
+    ``strong_steps > 0`` also ``pgd<strong_steps>x<strong_restarts>`` (restarts batched together)."""
+    suite = {
         "fgsm": functools.partial(fgsm, eps=eps, check=False),
         "ifgsm": functools.partial(ifgsm, eps=eps, steps=ifgsm_steps, check=False),
         "pgd": functools.partial(pgd, eps=eps, steps=pgd_steps, alpha=pgd_alpha, restarts=pgd_restarts, check=False),
     }
+    if strong_steps > 0:
+        suite[f"pgd{strong_steps}x{strong_restarts}"] = functools.partial(
+            pgd, eps=eps, steps=strong_steps, alpha=strong_alpha, restarts=strong_restarts, check=False)
+    return suite
+
+
+def gradient_masking(acc_fgsm: float, acc_pgd: float, threshold: float = 0.2) -> tuple[float, bool]:
+    """``(gap, masked)``: the gap ``acc_fgsm - acc_pgd`` between single-step and iterative white-box accuracy,
+    and whether it exceeds ``threshold``. An iterative attack of the same budget finds at least what one step
+    finds on a smooth model, a little more near the boundary; a gap of tens of points means the single step
+    was misled by the model's gradient at the clean point (gradient masking; Athalye et al., ICML 2018;
+    Tramer et al., ICLR 2018). ``gradient_masking(0.9, 0.05)`` is ``(0.85, True)``; ``(0.95, 0.89)`` is not.
+    """
+    gap = acc_fgsm - acc_pgd
+    return gap, gap > threshold
 
 
 def correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -76,6 +104,9 @@ class GrayBoxEvaluation(L.Callback):
         graybox_attacks: attacks crafted on each snapshot and each source.
         sources: checkpoints (or teacher paths) to transfer from: undefended / independently seeded models.
         pictures: clean/adversarial pairs drawn from the first test batch (0: none).
+        strong_steps, strong_alpha, strong_restarts: the stronger white-box PGD (``0`` steps: off); default
+            50 steps of 0.01 from 10 random starts (Wong et al.'s / Madry et al.'s MNIST evaluation).
+        masking_threshold: the FGSM - PGD accuracy gap above which the model is flagged as gradient-masked.
     """
 
     def __init__(
@@ -88,11 +119,19 @@ class GrayBoxEvaluation(L.Callback):
         graybox_attacks: list[AttackName] | None = None,
         sources: list[str] | None = None,
         pictures: int = 10,
+        strong_steps: int = 50,
+        strong_alpha: float | None = 0.01,
+        strong_restarts: int = 10,
+        masking_threshold: float = 0.2,
     ) -> None:
         if eps is not None:
             check_eps(eps)
+        if strong_steps < 0 or strong_restarts < 1:
+            raise CvlabError(f"need strong_steps >= 0 and strong_restarts >= 1, got {strong_steps}, {strong_restarts}")
         self.eps = eps
-        self._budget = (ifgsm_steps, pgd_steps, pgd_alpha, pgd_restarts)
+        self._budget = (ifgsm_steps, pgd_steps, pgd_alpha, pgd_restarts, strong_steps, strong_alpha, strong_restarts)
+        self.masking_threshold = masking_threshold
+        self._stage = "test"
         self.attacks: dict[str, Attack] = {}
         self.graybox_attacks = list(graybox_attacks or ["fgsm", "ifgsm"])
         unknown = set(self.graybox_attacks) - {"fgsm", "ifgsm", "pgd"}
@@ -126,13 +165,33 @@ class GrayBoxEvaluation(L.Callback):
         from lit_modules.teacher import load_teacher
 
         dev = pl_module.device
+        final = pl_module.net.state_dict()
+
+        def is_final(s: dict[str, Tensor]) -> bool:  # the evaluated weights are not their own gray-box source
+            return all(torch.equal(v.cpu(), final[k].detach().cpu()) for k, v in s.items())
+
         models = [(f"graybox_e{e}", SnapshotModel(pl_module.net, pl_module.normalize,
                                                    {k: v.to(dev) for k, v in s.items()}))
-                  for e, s in zip(self.epochs[:-1], self.snapshots[:-1])]  # the last one is the final model
+                  for e, s in zip(self.epochs, self.snapshots) if not is_final(s)]
         models += [(f"transfer_{i}", load_teacher(p).to(dev)) for i, p in enumerate(self.sources)]
         return models
 
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # `cvlab validate`: the report on the validation split
+            self._stage = "val"
+            self.on_test_epoch_start(trainer, pl_module, stage="val")
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == "validate":
+            self.on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self.on_test_epoch_end(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str = "test") -> None:
+        self._stage = stage
         if torch.is_inference_mode_enabled():
             raise CvlabError("gray-box evaluation attacks the model: run with --trainer.inference_mode=false")
         if self.eps is None:
@@ -143,7 +202,8 @@ class GrayBoxEvaluation(L.Callback):
             check_eps(self.eps)
         self.attacks = attack_suite(self.eps, *self._budget)
         self._models = self._crafting_models(pl_module)
-        self._names = ["clean", *self.attacks] + [f"{name}_{a}" for name, _ in self._models for a in self.graybox_attacks]
+        self._names = ["clean", *self.attacks] + [f"{name}_{a}" for name, _ in self._models
+                                                  for a in self.graybox_attacks]
         self._counts = torch.zeros(len(self._names) + 1, device=pl_module.device)  # + the number of images
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -165,14 +225,19 @@ class GrayBoxEvaluation(L.Callback):
         counts = trainer.strategy.reduce(self._counts, reduce_op="sum")
         acc = (counts[:-1] / counts[-1].clamp_min(1)).tolist()  # one host sync per test run
         results = dict(zip(self._names, acc))
-        pl_module.log("test/graybox_images", counts[-1].item(), sync_dist=False)
+        st = self._stage
+        pl_module.log(f"{st}/graybox_images", counts[-1].item(), sync_dist=False)
         for name, a in results.items():
-            if name != "clean":
-                pl_module.log(f"test/acc_{name}", a, sync_dist=False)
+            if name != "clean" or st == "val":
+                pl_module.log(f"{st}/acc_{name}", a, sync_dist=False)
         gray = [a for name, a in results.items() if name.startswith(("graybox_", "transfer_"))]
         if gray:
-            pl_module.log("test/acc_graybox_worst", min(gray), sync_dist=False)
-        pl_module.log("test/acc_worst", min(a for name, a in results.items() if name != "clean"), sync_dist=False)
+            pl_module.log(f"{st}/acc_graybox_worst", min(gray), sync_dist=False)
+        pl_module.log(f"{st}/acc_worst", min(a for name, a in results.items() if name != "clean"), sync_dist=False)
+        pgd_accs = [a for name, a in results.items() if name.startswith("pgd")]
+        gap, masked = gradient_masking(results["fgsm"], min(pgd_accs), self.masking_threshold)
+        pl_module.log(f"{st}/masking_gap", gap, sync_dist=False)
+        pl_module.log(f"{st}/masked", float(masked), sync_dist=False)
         if trainer.is_global_zero:
             self._plot(trainer, results)
 
@@ -190,7 +255,7 @@ class GrayBoxEvaluation(L.Callback):
             out.write_text(caption + "\n")
 
     def _plot(self, trainer: L.Trainer, results: dict[str, float]) -> None:
-        epochs = self.epochs[:-1]
+        epochs = [e for e in self.epochs if f"graybox_e{e}_{self.graybox_attacks[0]}" in results]
         if not epochs:
             return
         import matplotlib
@@ -202,7 +267,8 @@ class GrayBoxEvaluation(L.Callback):
         for a in self.graybox_attacks:
             ax.plot(epochs, [results[f"graybox_e{e}_{a}"] for e in epochs], marker="o", label=f"gray-box {a}")
         for a in self.attacks:
-            ax.axhline(results[a], linestyle="--", linewidth=0.8, label=f"white-box {a}", color=f"C{3 + list(self.attacks).index(a)}")
+            ax.axhline(results[a], linestyle="--", linewidth=0.8, label=f"white-box {a}",
+                       color=f"C{3 + list(self.attacks).index(a)}")
         ax.set_xticks(epochs)
         ax.set_xlabel("epoch of the snapshot the adversaries are crafted on")
         ax.set_ylabel("accuracy of the final model")

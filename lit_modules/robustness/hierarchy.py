@@ -130,7 +130,8 @@ class ClassHierarchy:
             raise HierarchyError("the class names must be distinct")
         missing = [c for c in classes if c not in parents]
         if missing:
-            raise HierarchyError(f"the class hierarchy misses {len(missing)} class(es): {', '.join(map(repr, missing[:5]))}")
+            raise HierarchyError(
+                f"the class hierarchy misses {len(missing)} class(es): {', '.join(map(repr, missing[:5]))}")
         unknown = sorted({str(p) for p in parents.values() if p is not None and p not in parents})
         if unknown:
             raise HierarchyError(f"parent(s) {', '.join(map(repr, unknown[:5]))} are not nodes of the hierarchy")
@@ -144,7 +145,8 @@ class ClassHierarchy:
         """From a nested mapping ``{root: {group: [class, ...], ...}}`` (a leaf: a list item, or a key whose
         value is ``null`` / ``{}``), or a flat ``{"parents": {node: parent-or-null}}``."""
         if set(tree) == {"parents"}:
-            return cls.from_parents({str(k): (None if v is None else str(v)) for k, v in tree["parents"].items()}, classes)
+            return cls.from_parents({str(k): (None if v is None else str(v)) for k, v in tree["parents"].items()},
+                                    classes)
         parents: dict[str, str | None] = {}
 
         def add(node: Any, parent: str | None) -> None:
@@ -202,7 +204,8 @@ class ClassHierarchy:
         coarse_of: dict[int, int] = {}
         for f, c in sorted(pairs):
             if coarse_of.setdefault(f, c) != c:
-                raise HierarchyError(f"CIFAR-100 fine class {fine_names[f]!r} has two superclasses in {folder / 'train'}")
+                raise HierarchyError(
+                    f"CIFAR-100 fine class {fine_names[f]!r} has two superclasses in {folder / 'train'}")
         parents: dict[str, str | None] = {"root": None}
         for c in coarse_names:
             parents[f"super:{c}"] = "root"
@@ -299,9 +302,9 @@ def read_wordnet_nouns(path: str | Path) -> dict[int, int | None]:
 
 
 def load_hierarchy(spec: str, classes: Sequence[str] | None = None, data_dir: str | None = None) -> ClassHierarchy:
-    """A hierarchy by name: ``mnist`` / ``fashion_mnist`` (shipped), ``cifar100`` (from ``data_dir``, default the data root),
-    ``wordnet:<path to data.noun>`` (``classes``: the wnids in label order), or a YAML/JSON file (``classes``:
-    the class names in label order)."""
+    """A hierarchy by name: ``mnist`` / ``fashion_mnist`` (shipped), ``cifar100`` (from ``data_dir``, default the
+    data root), ``wordnet:<path to data.noun>`` (``classes``: the wnids in label order), or a YAML/JSON file
+    (``classes``: the class names in label order)."""
     if spec in BUILTIN:
         return ClassHierarchy.from_tree(BUILTIN[spec], BUILTIN_CLASSES[spec])
     if spec == "cifar100":  # data_dir None: $CVLAB_DATA, else ./data, as the datamodules
@@ -315,5 +318,6 @@ def load_hierarchy(spec: str, classes: Sequence[str] | None = None, data_dir: st
     if Path(spec).suffix in (".yaml", ".yml", ".json"):
         return ClassHierarchy.from_file(spec, classes)
     raise HierarchyError(
-        f"unknown hierarchy {spec!r}: use one of {sorted(BUILTIN)}, cifar100, wordnet:<data.noun>, or a .yaml/.json file"
+        f"unknown hierarchy {spec!r}: use one of {sorted(BUILTIN)}, cifar100, wordnet:<data.noun>, "
+        "or a .yaml/.json file"
     )

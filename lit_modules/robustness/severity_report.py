@@ -128,7 +128,8 @@ class SeverityReport(L.LightningModule):
         missing = [m for m in models if "uap" in self.attack_names and m not in (uaps or {})]
         if missing:
             raise CvlabError(f"attack 'uap' needs a UniversalPerturbation checkpoint per model: give "
-                             f"--model.init_args.uaps {{{missing[0]}: .../checkpoints/last.ckpt, ...}} (missing: {missing})")
+                             f"--model.init_args.uaps {{{missing[0]}: .../checkpoints/last.ckpt, ...}} "
+                             f"(missing: {missing})")
         self.eps = [float(e) for e in (eps or [0.05, 0.1, 0.2])]
         for e in self.eps:
             check_eps(e)
@@ -157,7 +158,8 @@ class SeverityReport(L.LightningModule):
             names = getattr(getattr(self._trainer, "datamodule", None), "class_names", None)
             if names is None:
                 raise CvlabError(f"hierarchy {self.hparams.hierarchy!r} needs the class names in label order: set "
-                                 "--model.init_args.classes or use a datamodule with class_names (e.g. ImageNetDataModule)")
+                                 "--model.init_args.classes or use a datamodule with class_names "
+                                 "(e.g. ImageNetDataModule)")
             self._build_hierarchy(list(names))
         if not len(self.nets):
             for name, path in self.hparams.models.items():
@@ -234,7 +236,8 @@ def _needs_classes(hierarchy: str) -> bool:
 def _num_classes(net: nn.Module) -> int:
     k = getattr(net, "num_classes", None)
     if k is None:
-        raise CvlabError("cannot tell the model's number of classes; give a cvlab checkpoint or a spec with num_classes")
+        raise CvlabError(
+            "cannot tell the model's number of classes; give a cvlab checkpoint or a spec with num_classes")
     return int(k)
 
 

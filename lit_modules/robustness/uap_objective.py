@@ -41,7 +41,8 @@ def project_linf_box(v: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
 
 
 def fooling_loss(logits: Tensor, clean_pred: Tensor) -> Tensor:
-    """``-log(1 - softmax(logits)_c)`` per image, ``c = clean_pred``: ``logits (..., K)``, ``clean_pred (...)`` -> ``(...)``.
+    """``-log(1 - softmax(logits)_c)`` per image, ``c = clean_pred``: ``logits (..., K)``, ``clean_pred (...)``
+    -> ``(...)``.
 
     Why this objective: it needs no labels (impressions have none in hard form; the model's own clean prediction is
     what a fooling rate measures against), and unlike maximising the cross-entropy of ``c`` it is bounded on the

@@ -35,8 +35,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from callbacks.image_grid import log_image_grid
 from cvlab.errors import CvlabError
+from cvlab.image_log import log_image_grid
+from cvlab.task import check_task, task_of
 from lit_modules.robustness.uap_objective import check_budgets, fooling_loss, project_linf_box, random_sign_noise
 from lit_modules.teacher import TeacherArg, load_teacher
 
@@ -85,7 +86,8 @@ class UniversalPerturbation(L.LightningModule):
         self.model = load_teacher(model)
         shape = self.model.input_shape
         if shape is None:
-            raise CvlabError(f"model {model} has no input contract (in_channels, image_size); give a TeacherSpec with them")
+            raise CvlabError(f"model {model} has no input contract (in_channels, image_size); "
+                             "give a TeacherSpec with them")
         self.register_buffer("eps", torch.tensor(budgets, dtype=torch.float32))  # (E,)
         self.w = nn.Parameter(torch.zeros(len(budgets), *shape))  # (E, C, H, W), v = eps * w
         g = torch.Generator().manual_seed(noise_seed)
@@ -108,11 +110,10 @@ class UniversalPerturbation(L.LightningModule):
         return self.model(xp.flatten(0, 1)).unflatten(0, xp.shape[:2])
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        k = self.model.num_classes
-        if dm is not None and k is not None and getattr(dm, "num_classes", k) != k:
-            raise CvlabError(f"model {self.hparams.model} has {k} classes but the data {type(dm).__name__} has "
-                             f"{dm.num_classes}; use impressions and a test set of the model's own task")
+        task = task_of(self._trainer)
+        if task is not None:
+            check_task(f"model {self.hparams.model}", task, "use impressions and a test set of the model's own task",
+                       num_classes=self.model.num_classes)
 
     # --- fit: perturb, fool, project -------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
