@@ -17,10 +17,10 @@ import torch
 import torchvision
 import yaml
 
-from lit_modules.teacher import TeacherLoadError, export_torchscript, load_teacher, TeacherSpec
+from experiments.examples.outside_nets import BNLeNet5, TanhLeNet5
+from lit_modules.teacher import TeacherLoadError, TeacherSpec, export_torchscript, load_teacher
 from tests.cli_runs import run_cli
 from tests.fakedata import write_cifar, write_mnist_idx
-from experiments.examples.outside_nets import BNLeNet5, TanhLeNet5
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -28,9 +28,11 @@ IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 def _tanh_lenet(root: Path) -> dict:
     torch.manual_seed(0)
     net = TanhLeNet5()
-    renamed = {k.replace("c1.", "conv1.").replace("c3.", "conv2.").replace("f5.", "fc1."): v for k, v in net.state_dict().items()}
+    renamed = {k.replace("c1.", "conv1.").replace("c3.", "conv2.").replace("f5.", "fc1."): v
+               for k, v in net.state_dict().items()}
     torch.save({"model": renamed, "epoch": 20}, root / "tanh_lenet.pth")
-    return {"weights": str(root / "tanh_lenet.pth"), "arch": {"class_path": "experiments.examples.outside_nets.TanhLeNet5"},
+    return {"weights": str(root / "tanh_lenet.pth"),
+            "arch": {"class_path": "experiments.examples.outside_nets.TanhLeNet5"},
             "num_classes": 10, "in_channels": 1, "image_size": 28, "mean": [0.5], "std": [0.5],
             "key_map": {r"^conv1\.": "c1.", r"^conv2\.": "c3.", r"^fc1\.": "f5."}}
 
@@ -91,7 +93,8 @@ def test_outside_teacher_drives_zskd_kd_lra_and_idlg(name: str, tmp_path: Path, 
     synth = tmp_path / "synth"
     run_cli("predict", f"--config=experiments/zskd/{ds}/synthesize.yaml", teacher_cfg, *SHRINK,
             "--model.init_args.iterations=3", "--data.init_args.num_impressions=20", "--data.init_args.batch_size=10",
-            "--model.init_args.grid_per_class=1", f"--data.init_args.task.init_args.data_dir={data_root}", run_dir=synth)
+            "--model.init_args.grid_per_class=1", f"--data.init_args.task.init_args.data_dir={data_root}",
+            run_dir=synth)
     shards = sorted((synth / "shards").glob("*.pt"))
     images = torch.cat([torch.load(p, weights_only=True)["image"] for p in shards])
     assert images.shape == (20, spec["in_channels"], size, size) and torch.isfinite(images).all()
@@ -101,16 +104,19 @@ def test_outside_teacher_drives_zskd_kd_lra_and_idlg(name: str, tmp_path: Path, 
     # KD student on those impressions (resized to the task's 32x32), evaluated on the real test split
     student_cfg = "experiments/zskd/cifar10/student.yaml" if rgb else "experiments/zskd/mnist/student.yaml"
     kd = run_cli("fit", f"--config={student_cfg}", teacher_cfg, *SHRINK, "--trainer.max_epochs=1",
-                 f"--data.init_args.pool.init_args.folder={synth / 'shards'}", f"--data.init_args.task.init_args.data_dir={data_root}",
+                 f"--data.init_args.pool.init_args.folder={synth / 'shards'}",
+                 f"--data.init_args.task.init_args.data_dir={data_root}",
                  "--model.init_args.arch=lenet5_half" if not rgb else "--model.init_args.arch=alexnet_cifar_half",
                  "--model.init_args.image_size=32", run_dir=tmp_path / "kd")
-    assert kd.model.teacher.spec.mean == spec["mean"] and "test/acc" in json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert kd.model.teacher.spec.mean == spec["mean"] and "test/acc" in json.loads(
+        (tmp_path / "kd" / "metrics.json").read_text())
 
     # one LRA generator step (+ student step) at the teacher's size; TorchScript exposes no features
     lra_args = ["--model.init_args.batch_size=4", "--model.init_args.student_steps=1", "--model.init_args.latent_dim=8",
                 "--model.init_args.generator_kwargs={widths: [8, 4]}", "--data.init_args.steps_per_epoch=1",
                 "--data.init_args.eval_batch_size=20", "--trainer.max_epochs=1", f"--model.init_args.image_size={size}",
-                f"--data.init_args.task.init_args.image_size={size}", f"--data.init_args.task.init_args.data_dir={data_root}",
+                f"--data.init_args.task.init_args.image_size={size}",
+                f"--data.init_args.task.init_args.data_dir={data_root}",
                 "--run.test_after_fit=false"]
     if name == "torchscript":
         lra_args.append("--model.init_args.weight_activation=0")
@@ -127,7 +133,8 @@ def test_outside_teacher_drives_zskd_kd_lra_and_idlg(name: str, tmp_path: Path, 
     run_cli("predict", f"--config={idlg_cfg}", victim_cfg, *SHRINK, *source, "--model.init_args.iterations=2",
             f"--model.init_args.method={method}",
             "--data.init_args.num_trials=1", "--data.init_args.trials_per_batch=1",
-            f"--data.init_args.source.init_args.data_dir={data_root}", f"--data.init_args.source.init_args.image_size={size}",
+            f"--data.init_args.source.init_args.data_dir={data_root}",
+            f"--data.init_args.source.init_args.image_size={size}",
             run_dir=tmp_path / "idlg")
     shard = torch.load(next((tmp_path / "idlg" / "shards").glob("*.pt")), weights_only=True)
     assert shard["reconstruction"].shape == (1, 1, spec["in_channels"], size, size)
@@ -136,10 +143,10 @@ def test_outside_teacher_drives_zskd_kd_lra_and_idlg(name: str, tmp_path: Path, 
 
 def test_torchscript_teacher_without_features_fails_clearly_for_lra_activation(tmp_path: Path, data_root: Path) -> None:
     spec = _torchscript(tmp_path)
-    from lit_modules.distillation import AdversarialKD
     from cvlab.errors import CvlabError
+    from lit_modules.distillation import LRA
 
-    m = AdversarialKD(teacher=spec, batch_size=4, student_steps=1, latent_dim=8, generator_kwargs={"widths": [8, 4]})
+    m = LRA(teacher=spec, batch_size=4, student_steps=1, latent_dim=8, generator_kwargs={"widths": [8, 4]})
     with pytest.raises(CvlabError, match="exposes no penultimate features.*TorchScript"):
         m.teacher.features_and_logits(torch.rand(2, 1, 28, 28))
 
@@ -148,7 +155,8 @@ def test_imagenet_normalised_teacher_sees_its_own_statistics_on_another_task(tmp
     spec = _resnet18(tmp_path)
     kd = run_cli("fit", "--config=experiments/zskd/cifar10/student_real.yaml",
                  _overlay(tmp_path / "t.yaml", "model", "teacher", spec), *SHRINK, "--trainer.max_epochs=1",
-                 "--trainer.limit_train_batches=1", "--run.test_after_fit=false", f"--data.init_args.data_dir={data_root}",
+                 "--trainer.limit_train_batches=1", "--run.test_after_fit=false",
+                 f"--data.init_args.data_dir={data_root}",
                  run_dir=tmp_path / "kd")
     dm, teacher = kd.datamodule, kd.model.teacher
     assert list(dm.mean) != IMAGENET["mean"]  # the task normalises otherwise
@@ -156,7 +164,8 @@ def test_imagenet_normalised_teacher_sees_its_own_statistics_on_another_task(tmp
     net = torchvision.models.resnet18(num_classes=10)
     state = torch.load(spec["weights"], weights_only=True)
     net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-    by_hand = net.eval()((x - torch.tensor(IMAGENET["mean"]).view(1, 3, 1, 1)) / torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1))
+    by_hand = net.eval()((x - torch.tensor(IMAGENET["mean"]).view(1, 3, 1, 1))
+                         / torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1))
     torch.testing.assert_close(teacher(x), by_hand)
     # and the student normalises with the task's statistics, recorded in its checkpoint
     assert kd.model.hparams.mean == [float(m) for m in dm.mean]
@@ -180,17 +189,19 @@ def test_key_mismatch_names_every_layer_and_suggests_the_closest_zoo_net(tmp_pat
     state = create_net("lenet5", 10, 1, 32).state_dict()
     state = {k.replace("fc", "head", 1) if k.startswith("fc") else k: v for k, v in state.items()}
     torch.save(state, tmp_path / "w.pt")
-    with pytest.raises(TeacherLoadError, match=r"missing fc\.\{weight,bias\}; unexpected head\.\{weight,bias\}.*closest zoo architecture is 'lenet5'"):
-        load_teacher({"weights": str(tmp_path / "w.pt"), "arch": "lenet5", "in_channels": 1, "image_size": 32})
+    spec = {"weights": str(tmp_path / "w.pt"), "arch": "lenet5", "in_channels": 1, "image_size": 32,
+            "normalization": "none"}
+    with pytest.raises(TeacherLoadError, match=r"missing fc\.\{weight,bias\} \(2 keys\); "
+                       r"unexpected head\.\{weight,bias\} \(2 keys\).*closest zoo architecture is 'lenet5'"):
+        load_teacher(spec)
     # the same file loads once the keys are mapped
-    t = load_teacher({"weights": str(tmp_path / "w.pt"), "arch": "lenet5", "in_channels": 1, "image_size": 32,
-                      "key_map": {r"^head\.(weight|bias)$": r"fc.\1"}})
+    t = load_teacher({**spec, "key_map": {r"^head\.(weight|bias)$": r"fc.\1"}})
     assert t.num_classes == 10
 
 
 def test_pipeline_starts_from_an_existing_teacher_file(tmp_path: Path) -> None:
-    from experiments.pipeline import run_pipeline
     from cvlab.errors import CvlabError
+    from experiments.pipeline import run_pipeline
 
     spec = _tanh_lenet(tmp_path)
     pipe = tmp_path / "p.yaml"

@@ -41,12 +41,14 @@ def test_teacher_from_plain_state_dict(tmp_path: Path) -> None:
     net = create_net("lenet5", num_classes=10, in_channels=1, image_size=32)
     path = tmp_path / "lenet.pt"
     torch.save(net.state_dict(), path)
-    teacher = load_teacher(path, arch="lenet5", num_classes=10, in_channels=1, image_size=32)
+    teacher = load_teacher({"weights": str(path), "normalization": "none"}, arch="lenet5", num_classes=10,
+                           in_channels=1, image_size=32)
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(teacher(x), net.eval()(x))
     with pytest.raises(TeacherLoadError, match="plain state_dict: give its architecture"):
         load_teacher(path)
-    with pytest.raises(TeacherLoadError, match="do not fit lenet5_half: missing .*; the closest zoo architecture is 'lenet5'"):
+    with pytest.raises(TeacherLoadError,
+                       match="do not fit lenet5_half: missing .*; the closest zoo architecture is 'lenet5'"):
         load_teacher(path, arch="lenet5_half", num_classes=10, in_channels=1, image_size=32)
 
 

@@ -41,3 +41,26 @@ class BNLeNet5(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x).flatten(1))
+
+
+class ClassicLeNet5(nn.Module):
+    """A classic LeNet-5 as copied from someone else's repository: 28x28 inputs (conv1 padded by 2), ReLU, max
+    pooling, layers ``conv1 conv2 fc1 fc2 fc3``, trained on pixels normalised with MNIST's statistics (mean 0.1307,
+    std 0.3081). The "outside teacher" of docs/RESULTS.md, "Any network as a teacher"."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)  # 28 -> 28, pool -> 14
+        self.conv2 = nn.Conv2d(6, 16, 5)  # 14 -> 10, pool -> 5
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+        self.pool = nn.MaxPool2d(2)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        x = self.relu(self.fc2(self.relu(self.fc1(x.flatten(1)))))
+        return self.fc3(x)
+

@@ -1,9 +1,10 @@
-"""Train the classic tanh LeNet-5 on MNIST the way a user's own script would, outside cvlab: 28x28 images,
+r"""Train the classic tanh LeNet-5 on MNIST the way a user's own script would, outside cvlab: 28x28 images,
 pixels scaled to [-1, 1] (mean 0.5, std 0.5), saved as a plain ``{"model": state_dict}`` with the class's own
 layer names. The result is a teacher "that nobody here trained" for
 ``cvlab run experiments/zskd/mnist/outside_teacher.yaml``.
 
-    uv run python -m experiments.examples.train_outside_lenet --data $CVLAB_DATA --out runs/examples/tanh_lenet5_mnist.pth
+    uv run python -m experiments.examples.train_outside_lenet --data $CVLAB_DATA \
+        --out runs/examples/tanh_lenet5_mnist.pth
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
             opt.step()
         net.eval()
         with torch.no_grad():
-            acc = torch.cat([net(xt[i : i + 1000]).argmax(-1) for i in range(0, xt.shape[0], 1000)]).eq(yt).float().mean()
+            acc = torch.cat([net(xt[i : i + 1000]).argmax(-1)
+                             for i in range(0, xt.shape[0], 1000)]).eq(yt).float().mean()
         print(f"epoch {epoch + 1}: test accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": net.state_dict(), "test_acc": float(acc)}, a.out)
