@@ -26,7 +26,9 @@ class StopOnNonFiniteLoss(L.Callback):
     def __init__(self, every_n_steps: int = 1) -> None:
         self.every_n_steps = every_n_steps
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step % self.every_n_steps:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -63,7 +65,9 @@ class StopOnDivergence(L.Callback):
         self._streak: torch.Tensor | None = None  # () int, consecutive steps over the threshold
         self._hit: torch.Tensor | None = None  # () bool, a streak reached the window since the last read
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.factor <= 0:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -82,7 +86,8 @@ class StopOnDivergence(L.Callback):
         if trainer.global_step % min(self.window, 10) == 0 and bool(self._hit):
             ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
             raise DivergedLossError(
-                f"loss diverged: {float(loss):.3g} at global step {trainer.global_step} (epoch {trainer.current_epoch}) "
+                f"loss diverged: {float(loss):.3g} at global step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}) "
                 f"stayed above {self.factor:g} x its starting level {self.start:.3g} for {self.window} steps in a row; "
                 "lower the learning rate (or set --run.divergence_factor 0 to turn this check off); "
                 f"last checkpoint: {ckpt}"
@@ -106,7 +111,9 @@ class RngStateCheckpoint(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "torch": torch.get_rng_state(),
-            "numpy": torch.from_numpy(np.frombuffer(np.array(np.random.get_state()[1], dtype=np.uint32).tobytes(), dtype=np.uint8).copy()),
+            "numpy": torch.from_numpy(
+                np.frombuffer(np.array(np.random.get_state()[1], dtype=np.uint32).tobytes(), dtype=np.uint8).copy()
+            ),
             "numpy_pos": int(np.random.get_state()[2]),
             "python": [float(x) if isinstance(x, float) else x for x in random.getstate()[1]],
         }

@@ -7,9 +7,12 @@ are the base class's (:class:`datamodules.base.TensorImageDataModule`).
 Files live where torchvision looks for them under the data root (``--data.data_dir``, else
 ``$CVLAB_DATA``, else ``./data``):
 
-* MNIST / Fashion-MNIST / KMNIST: ``<root>/{MNIST,FashionMNIST,KMNIST}/raw/*-ubyte`` or ``*-ubyte.gz``
-  (a ``.gz`` is extracted next to itself, as torchvision would; into a temporary folder instead if the
-  raw folder is read-only or has no write permission bits, so a shared read-only copy is never written);
+* MNIST / Fashion-MNIST / KMNIST: ``<root>/{MNIST,FashionMNIST,KMNIST}/raw/*-ubyte.gz`` or ``*-ubyte``.
+  A ``.gz`` is read as it is, never extracted (so a replaced archive is what is read, and a shared
+  read-only copy is never written); the extracted file is read only where there is no ``.gz``. The
+  images and labels of a split must agree in count, the counts must not be another split's official
+  size (60,000 train / 10,000 test: a test file in the training files' place), and the labels must be
+  classes of the dataset; each file's IDX header is checked against its size;
 * CIFAR-10: ``<root>/cifar-10-batches-py/``; CIFAR-100: ``<root>/cifar-100-python/``;
 * SVHN: ``<root>/train_32x32.mat`` and ``<root>/test_32x32.mat``.
 
@@ -19,7 +22,7 @@ the builtins and numpy array types those files hold, so a crafted batch cannot r
 MD5 is compared with the official release's, and a file that differs (re-packed or generated data in
 the same format) is still read, only ever through the restricted unpickler, and checked for the
 release's structure. A damaged, truncated or foreign file fails with one line naming it
-(:class:`datamodules.errors.DatasetCorruptError`); so does a truncated MNIST ``.gz``. Missing files with
+(:class:`datamodules.errors.DatasetCorruptError`); so does a truncated or foreign MNIST file. Missing files with
 ``download=False`` raise :class:`datamodules.errors.DatasetNotFoundError` before anything is read,
 never touching the network; a download that fails (no network) says so in one line.
 """
@@ -27,14 +30,11 @@ never touching the network; a download that fails (no network) says so in one li
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import hashlib
 import io
 import os
 import pickle
-import shutil
-import tempfile
 import urllib.error
 import zlib
 from collections.abc import Iterator, Sequence
@@ -169,7 +169,8 @@ def read_pickled_batch(path: str | os.PathLike, dataset: str, official_md5: str 
     except pickle.UnpicklingError as e:
         if "is not allowed" not in str(e):  # a truncated or damaged pickle
             raise DatasetCorruptError(
-                f"cannot read {where}: it is truncated or damaged ({_first_line(e)}); replace it with the official release file"
+                f"cannot read {where}: it is truncated or damaged ({_first_line(e)}); "
+                "replace it with the official release file"
             ) from None
         raise DatasetCorruptError(
             f"refused {where}: {_first_line(e)} (a data pickle may hold only lists, dicts, strings, numbers "
@@ -186,17 +187,21 @@ def read_pickled_batch(path: str | os.PathLike, dataset: str, official_md5: str 
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _cifar_images_labels(batch: dict[str, Any], label_key: str, path: Path, dataset: str) -> tuple[np.ndarray, list[int]]:
+def _cifar_images_labels(
+    batch: dict[str, Any], label_key: str, path: Path, dataset: str
+) -> tuple[np.ndarray, list[int]]:
     """``data`` (N, 3072) uint8 and ``labels``/``fine_labels`` (N ints) of one CIFAR batch, checked."""
     x, y = batch.get("data"), batch.get(label_key)
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         found = f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}".strip()
         raise DatasetCorruptError(
-            f"{dataset} file {path} has no uint8 'data' of shape (N, 3072) (found {found}); replace it with the official release file"
+            f"{dataset} file {path} has no uint8 'data' of shape (N, 3072) (found {found}); "
+            "replace it with the official release file"
         )
     if not isinstance(y, (list, np.ndarray)) or len(y) != x.shape[0]:
         raise DatasetCorruptError(
-            f"{dataset} file {path}: '{label_key}' must list one label per image ({x.shape[0]}); replace it with the official release file"
+            f"{dataset} file {path}: '{label_key}' must list one label per image ({x.shape[0]}); "
+            "replace it with the official release file"
         )
     return x, [int(v) for v in y]
 
@@ -210,31 +215,66 @@ _MNIST_FILES = (
 )
 
 
-def _gunzip(src: Path, dst: Path) -> None:
-    """Decompress ``src`` to ``dst`` atomically (a half-written file never carries the final name)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+#: (train, test) sizes of the official releases of every MNIST-format dataset read here
+_MNIST_OFFICIAL_SIZES = (60_000, 10_000)
+#: IDX element type codes (the third magic byte) -> numpy dtypes (big-endian, as IDX stores them)
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it is a ``.gz``; a damaged archive is one line naming it."""
+    if path.suffix != ".gz":
+        return path.read_bytes()
     try:
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            try:
-                shutil.copyfileobj(fin, fout, length=1 << 20)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-                raise DatasetCorruptError(
-                    f"cannot decompress {src}: it is truncated or not gzip ({_first_line(e)}); replace it with the official file"
-                ) from None
-        os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DatasetCorruptError(
+            f"cannot decompress {path}: it is truncated or not gzip ({_first_line(e)}); "
+            "replace it with the official file"
+        ) from None
 
 
-def _is_read_only_error(e: OSError) -> bool:
-    return isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
+    """An IDX file (MNIST's format; ``.gz`` read as it is) as a numpy array of ``ndim`` dimensions.
+
+    The header (magic ``0 0 type ndim``, then ``ndim`` big-endian int32 sizes) must match ``ndim`` and the
+    file's length exactly; anything else (random bytes, a truncated or padded file) is
+    :class:`DatasetCorruptError` naming the file."""
+    path = Path(path)
+    data = _read_bytes(path)
+    bad = f"{path} is not an IDX file of {ndim} dimension{'s' * (ndim != 1)}"
+    if len(data) < 4 + 4 * ndim or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES or data[3] != ndim:
+        head = data[:4].hex(" ") if data else "empty"
+        raise DatasetCorruptError(f"{bad} (header {head}); replace it with the official file")
+    dtype = np.dtype(_IDX_TYPES[data[2]])
+    shape = tuple(int(v) for v in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise DatasetCorruptError(
+            f"{bad} of shape {shape}: it has {len(data):,} bytes where the header says {expected:,} (truncated or "
+            "damaged); replace it with the official file"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _writable(folder: Path) -> bool:
-    """Whether we may write into ``folder``; a folder without write bits counts as read-only even
-    for root (who ``os.access`` says may write anywhere)."""
-    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+def check_mnist_split(dataset: str, images: Path, labels: Path, n_images: int, n_labels: int, train: bool) -> None:
+    """Images and labels of one split belong together: the same count, and not the other split's official
+    size (a test file in the training files' place, or the reverse)."""
+    split, other = ("training", "test") if train else ("test", "training")
+    own, their = _MNIST_OFFICIAL_SIZES if train else _MNIST_OFFICIAL_SIZES[::-1]
+    if n_images != n_labels:
+        raise DatasetCorruptError(
+            f"{dataset} {split} files do not belong together: {images} holds {n_images:,} images but {labels} holds "
+            f"{n_labels:,} labels"
+            f"{f' ({their:,} is the official {other} size: a {other} file?)' if their in (n_images, n_labels) else ''}"
+            "; replace them with the official files"
+        )
+    if n_images == their and their != own:
+        raise DatasetCorruptError(
+            f"{dataset} {split} files hold {n_images:,} examples, the official {other} split's size (the {split} split "
+            f"has {own:,}): {images} and {labels} look like the {other} files; replace them with the official files"
+        )
 
 
 class _MNISTFamilyDataModule(TensorImageDataModule):
@@ -266,59 +306,45 @@ class _MNISTFamilyDataModule(TensorImageDataModule):
         if missing and not self._legacy_exists():
             raise dataset_not_found(self.dataset_name, raw, self._expected(), missing)
 
+    def _file(self, name: str) -> Path | None:
+        """The ``.gz`` of an IDX file if present (read as it is), else the extracted file, else None."""
+        for f in (self.raw_folder / f"{name}.gz", self.raw_folder / name):
+            if f.is_file():
+                return f
+        return None
+
+    def _download(self, train: bool) -> None:
+        """torchvision's download into ``raw_folder`` (its MD5s checked); a failure is one line."""
+        with _not_found_as_ours(self.dataset_name, self.raw_folder, self._expected()):
+            self.torchvision_class(str(self.data_dir), train=train, download=True)
+
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
-        if not self.download:
+        prefix = "train" if train else "t10k"
+        names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+        if self.download and any(self._file(n) is None for n in names):
+            self._download(train)
+        images, labels = (self._file(n) for n in names)
+        if images is None or labels is None:
+            if self._legacy_exists():
+                return self._load_legacy(train)
             self._check_files()
-        root, tmp = self.data_dir, None
-        try:
-            if not self._extract(self.raw_folder):
-                raise PermissionError(errno.EACCES, "read-only data folder", str(self.raw_folder))
-        except OSError as e:
-            if not _is_read_only_error(e):
-                raise
-            # read-only data folder (e.g. a shared mount): extract into a temporary copy instead
-            tmp = tempfile.TemporaryDirectory(prefix="cvlab-mnist-")
-            root = Path(tmp.name)
-            self._extract(self.raw_folder, root / self.torchvision_class.__name__ / "raw")
-        try:
-            with _not_found_as_ours(self.dataset_name, self.raw_folder, self._expected()):
-                try:
-                    ds = self.torchvision_class(str(root), train=train, download=self.download)
-                except (ValueError, EOFError, IndexError) as e:  # a truncated or foreign IDX file
-                    raise DatasetCorruptError(
-                        f"cannot read {self.dataset_name} files in {self.raw_folder}: a file is truncated or not IDX "
-                        f"({_first_line(e)}); replace them with the official files"
-                    ) from None
-            x = ds.data.unsqueeze(1).contiguous()  # (N, 28, 28) uint8 -> (N, 1, 28, 28)
-            y = torch.as_tensor(ds.targets, dtype=torch.long).clone()
-        finally:
-            if tmp is not None:
-                tmp.cleanup()
-        return x, y
+            raise dataset_not_found(self.dataset_name, self.raw_folder, self._expected())
+        x = read_idx(images, ndim=3)  # (N, H, W) uint8
+        y = read_idx(labels, ndim=1)  # (N,)
+        check_mnist_split(self.dataset_name, images, labels, len(x), len(y), train)
+        if x.dtype != np.uint8 or x.shape[1:] != (28, 28):
+            raise DatasetCorruptError(f"{images} holds {x.dtype} images of size {x.shape[1:]}, not 28x28 uint8; "
+                                      "replace it with the official file")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise DatasetCorruptError(f"{labels} holds labels {int(y.min())}..{int(y.max())}, not classes 0.."
+                                      f"{self.num_classes - 1}; replace it with the official file")
+        return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
-    @staticmethod
-    def _extract(raw: Path, dest: Path | None = None) -> bool:
-        """Make every IDX file present uncompressed (what torchvision reads) in ``dest`` (default ``raw``).
-
-        Returns False, having written nothing, when ``raw`` needs extracting but is read-only.
-        """
-        if not raw.is_dir():
-            return True
-        if dest is not None:
-            dest.mkdir(parents=True, exist_ok=True)
-        elif any(not (raw / n).is_file() and (raw / f"{n}.gz").is_file() for n in _MNIST_FILES):
-            if not _writable(raw):
-                return False
-        for name in _MNIST_FILES:
-            src, gz = raw / name, raw / f"{name}.gz"
-            if dest is None:
-                if not src.is_file() and gz.is_file():
-                    _gunzip(gz, src)
-            elif src.is_file():
-                os.symlink(src, dest / name)
-            elif gz.is_file():
-                _gunzip(gz, dest / name)
-        return True
+    def _load_legacy(self, train: bool) -> tuple[Tensor, Tensor]:
+        """torchvision < 0.9's cache ``processed/{training,test}.pt``, read through torchvision."""
+        with _not_found_as_ours(self.dataset_name, self.raw_folder, self._expected()):
+            ds = self.torchvision_class(str(self.data_dir), train=train, download=False)
+        return ds.data.unsqueeze(1).contiguous(), torch.as_tensor(ds.targets, dtype=torch.long).clone()
 
 
 class MNISTDataModule(_MNISTFamilyDataModule):
@@ -419,7 +445,9 @@ class CIFAR10DataModule(TensorImageDataModule):
         xs, ys = [], []
         for name, md5 in tv.train_list if train else tv.test_list:
             path = self.folder / name
-            x, y = _cifar_images_labels(read_pickled_batch(path, self.dataset_name, md5), tv.label_key, path, self.dataset_name)
+            x, y = _cifar_images_labels(
+                read_pickled_batch(path, self.dataset_name, md5), tv.label_key, path, self.dataset_name
+            )
             xs.append(x)
             ys += y
         read_pickled_batch(self.folder / tv.meta["filename"], self.dataset_name, tv.meta["md5"])  # refused if crafted
@@ -427,7 +455,8 @@ class CIFAR10DataModule(TensorImageDataModule):
         y = torch.as_tensor(ys, dtype=torch.long)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise DatasetCorruptError(
-                f"{self.dataset_name} labels in {self.folder} run {int(y.min())}..{int(y.max())}, expected 0..{self.num_classes - 1}"
+                f"{self.dataset_name} labels in {self.folder} run {int(y.min())}..{int(y.max())}, "
+                f"expected 0..{self.num_classes - 1}"
             )
         return x, y
 
@@ -504,12 +533,16 @@ class USPSDataModule(TensorImageDataModule):
         folder, expected = self.data_dir / "USPS", list(self.files)
         name = self.files[0 if train else 1]
         if not self.download and not (folder / name).is_file():
-            raise dataset_not_found(self.dataset_name, folder, expected, [f for f in expected if not (folder / f).is_file()])
+            raise dataset_not_found(
+                self.dataset_name, folder, expected, [f for f in expected if not (folder / f).is_file()]
+            )
         try:
             with _not_found_as_ours(self.dataset_name, folder, expected):
                 ds = tvd.USPS(str(folder), train=train, download=self.download)
         except (OSError, EOFError, ValueError) as e:
-            raise DatasetCorruptError(f"USPS file {folder / name} is damaged or not in LIBSVM format ({_first_line(e)})") from None
+            raise DatasetCorruptError(
+                f"USPS file {folder / name} is damaged or not in LIBSVM format ({_first_line(e)})"
+            ) from None
         x = torch.from_numpy(ds.data).unsqueeze(1).contiguous()  # (N, 1, 16, 16) uint8
         return x, torch.as_tensor(ds.targets, dtype=torch.long)
 

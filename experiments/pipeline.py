@@ -38,12 +38,13 @@ A stage with a ``teacher`` mapping (a :class:`lit_modules.teacher.TeacherSpec`) 
 runs here, before any later stage) and written to ``<folder>/checkpoints/last.ckpt`` in cvlab's layout
 with its input contract (a TorchScript teacher as TorchScript with the contract inside), so later
 stages refer to it as ``${teacher}/checkpoints/last.ckpt`` exactly as to a trained one; ``--only``
-can run it like any stage.
+can run it like any stage, and ``--set teacher.weights=...`` (any key of its mapping, ``--seeds`` too) changes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -60,13 +61,15 @@ from typing import Any
 
 import yaml
 
-from callbacks.atomic_io import atomic_write_json, read_json
 from cvlab.errors import CvlabError
+from cvlab.records import record_from_seeds, save_record
 
 _COMMANDS = ("fit", "validate", "test", "predict")
 #: set by SIGTERM (a SLURM requeue or preemption): the stage running then stopped early, even when it exits 0
 #: (Lightning ends a fit on SIGTERM with SystemExit), so it must not be marked done
 _TERMINATED = threading.Event()
+#: the stage process running now (SIGTERM to this process is passed on to it)
+_CHILD: subprocess.Popen | None = None
 _REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
 
 
@@ -83,10 +86,14 @@ def _as_arg_list(args: Any, where: str) -> list[str]:
     if args is None:
         return []
     if isinstance(args, dict):
-        return [f"--{k}={json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else v}" for k, v in args.items()]
+        return [
+            f"--{k}={json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else v}" for k, v in args.items()
+        ]
     if isinstance(args, list):
         return [str(a) for a in args]
-    raise CvlabError(f"{where}: 'args' must be a mapping of dotted keys or a list of '--key=value', got {type(args).__name__}")
+    raise CvlabError(
+        f"{where}: 'args' must be a mapping of dotted keys or a list of '--key=value', got {type(args).__name__}"
+    )
 
 
 def load_pipeline(path: str | Path) -> tuple[dict[str, Any], list[Stage]]:
@@ -94,10 +101,18 @@ def load_pipeline(path: str | Path) -> tuple[dict[str, Any], list[Stage]]:
     path = Path(path)
     if not path.is_file():
         raise CvlabError(f"pipeline file not found: {path}")
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"name", "stages", "paper", "results_md", "description"}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise CvlabError(f"pipeline file {path} is not valid YAML: {getattr(e, 'problem', None) or e}{at}") from None
+    if not isinstance(spec, dict):
+        raise CvlabError(f"{path}: a pipeline is a mapping with 'name' and 'stages', got a {type(spec).__name__}")
+    unknown = set(spec) - {"name", "stages", "paper", "record", "results_md", "description"}
     if unknown:
-        raise CvlabError(f"{path}: unknown pipeline keys {sorted(unknown)}; expected name, stages, paper, results_md, description")
+        raise CvlabError(f"{path}: unknown pipeline keys {sorted(unknown)}; "
+                         "expected name, stages, paper, record, results_md, description")
     if "name" not in spec or not spec.get("stages"):
         raise CvlabError(f"{path}: a pipeline needs 'name' and a non-empty list of 'stages'")
     stages: list[Stage] = []
@@ -170,6 +185,39 @@ def _overrides_for(stage: str, sets: list[str]) -> list[str]:
     return out
 
 
+def teacher_with_sets(stage: Stage, sets: list[str]) -> Stage:
+    """An imported-teacher stage with its own ``--set STAGE.key=value`` overrides laid over its ``teacher``
+    mapping (``weights``, ``mean``, ``arch.init_args.num_classes``, ...; values read as YAML, as the CLI reads
+    them; ``null`` unsets); a key that is not a teacher key fails in one line. ``*.`` overrides are for CLI
+    stages and do not reach it. Any other stage is returned as it is."""
+    import copy
+    import difflib
+
+    from lit_modules.teacher import TeacherSpec
+
+    if stage.teacher is None:
+        return stage
+    teacher, keys = copy.deepcopy(stage.teacher), sorted(TeacherSpec.__dataclass_fields__)
+    for s in sets:
+        if s.split(".", 1)[0] != stage.name:
+            continue
+        key, value = s.split(".", 1)[1].split("=", 1)
+        path = key.split(".")
+        if path[0] not in keys:
+            near = difflib.get_close_matches(path[0], keys, n=1)
+            raise CvlabError(f"--set {s!r}: {path[0]!r} is not a key of the imported teacher of stage {stage.name!r}"
+                             f"{f'; did you mean {near[0]!r}' if near else ''} (keys: {', '.join(keys)})")
+        node = teacher
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise CvlabError(f"--set {s!r}: {part!r} of the teacher of stage {stage.name!r} is not a mapping")
+        node[path[-1]] = yaml.safe_load(value)
+    return Stage(stage.name, stage.command, stage.config, stage.args, teacher)
+
+
 def validate_pipeline(stages: list[Stage], sets: list[str], only: list[str] | None = None) -> None:
     """Check, before any stage runs, every ``--set`` override (its form and its stage), every ``--only``
     name, and every ``${stage}`` reference in a stage's args or overrides (it must name an earlier stage)."""
@@ -189,7 +237,8 @@ def validate_pipeline(stages: list[Stage], sets: list[str], only: list[str] | No
                 if ref not in earlier:
                     what = "it is a later stage" if ref in names else "there is no such stage"
                     raise CvlabError(
-                        f"stage {stage.name!r} refers to ${{{ref}}} in {arg!r}, which is not an earlier stage ({what}); "
+                        f"stage {stage.name!r} refers to ${{{ref}}} in {arg!r}, "
+                        f"which is not an earlier stage ({what}); "
                         f"earlier stages: {earlier or 'none'}; nothing was run"
                     )
         earlier.append(stage.name)
@@ -198,7 +247,9 @@ def validate_pipeline(stages: list[Stage], sets: list[str], only: list[str] | No
 
 def _stage_argv(stage: Stage, sets: list[str]) -> list[str]:
     """A CLI stage's command line for parsing before it runs (``${stage}`` references stand in as paths)."""
-    args = [_REF.sub(lambda m: f"/pipeline-stage/{m.group(1)}", a) for a in stage.args + _overrides_for(stage.name, sets)]
+    args = [
+        _REF.sub(lambda m: f"/pipeline-stage/{m.group(1)}", a) for a in stage.args + _overrides_for(stage.name, sets)
+    ]
     return [stage.command, *[f"--config={c}" for c in stage.config], *args]
 
 
@@ -209,6 +260,7 @@ def check_stage_arguments(stages: list[Stage], sets: list[str]) -> None:
 
     for stage in stages:
         if stage.command == "teacher":
+            teacher_with_sets(stage, sets)  # its keys are checked here
             continue
         try:
             parse_arguments_only(_stage_argv(stage, sets))
@@ -227,13 +279,18 @@ def run_pipeline(
 ) -> dict[str, dict[str, float]]:
     """Run the stages (``only``: just these, the others must be done if referenced); return ``{stage: metrics}``.
     ``subdir``: put the stage folders under ``<root>/<name>/<subdir>/`` (one seed's run)."""
+    from cvlab.artifacts import atomic_write_json, read_json
+    from experiments.run_folder import RunFolderLock
+
     spec, stages = load_pipeline(path)
     sets = sets or []
     validate_pipeline(stages, sets, only)
     base = Path(root) / spec["name"] / (subdir or "")
     dirs: dict[str, Path] = {}
     metrics: dict[str, dict[str, float]] = {}
-    for stage in stages:
+    for number, stage in enumerate(stages, 1):
+        tag = f"[{number}/{len(stages)} {stage.name}]"
+        stage = teacher_with_sets(stage, sets)  # an imported teacher takes its --set keys into its mapping
         args = [_resolve(a, dirs, stage.name) for a in stage.args + _overrides_for(stage.name, sets)]
         folder = (base / f"{stage.name}-{stage_hash(stage, args)}").resolve()
         dirs[stage.name] = folder
@@ -254,11 +311,17 @@ def run_pipeline(
             if dry_run:
                 continue
             t0 = time.perf_counter()
-            contract = import_teacher(stage.teacher, folder)
-            atomic_write_json(folder / "metrics.json", {f"teacher/{k}": v for k, v in contract.items() if isinstance(v, (int, float))})
-            atomic_write_json(marker, {"stage": stage.name, "teacher": stage.teacher, "contract": contract,
-                                       "wall_s": time.perf_counter() - t0})
+            with RunFolderLock(folder, command=f"cvlab run {path} (stage {stage.name})"):
+                contract = import_teacher(stage.teacher, folder)
+                atomic_write_json(
+                    folder / "metrics.json",
+                    {f"teacher/{k}": v for k, v in contract.items() if isinstance(v, (int, float))},
+                )
+                atomic_write_json(marker, {"stage": stage.name, "teacher": stage.teacher, "contract": contract,
+                                           "wall_s": time.perf_counter() - t0})
         else:
+            if not dry_run:
+                RunFolderLock(folder).check_free()  # another pipeline (or a stage orphaned by a kill) runs it now
             last = folder / "checkpoints" / "last.ckpt"
             if stage.command == "fit" and last.is_file():
                 print(f"[{stage.name}] resuming a killed run from {last}", flush=True)
@@ -266,12 +329,17 @@ def run_pipeline(
             print(f"[{stage.name}] {shlex.join(cmd)}", flush=True)
             if dry_run:
                 continue
+            print(f"{tag} {stage.command} in {folder}", flush=True)
             t0 = time.perf_counter()
-            rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            rc = run_stage(cmd, stage.name, folder)
             if rc != 0 or _TERMINATED.is_set():
                 why = "was stopped by SIGTERM" if _TERMINATED.is_set() else f"failed (exit {rc})"
                 raise CvlabError(f"stage {stage.name!r} {why}; its folder {folder} is kept, rerun to resume")
             atomic_write_json(marker, {"stage": stage.name, "command": cmd, "wall_s": time.perf_counter() - t0})
+            shown = [f"{k} {v:.4f}" for k, v in sorted(read_json(folder / "metrics.json", default={}).items())
+                     if k.startswith("test/") and k.count("/") == 1 and isinstance(v, (int, float))]
+            done = f"{tag} done in {time.perf_counter() - t0:.0f} s"
+            print(done + (f": {', '.join(shown)}" if shown else ""), flush=True)
         metrics[stage.name] = read_json(folder / "metrics.json", default={})
     table = results_table(spec, metrics, dirs)
     print(table, flush=True)
@@ -283,12 +351,58 @@ def run_pipeline(
     return metrics
 
 
+class StageInterrupted(CvlabError):
+    """Ctrl-C (SIGINT) stopped the pipeline while a stage ran; the stage was stopped too."""
+
+
+def _die_with_parent() -> None:
+    """In the stage process, before it runs: ask Linux to send it SIGTERM when this process dies (also on
+    ``kill -9``), so a stage never trains on as an orphan; Lightning ends a fit on SIGTERM."""
+    import ctypes
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_stage(cmd: list[str], name: str, folder: Path, grace_s: float = 60.0) -> int:
+    """Run a stage's ``cvlab`` process and return its exit code. It dies with this process (see
+    :func:`_die_with_parent`), gets this process's SIGTERM, and on Ctrl-C is given ``grace_s`` seconds to stop
+    (then killed) before :class:`StageInterrupted` is raised."""
+    global _CHILD
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CVLAB_STAGE": "1"}
+    linux = sys.platform.startswith("linux")
+    _CHILD = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if linux else None)  # noqa: PLW1509
+    try:
+        return _CHILD.wait()
+    except KeyboardInterrupt:
+        if _CHILD.poll() is None:
+            _CHILD.send_signal(signal.SIGINT)  # the terminal sent it to the stage too, unless it was sent to us alone
+        try:
+            _CHILD.wait(timeout=grace_s)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            _CHILD.kill()
+            _CHILD.wait()
+        raise StageInterrupted(f"interrupted during stage {name!r}; its folder {folder} is kept") from None
+    finally:
+        _CHILD = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERMINATED.set()
+    child = _CHILD
+    if child is not None and child.poll() is None:
+        child.send_signal(signal.SIGTERM)  # a `kill` of this process alone stops its stage too
+
+
 def import_teacher(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Load a teacher (all the loader's checks) and write it to ``folder/checkpoints/last.ckpt`` in cvlab's
     layout with its input contract; return the contract."""
     import shutil
 
-    from callbacks.atomic_io import atomic_torch_save
+    from cvlab.artifacts import atomic_torch_save
     from lit_modules.teacher import export_torchscript, is_torchscript, load_teacher
 
     teacher = load_teacher(spec)
@@ -310,7 +424,12 @@ def import_teacher(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 def results_table(spec: dict[str, Any], metrics: dict[str, dict[str, float]], dirs: dict[str, Path]) -> str:
     """A markdown table of every stage's test/val metrics, with the paper's number where given."""
     paper: dict[str, float] = spec.get("paper") or {}
-    rows = [f"### {spec['name']} ({time.strftime('%Y-%m-%d')})", "", "| stage:metric | measured | paper |", "| --- | --- | --- |"]
+    rows = [
+        f"### {spec['name']} ({time.strftime('%Y-%m-%d')})",
+        "",
+        "| stage:metric | measured | paper |",
+        "| --- | --- | --- |",
+    ]
     for stage, m in metrics.items():
         for k, v in sorted(m.items()):
             key = f"{stage}:{k}"
@@ -368,7 +487,8 @@ def seeds_table(spec: dict[str, Any], summary: dict[str, dict[str, Any]], seeds:
     """The markdown table of :func:`seed_summary`, with the paper's numbers where the pipeline gives them."""
     paper: dict[str, float] = spec.get("paper") or {}
     rows = [f"### {spec['name']}: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {time.strftime('%Y-%m-%d')}", "",
-            f"`{command}`", "", "| stage:metric | mean | sd | range | seeds | paper |", "| --- | --- | --- | --- | --- | --- |"]
+            f"`{command}`", "", "| stage:metric | mean | sd | range | seeds | paper |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for key, st in summary.items():
         ref = paper.get(key)
         rows.append(f"| {key} | {st['mean']:.4f} | {st['sd']:.4f} | {st['min']:.4f} - {st['max']:.4f} | "
@@ -385,20 +505,36 @@ def run_seeds(
     results_md: str | None = None,
     only: list[str] | None = None,
     command: str | None = None,
+    record: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the pipeline once per seed (folders ``<root>/<name>/seed-<s>/``) and summarise every test and
-    validation metric (:func:`seed_summary`); print the table and append it to ``results_md`` when given."""
+    validation metric (:func:`seed_summary`); print the table and append it to ``results_md`` when given; write
+    the results record (:func:`cvlab.records.record_from_seeds`) to ``record``, default
+    ``<root>/<name>/record.json``."""
     spec, stages = load_pipeline(path)
     sets = sets or []
     validate_pipeline(stages, sets, only)
     per_seed = {}
+    wall_s = {}
     for seed in seeds:
         print(f"=== seed {seed} ===", flush=True)
         extra = seed_overrides([s for s in stages if not only or s.name in only], sets, seed)
+        start = time.monotonic()
         per_seed[seed] = run_pipeline(path, root, sets + extra, dry_run, None, only, subdir=f"seed-{seed}")
+        # the stages' own wall times (a stage done before costs nothing now but did then); else this call's
+        stage_walls = [v for m in per_seed[seed].values() for k, v in m.items() if k.endswith("/wall_s")]
+        wall_s[seed] = sum(stage_walls) if stage_walls else time.monotonic() - start
     summary = seed_summary(per_seed)
-    table = seeds_table(spec, summary, seeds, command or f"cvlab run {path} --seeds {len(seeds)}")
+    command = command or f"cvlab run {path} --seeds {len(seeds)}"
+    table = seeds_table(spec, summary, seeds, command)
     print(table, flush=True)
+    if not dry_run:
+        threads = os.environ.get("OMP_NUM_THREADS")
+        env = f"CVLAB_DATA=<data> {f'OMP_NUM_THREADS={threads} ' if threads else ''}uv run "
+        config_hash = hashlib.sha256(Path(path).read_bytes() + "\0".join(sets).encode()).hexdigest()[:8]
+        rec = record_from_seeds(spec, per_seed, env + command, config_hash, wall_s)
+        out = save_record(rec, record or Path(root) / spec["name"] / "record.json")
+        print(f"results record: {out} (copy it to docs/results/<section>/ and run `cvlab results`)", flush=True)
     if results_md and not dry_run:
         with open(results_md, "a") as f:
             f.write("\n" + table + "\n")
@@ -406,8 +542,20 @@ def run_seeds(
     return summary
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one :class:`CvlabError` line (the usage is for ``--help``); no key prefixes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> Any:
+        raise CvlabError(f"{message} (`{self.prog} --help` lists the options)")
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="cvlab run", description="Run a multi-stage experiment (see experiments/pipeline.py).")
+    p = OneLineArgumentParser(
+        prog="cvlab run", description="Run a multi-stage experiment (see experiments/pipeline.py)."
+    )
     p.add_argument("pipeline", help="pipeline YAML, e.g. experiments/zskd/mnist/pipeline.yaml")
     p.add_argument("--root", default=os.environ.get("CVLAB_RUNS", "runs"), help="parent of run folders")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.key=value",
@@ -418,8 +566,11 @@ def main(argv: list[str]) -> int:
                    help="run just these stages (the stages they reference must be done)")
     p.add_argument("--results-md", default=None, help="append the final table to this markdown file")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="run the pipeline over N seeds and report the mean, sd and range of every test and validation metric")
+                   help="run the pipeline over N seeds and report the mean, sd and range of every test and "
+                        "validation metric")
     p.add_argument("--seed-start", type=int, default=0, metavar="S", help="with --seeds: the first seed (default 0)")
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="with --seeds: write the results record here (default <root>/<name>/record.json)")
     a, extra = p.parse_known_args(argv)
     bad = [x for x in extra if not (x.startswith("--") and "=" in x and "." in x.split("=", 1)[0])]
     if bad:
@@ -430,12 +581,21 @@ def main(argv: list[str]) -> int:
     # is not inherited by the stage, so Lightning still installs its own there)
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
-        signal.signal(signal.SIGTERM, lambda signum, frame: _TERMINATED.set())  # the stage gets it too and stops
-    if a.seeds is not None:
-        if a.seeds < 1:
-            p.error(f"--seeds must be >= 1, got {a.seeds}")
-        seeds = list(range(a.seed_start, a.seed_start + a.seeds))
-        run_seeds(a.pipeline, seeds, a.root, a.set, a.dry_run, a.results_md, a.only, shlex.join(["cvlab", "run", *argv]))
-        return 0
-    run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md, a.only)
+        signal.signal(signal.SIGTERM, _on_sigterm)  # the stage gets it too (SLURM signals both; else passed on)
+    resume = shlex.join(["cvlab", "run", *argv])
+    try:
+        if a.seeds is not None:
+            if a.seeds < 1:
+                p.error(f"--seeds must be >= 1, got {a.seeds}")
+            seeds = list(range(a.seed_start, a.seed_start + a.seeds))
+            run_seeds(a.pipeline, seeds, a.root, a.set, a.dry_run, a.results_md, a.only,
+                      shlex.join(["cvlab", "run", *argv]), a.record)
+            return 0
+        run_pipeline(a.pipeline, a.root, a.set, a.dry_run, a.results_md, a.only)
+    except StageInterrupted as e:
+        print(f"cvlab: {e}; resume with: {resume}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:
+        print(f"cvlab: interrupted between stages; resume with: {resume}", file=sys.stderr, flush=True)
+        return 130
     return 0

@@ -34,7 +34,6 @@ with one line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
@@ -58,7 +57,7 @@ from typing import Any
 
 import yaml
 
-from callbacks.atomic_io import atomic_write_json, read_json
+from cvlab.artifacts import atomic_write_json, read_json
 from cvlab.errors import CvlabError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +106,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raise CvlabError(f"{where}: 'parameters' is empty; name at least one dotted config key")
     for key, p in params.items():
         if not isinstance(p, dict):
-            raise CvlabError(f"{where}: parameter {key!r} must be a mapping (values:, value:, or distribution:/min:/max:)")
+            raise CvlabError(
+                f"{where}: parameter {key!r} must be a mapping (values:, value:, or distribution:/min:/max:)"
+            )
         if "values" in p and (not isinstance(p["values"], list) or not p["values"]):
             raise CvlabError(f"{where}: parameter {key!r} has an empty 'values' list: the grid is empty")
         dist = p.get("distribution")
@@ -134,10 +135,15 @@ def load_sweep(path: str | Path) -> Sweep:
 def expand_trials(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """The trials of a grid (every combination, in file order) or random sweep (``count`` draws, seeded)."""
     if sweep.method == "bayes":
-        raise CvlabError(f"{sweep.path}: bayes sweeps need the wandb server; use method grid or random for --local / --slurm")
+        raise CvlabError(
+            f"{sweep.path}: bayes sweeps need the wandb server; use method grid or random for --local / --slurm"
+        )
     keys = list(sweep.parameters)
     if sweep.method == "grid":
-        choices = [sweep.parameters[k]["values"] if "values" in sweep.parameters[k] else [sweep.parameters[k]["value"]] for k in keys]
+        choices = [
+            sweep.parameters[k]["values"] if "values" in sweep.parameters[k] else [sweep.parameters[k]["value"]]
+            for k in keys
+        ]
         trials = [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
         return trials[:count] if count else trials
     count = count or sweep.config.get("run_cap")
@@ -212,7 +218,9 @@ def trial_command(sweep: Sweep, params: dict[str, Any], folder: Path, python: st
         elif tok == "${args_no_hyphens}":
             out += [a[2:] for a in trial_args(params)]
         elif tok.startswith("${"):
-            raise CvlabError(f"{sweep.path}: command macro {tok} is not supported by --local / --slurm (use ${{env}}, ${{args}})")
+            raise CvlabError(
+                f"{sweep.path}: command macro {tok} is not supported by --local / --slurm (use ${{env}}, ${{args}})"
+            )
         else:
             out.append(tok)
     if sweep.subcommand == "run":
@@ -281,15 +289,17 @@ def _cli_argv(sweep: Sweep, params: dict[str, Any]) -> list[tuple[list[str], dic
     names = {s.name for s in stages}
     for k in params:
         if k.split(".", 1)[0] not in names:
-            raise CvlabError(f"{sweep.path}: parameter {k!r} does not start with a stage of {call.pipeline} ({sorted(names)}); "
-                             "name it STAGE.key")
+            raise CvlabError(f"{sweep.path}: parameter {k!r} does not start with a stage of {call.pipeline} "
+                             f"({sorted(names)}); name it STAGE.key")
     out = []
     for stage in stages:
         mine = [s.split(".", 1)[1] for s in call.sets if s.split(".", 1)[0] in (stage.name, "*")]
         keys = {k.split(".", 1)[1]: k for k in params if k.split(".", 1)[0] == stage.name}
         if keys:
             fixed = [a.replace("${", "$placeholder{") for a in stage.args]  # ${stage} refs: any path parses
-            out.append(([stage.command, *[f"--config={c}" for c in stage.config], *fixed, *[f"--{m}" for m in mine]], keys))
+            out.append(
+                ([stage.command, *[f"--config={c}" for c in stage.config], *fixed, *[f"--{m}" for m in mine]], keys)
+            )
     return out
 
 
@@ -303,7 +313,12 @@ def _lookup(cfg: dict[str, Any], dotted: str) -> tuple[bool, Any]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
         return math.isclose(float(a), float(b), rel_tol=1e-9)
     return yaml.safe_load(format_value(a)) == b if isinstance(b, (list, dict)) else str(a).lower() == str(b).lower()
 
@@ -343,13 +358,19 @@ def validate(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> None:
             try:
                 cfg = resolved_config(argv)
             except CvlabError as e:
-                raise CvlabError(f"{sweep.path}: trial {trial_args(params)} does not parse in `cvlab {argv[0]}`: {e}") from None
+                raise CvlabError(
+                    f"{sweep.path}: trial {trial_args(params)} does not parse in `cvlab {argv[0]}`: {e}"
+                ) from None
             for key, param in keys.items():
                 found, got = _lookup(cfg, key)
                 if not found:
-                    raise CvlabError(f"{sweep.path}: parameter {param!r} is not a key of the resolved config of `cvlab {argv[0]}`")
+                    raise CvlabError(
+                        f"{sweep.path}: parameter {param!r} is not a key of the resolved config of `cvlab {argv[0]}`"
+                    )
                 if not _same(params[param], got):
-                    raise CvlabError(f"{sweep.path}: parameter {param!r}={format_value(params[param])} resolved to {got!r}")
+                    raise CvlabError(
+                        f"{sweep.path}: parameter {param!r}={format_value(params[param])} resolved to {got!r}"
+                    )
 
 
 # -------------------------------------------------------------------------------------------- devices
@@ -372,7 +393,10 @@ def device_slots(n: int, flag: str) -> list[str | None]:
         return [None]
     gpus = visible_gpus()
     if n > len(gpus):
-        raise CvlabError(f"{flag} {n} needs {n} GPUs, but {len(gpus)} are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        raise CvlabError(
+            f"{flag} {n} needs {n} GPUs, but {len(gpus)} are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
     return list(gpus[:n])
 
 
@@ -384,9 +408,17 @@ class TrialResult:
     id: str
     params: dict[str, Any]
     metric: float | None
-    status: str  # done | skipped (done before) | failed | pending
+    status: str  # done (now or in an earlier run) | failed | pending
     wall_s: float | None = None
     folder: Path | None = None
+
+
+def trial_wall_s(folder: Path) -> float | None:
+    """The wall time a trial took when it ran (``trial.json``; a SLURM array trial: its fit's ``fit/wall_s``)."""
+    value = read_json(folder / "trial.json", default={}).get("wall_s")
+    if value is None:
+        value = read_json(folder / "metrics.json", default={}).get("fit/wall_s")
+    return None if value is None else float(value)
 
 
 def trial_metric(sweep: Sweep, folder: Path) -> float | None:
@@ -419,6 +451,7 @@ def _run_one(sweep: Sweep, params: dict[str, Any], folder: Path, device: str | N
     with open(folder / "sweep.log", "a") as log:
         rc = subprocess.run(tc.argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     wall = time.perf_counter() - t0
+    atomic_write_json(folder / "trial.json", {"params": params, "command": tc.argv, "env": tc.env, "wall_s": wall})
     if rc == 0 and sweep.subcommand == "run":
         atomic_write_json(folder / "metrics.json", _pipeline_metrics(tc))
     metric = trial_metric(sweep, folder)
@@ -435,7 +468,8 @@ def run_local(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, devices:
         tdir = folder / trial_id(params, sweep.command)
         m = trial_metric(sweep, tdir)
         if m is not None:
-            results[tdir.name] = TrialResult(tdir.name, params, m, "skipped", None, tdir)
+            # in an earlier run
+            results[tdir.name] = TrialResult(tdir.name, params, m, "done", trial_wall_s(tdir), tdir)
             print(f"[sweep] {tdir.name} finished before ({sweep.metric}={m:.4f}), skipping", flush=True)
         else:
             todo.append(params)
@@ -444,12 +478,16 @@ def run_local(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, devices:
 
     def run(params: dict[str, Any], device: str | None) -> None:
         tdir = folder / trial_id(params, sweep.command)
-        print(f"[sweep] {tdir.name} {' '.join(trial_args(params))}" + (f" (GPU {device})" if device else ""), flush=True)
+        print(
+            f"[sweep] {tdir.name} {' '.join(trial_args(params))}" + (f" (GPU {device})" if device else ""), flush=True
+        )
         r = _run_one(sweep, params, tdir, device)
         with lock:
             results[r.id] = r
             n_done[0] += 1
-            shown = "failed, see " + str(tdir / "sweep.log") if r.status == "failed" else f"{sweep.metric}={r.metric:.4f}"
+            shown = (
+                "failed, see " + str(tdir / "sweep.log") if r.status == "failed" else f"{sweep.metric}={r.metric:.4f}"
+            )
             print(f"[sweep] {n_done[0]}/{len(trials)} {r.id}: {shown} ({r.wall_s:.0f} s)", flush=True)
 
     if len(slots) == 1 or not todo:
@@ -481,7 +519,7 @@ def collect(sweep: Sweep, trials: list[dict[str, Any]], folder: Path) -> list[Tr
     for params in trials:
         tdir = folder / trial_id(params, sweep.command)
         m = trial_metric(sweep, tdir)
-        out.append(TrialResult(tdir.name, params, m, "done" if m is not None else "pending", None, tdir))
+        out.append(TrialResult(tdir.name, params, m, "done" if m is not None else "pending", trial_wall_s(tdir), tdir))
     return out
 
 
@@ -519,7 +557,9 @@ def write_tables(sweep: Sweep, results: list[TrialResult], folder: Path) -> tupl
 def plot_metric(sweep: Sweep, results: list[TrialResult], path: Path) -> Path | None:
     """One panel per swept parameter: the metric of every finished trial against its value."""
     done = [r for r in results if r.metric is not None]
-    keys = [k for k in sweep.parameters if len({format_value(r.params[k]) for r in results}) > 1] or list(sweep.parameters)
+    keys = [k for k in sweep.parameters if len({format_value(r.params[k]) for r in results}) > 1] or list(
+        sweep.parameters
+    )
     if not done:
         return None
     import matplotlib
@@ -553,6 +593,11 @@ def plot_metric(sweep: Sweep, results: list[TrialResult], path: Path) -> Path | 
 # ---------------------------------------------------------------------------------------------- SLURM
 
 
+def table_command(sweep: Sweep, folder: Path) -> str:
+    """The command that writes the table of a sweep's finished trials (its folder named: ``--dir``)."""
+    return shlex.join(["cvlab", "sweep", str(sweep.path), "--local", "--table", "--dir", str(folder)])
+
+
 def slurm_script(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, time_limit: str = "04:00:00") -> str:
     """A job-array script: array index i runs ``trials[i]`` in its own run folder, requeued on preemption."""
     if not trials:
@@ -572,7 +617,7 @@ def slurm_script(sweep: Sweep, trials: list[dict[str, Any]], folder: Path, time_
         "# Submit from the repository root: sbatch " + str(folder / "sweep.sbatch"),
         "# A preempted task gets SIGUSR1 90 s before the end, Lightning saves hpc_ckpt_*.ckpt and requeues it;",
         "# the requeued task resumes from its trial folder's checkpoints/last.ckpt (--ckpt_path=last).",
-        "# When the array is done: cvlab sweep " + str(sweep.path) + " --local --table",
+        "# When the array is done: " + table_command(sweep, folder),
         f"#SBATCH --job-name=sweep-{sweep.name}",
         f"#SBATCH --array=0-{len(trials) - 1}",
         "#SBATCH --nodes=1",
@@ -603,7 +648,9 @@ def wandb_config(sweep: Sweep) -> dict[str, Any]:
     return dict(sweep.config)
 
 
-def agent_commands(sweep_id: str, project: str, devices: list[str | None], count: int | None = None) -> list[tuple[list[str], dict[str, str]]]:
+def agent_commands(
+    sweep_id: str, project: str, devices: list[str | None], count: int | None = None
+) -> list[tuple[list[str], dict[str, str]]]:
     """One ``wandb agent`` process per device slot, with its ``CUDA_VISIBLE_DEVICES``."""
     out = []
     for d in devices:
@@ -640,7 +687,9 @@ def run_wandb(sweep: Sweep, agents: int = 1, project: str = "cvlab", count: int 
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="cvlab sweep", description="Run a sweep (see experiments/sweep.py).")
+    from experiments.pipeline import OneLineArgumentParser
+
+    p = OneLineArgumentParser(prog="cvlab sweep", description="Run a sweep (see experiments/sweep.py).")
     p.add_argument("sweep", help="sweep YAML, e.g. experiments/sweeps/quickstart_lr.yaml")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--local", action="store_true", help="expand and run the trials here, without wandb")
@@ -672,7 +721,8 @@ def main(argv: list[str]) -> int:
             todo = [t for t in trials if trial_metric(sweep, folder / trial_id(t, sweep.command)) is None]
             script = folder / "sweep.sbatch"
             script.write_text(slurm_script(sweep, todo, folder, a.time))
-            print(f"[sweep] {len(todo)} of {len(trials)} trials to run: sbatch {script}", flush=True)
+            print(f"[sweep] {len(todo)} of {len(trials)} trials to run: sbatch {script}; when the array is done: "
+                  f"{table_command(sweep, folder)}", flush=True)
             return 0
         results = run_local(sweep, trials, folder, a.devices)
     md, path_csv = write_tables(sweep, results, folder)

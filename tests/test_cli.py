@@ -40,7 +40,8 @@ def test_default_run_folder_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_resume_from_last_ckpt_matches_uninterrupted_run(tmp_path: Path) -> None:
-    full = run_cli("fit", f"--config={QUICKSTART}", *TINY_SHAPES, "--run.test_after_fit=false", run_dir=tmp_path / "full")
+    full = run_cli("fit", f"--config={QUICKSTART}", *TINY_SHAPES, "--run.test_after_fit=false",
+                   run_dir=tmp_path / "full")
     # the same run, killed at the start of its second epoch ...
     part = tmp_path / "part"
     kill = '--trainer.callbacks+={"class_path": "tests.cli_runs.KillAtEpoch", "init_args": {"epoch": 1}}'
@@ -86,7 +87,8 @@ def test_model_data_mismatch_is_explained(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(SystemExit):
         main(["fit", f"--config={QUICKSTART}", *TINY_SHAPES, "--model.init_args.in_channels=1",
               f"--run.dir={tmp_path / 'r'}"])
-    assert "in_channels: model 1 vs data 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "disagree on in_channels: 1 vs 3 (ShapesDataModule); set --model.init_args.in_channels to 3" in err
 
 
 def test_command_line_model_keys_beat_the_checkpoints_hyper_parameters(tmp_path: Path,

@@ -39,7 +39,8 @@ def _slurm_env(tmp_path: Path) -> dict[str, str]:
     bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
     # like `scontrol requeue`: SIGTERM to every process of the job (here: the caller's process group)
-    scontrol.write_text('#!/bin/bash\ntrap "" TERM\necho "$@" >> "$SCONTROL_LOG"\nkill -TERM -- -"$(ps -o pgid= -p "$PPID" | tr -d " ")"\n')
+    scontrol.write_text('#!/bin/bash\ntrap "" TERM\necho "$@" >> "$SCONTROL_LOG"\n'
+                        'kill -TERM -- -"$(ps -o pgid= -p "$PPID" | tr -d " ")"\n')
     scontrol.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SCONTROL_LOG=str(tmp_path / "scontrol.log"), PYTHONUNBUFFERED="1",
@@ -76,7 +77,8 @@ def test_requeue_signal_saves_requeues_and_the_resumed_run_matches_an_uninterrup
 
     env, run = _slurm_env(tmp_path), tmp_path / "preempted"
     cmd = [*cli, *RUN, f"--run.dir={run}", "--ckpt_path=last"]  # the sbatch line: the same on every (re)start
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     _signal_when(proc, run / "checkpoints" / "last.ckpt")
     out, _ = proc.communicate(timeout=300)
     assert "Requeued SLURM job: 4242" in out and "Received SIGTERM" in out, out[-2000:]
@@ -84,11 +86,13 @@ def test_requeue_signal_saves_requeues_and_the_resumed_run_matches_an_uninterrup
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list(run.glob("hpc_ckpt_*.ckpt")), "Lightning's SLURM handler saved no checkpoint"
     # stopped before the end (Lightning exits 0 on SIGTERM): no test metrics yet
-    assert "test/acc" not in json.loads((run / "metrics.json").read_text() if (run / "metrics.json").is_file() else "{}"), out[-2000:]
+    assert "test/acc" not in json.loads((run / "metrics.json").read_text() if (run / "metrics.json").is_file()
+                                        else "{}"), out[-2000:]
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    restored = [ln for ln in (again.stdout + again.stderr).splitlines() if "Restoring states from the checkpoint path" in ln]
+    restored = [ln for ln in (again.stdout + again.stderr).splitlines()
+                if "Restoring states from the checkpoint path" in ln]
     assert restored == [f"Restoring states from the checkpoint path at {run / 'checkpoints' / 'last.ckpt'}"]
     # the finished run drops the stale hpc checkpoint (else the test after fit would load it on SLURM)
     assert not list(run.glob("hpc_ckpt_*.ckpt"))
@@ -106,10 +110,12 @@ def test_a_requeued_pipeline_resumes_its_stage_to_the_same_result(tmp_path: Path
     args = {a.split("=", 1)[0][2:]: a.split("=", 1)[1] for a in RUN[2:]}
     import yaml
 
-    pipeline.write_text(yaml.safe_dump({"name": "p", "stages": [{"name": "train", "command": "fit", "config": [str(QUICKSTART)], "args": args}]}))
+    pipeline.write_text(yaml.safe_dump({"name": "p", "stages": [{"name": "train", "command": "fit",
+                                                                 "config": [str(QUICKSTART)], "args": args}]}))
     env = _slurm_env(tmp_path)
     cmd = [sys.executable, "-m", "experiments.cli", "run", str(pipeline), "--root", str(tmp_path / "runs")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     t0 = time.time()
     while not list((tmp_path / "runs" / "p").glob("train-*/checkpoints/last.ckpt")):
         assert proc.poll() is None and time.time() - t0 < 300

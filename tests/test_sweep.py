@@ -23,7 +23,8 @@ QUICKSTART_SWEEP = REPO / "experiments" / "sweeps" / "quickstart_lr.yaml"
 LRS = [0.001, 0.003, 0.01]
 
 
-def _write_sweep(tmp_path: Path, params: dict, method: str = "grid", extra: list[str] | None = None, name: str = "s", **more) -> Path:
+def _write_sweep(tmp_path: Path, params: dict, method: str = "grid", extra: list[str] | None = None, name: str = "s",
+                 **more) -> Path:
     spec = {"name": name, "method": method, "metric": {"name": "test/acc", "goal": "maximize"}, "parameters": params,
             "command": ["cvlab", "fit", "--config", "experiments/quickstart.yaml", *(extra or []), "${args}"], **more}
     path = tmp_path / f"{name}.yaml"
@@ -35,7 +36,8 @@ def _write_sweep(tmp_path: Path, params: dict, method: str = "grid", extra: list
 
 
 def test_grid_expands_every_combination_in_file_order(tmp_path: Path) -> None:
-    s = sw.load_sweep(_write_sweep(tmp_path, {"model.init_args.lr": {"values": [1, 2]}, "trainer.max_epochs": {"values": [3, 4, 5]},
+    s = sw.load_sweep(_write_sweep(tmp_path, {"model.init_args.lr": {"values": [1, 2]},
+                                              "trainer.max_epochs": {"values": [3, 4, 5]},
                                               "seed_everything": {"value": 7}}))
     trials = sw.expand_trials(s)
     assert len(trials) == 6
@@ -49,9 +51,11 @@ def test_grid_expands_every_combination_in_file_order(tmp_path: Path) -> None:
 
 
 def test_random_sweep_draws_seeded_values_inside_their_ranges(tmp_path: Path) -> None:
-    s = sw.load_sweep(_write_sweep(tmp_path, {"model.init_args.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1},
+    s = sw.load_sweep(_write_sweep(tmp_path, {"model.init_args.lr": {"distribution": "log_uniform_values",
+                                                                     "min": 1e-4, "max": 1e-1},
                                               "trainer.max_epochs": {"distribution": "int_uniform", "min": 1, "max": 3},
-                                              "model.init_args.optimizer": {"values": ["adam", "sgd"]}}, method="random"))
+                                              "model.init_args.optimizer": {"values": ["adam", "sgd"]}},
+                                   method="random"))
     a, b = sw.expand_trials(s, count=50, seed=1), sw.expand_trials(s, count=50, seed=1)
     assert a == b and len(a) == 50
     assert all(1e-4 <= t["model.init_args.lr"] <= 1e-1 for t in a)
@@ -66,14 +70,15 @@ def test_random_sweep_draws_seeded_values_inside_their_ranges(tmp_path: Path) ->
 # --------------------------------------------------------------------------------------- bad input
 
 
-def test_unknown_key_fails_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_key_fails_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write_sweep(tmp_path, {"model.init_args.lrr": {"values": [0.1, 0.2]}})
     monkeypatch.setattr(sw.subprocess, "run", lambda *a, **k: pytest.fail("a trial ran"))
     with pytest.raises(SystemExit) as e:
         cvlab_main(["sweep", str(path), "--local", "--dir", str(tmp_path / "sw")])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cvlab: error:") and "'lrr' is not accepted" in err[0]
+    assert len(err) == 1 and err[0].startswith("cvlab: error:") and "--model.init_args.lrr is not an option" in err[0]
     assert not (tmp_path / "sw").exists()
 
 
@@ -92,7 +97,8 @@ def test_empty_grid_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
 
 
 @pytest.mark.parametrize("flags", [["--agents", "2"], ["--local", "--devices", "2"]])
-def test_more_devices_than_visible_gpus_fails_before_any_work(flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_more_devices_than_visible_gpus_fails_before_any_work(flags: list[str], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sw, "visible_gpus", lambda: ["0"])
     monkeypatch.setattr(sw, "validate", lambda *a: pytest.fail("validated before checking devices"))
@@ -139,6 +145,10 @@ def test_local_sweep_table_is_sorted_skips_finished_and_plots(tmp_path: Path, mo
     calls.clear()
     assert sw.main([str(QUICKSTART_SWEEP), "--local", "--dir", str(folder)]) == 0
     assert calls == []
+    with open(folder / "results.csv") as f:  # the rerun keeps the trials' status and wall times (issue 35)
+        again = list(csv.DictReader(f))
+    assert [(r["status"], r["wall_s"]) for r in again] == [(r["status"], r["wall_s"]) for r in rows]
+    assert all(r["status"] == "done" and r["wall_s"] != "" for r in again)
     four = _write_sweep(tmp_path, {"model.init_args.lr": {"values": [*LRS, 0.03]}}, name="quickstart_lr")
     assert sw.main([str(four), "--local", "--dir", str(folder)]) == 0
     assert len(calls) == 1 and "--model.init_args.lr=0.03" in calls[0][0]
@@ -183,7 +193,8 @@ def test_local_grid_sweep_of_the_quickstart_runs_three_folders_and_skips_them_af
     accs = [float(r["test/acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True) and len(accs) == 3
     for r in rows:
-        assert json.loads((folder / r["trial"] / "metrics.json").read_text())["test/acc"] == pytest.approx(float(r["test/acc"]), abs=1e-4)
+        assert json.loads((folder / r["trial"] / "metrics.json").read_text())["test/acc"] == pytest.approx(
+            float(r["test/acc"]), abs=1e-4)
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and second.stdout.count("finished before") == 3
     assert "cvlab fit" not in second.stdout and len(sorted(folder.glob("trial-*"))) == 3
@@ -198,6 +209,7 @@ def test_slurm_script_is_valid_bash_with_one_trial_per_array_index(tmp_path: Pat
     script = folder / "sweep.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
+    assert f"--local --table --dir {folder}" in text  # the closing hint names the sweep folder
     assert "#SBATCH --array=0-2" in text and "#SBATCH --signal=USR1@90" in text and "#SBATCH --requeue" in text
     # run it with a stand-in srun that prints what it was asked to launch
     bin_dir = tmp_path / "bin"
@@ -211,10 +223,12 @@ def test_slurm_script_is_valid_bash_with_one_trial_per_array_index(tmp_path: Pat
         assert out.returncode == 0, out.stderr
         args = out.stdout.splitlines()
         assert args[:4] == [".venv/bin/python", "-m", "experiments.cli", "fit"] and "--ckpt_path=last" in args
-        launched.append((next(a for a in args if a.startswith("--model.init_args.lr=")), next(a for a in args if a.startswith("--run.dir="))))
+        launched.append((next(a for a in args if a.startswith("--model.init_args.lr=")),
+                         next(a for a in args if a.startswith("--run.dir="))))
     assert sorted(float(lr.split("=")[1]) for lr, _ in launched) == LRS
     assert len({d for _, d in launched}) == 3
-    bad = subprocess.run(["bash", str(script)], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "3"},
+    bad = subprocess.run(["bash", str(script)],
+                         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "3"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "no trial for array index 3" in bad.stderr
 
@@ -240,7 +254,8 @@ def test_pipeline_sweep_passes_stage_keys_and_shares_stage_folders(tmp_path: Pat
     tc = sw.trial_command(s, trials[0], tmp_path / "sw" / sw.trial_id(trials[0], s.command))
     assert tc.env == {"WANDB_RESUME": "allow"}
     assert tc.argv[3:5] == ["run", "experiments/zskd/mnist/pipeline.yaml"]
-    assert "--synthesize.model.init_args.temperature=5.0" in tc.argv and tc.argv[-1] == f"--root={tmp_path / 'sw' / 'stages'}"
+    assert ("--synthesize.model.init_args.temperature=5.0" in tc.argv
+            and tc.argv[-1] == f"--root={tmp_path / 'sw' / 'stages'}")
     call = sw.pipeline_call(tc.argv)
     assert call.only == ["teacher", "synthesize", "student"]
     assert "synthesize.model.init_args.lr=0.3" in call.sets and "teacher.trainer.max_epochs=2" in call.sets
@@ -258,7 +273,8 @@ def test_cvlab_run_takes_stage_keys_like_set_and_survives_sigusr1(capsys: pytest
 
     before = signal.getsignal(signal.SIGUSR1)
     try:
-        assert pipeline_main(["experiments/zskd/shapes/pipeline.yaml", "--dry-run", "--student.trainer.max_epochs=3"]) == 0
+        assert pipeline_main(["experiments/zskd/shapes/pipeline.yaml", "--dry-run",
+                              "--student.trainer.max_epochs=3"]) == 0
         out = capsys.readouterr().out
         student = next(ln for ln in out.splitlines() if ln.startswith("[student]"))
         assert "--trainer.max_epochs=3" in student
@@ -268,7 +284,7 @@ def test_cvlab_run_takes_stage_keys_like_set_and_survives_sigusr1(capsys: pytest
         os.kill(os.getpid(), signal.SIGUSR1)
     finally:
         signal.signal(signal.SIGUSR1, before)
-    with pytest.raises(SystemExit):
+    with pytest.raises(CvlabError, match=r"^unrecognized arguments: stray \(`cvlab run --help` lists the options\)$"):
         pipeline_main(["experiments/zskd/shapes/pipeline.yaml", "--dry-run", "stray"])
 
 
