@@ -9,15 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from callbacks.atomic_io import atomic_write_json, read_json
-
-
-def merge_metrics(path: str | Path, metrics: dict[str, float]) -> dict[str, float]:
-    """Merge ``metrics`` into the JSON file at ``path`` (atomically) and return the result."""
-    merged = dict(read_json(path, default={}))
-    merged.update(metrics)
-    atomic_write_json(path, merged)
-    return merged
+from cvlab.artifacts import merge_metrics
 
 
 class MetricsJsonWriter(L.Callback):
@@ -57,7 +49,8 @@ class MetricsJsonWriter(L.Callback):
         self._t0 = time.perf_counter()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer, {"fit/wall_s": self._fit_wall_s(), "fit/epochs": float(trainer.current_epoch), "fit/steps": float(trainer.global_step)})
+        self._write(trainer, {"fit/wall_s": self._fit_wall_s(), "fit/epochs": float(trainer.current_epoch),
+                              "fit/steps": float(trainer.global_step)})
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "validate":

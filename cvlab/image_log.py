@@ -1,4 +1,4 @@
-"""Log a grid of images where people look at them: wandb, TensorBoard, and a PNG in the run folder."""
+"""Log a grid of images where people look at them: wandb, TensorBoard, and a PNG in the run folder (ground floor)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Batched image transforms that run where the batch lives (GPU when training there).
+"""Batched image ops (the ground floor): transforms that run where the batch lives (GPU when training there).
 
 Every function takes a float batch ``(B, C, H, W)`` and returns a new one; randomness comes from an
 explicit ``torch.Generator`` so that a run (and a resumed run) is repeatable.
@@ -105,7 +105,8 @@ def dc_augment(
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x - mean, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + mean
     if "noise" in ops:
-        out = out + noise * noisy[:, None, None, None] * torch.randn(x.shape, device=dev, generator=generator, dtype=x.dtype)
+        out = out + noise * noisy[:, None, None, None] * torch.randn(x.shape, device=dev, generator=generator,
+                                                                     dtype=x.dtype)
     return out
 
 
@@ -130,7 +131,8 @@ def random_affine(
     u = lambda: torch.rand(b, device=dev, generator=generator) * 2 - 1  # noqa: E731  U(-1, 1), (B,)
     inv_s = 1 / (1 + scale * u())  # sample the grid at 1 / zoom
     a = u() * rotate * torch.pi / 180
-    sign = torch.where(torch.rand(b, device=dev, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
+    sign = (torch.where(torch.rand(b, device=dev, generator=generator) < 0.5, -1.0, 1.0) if flip
+            else torch.ones(b, device=dev))
     theta = torch.zeros(b, 2, 3, device=dev)
     theta[:, 0, 0] = torch.cos(a) * inv_s * sign
     theta[:, 0, 1] = -torch.sin(a) * inv_s

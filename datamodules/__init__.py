@@ -1,8 +1,11 @@
 """cvlab datamodules: every dataset as uint8 tensors in memory, augmented and normalised per batch."""
 
 from datamodules.base import TensorImageDataModule
+from datamodules.class_incremental import ClassIncrementalDataModule, check_splits, even_splits
+from datamodules.domain_shift import DomainShiftDataModule
 from datamodules.errors import CvlabError, DatasetNotFoundError
 from datamodules.longtail import long_tail_counts, long_tail_indices
+from datamodules.synthetic import ShapesDataModule, generate_shapes
 from datamodules.vision import (
     CIFAR10DataModule,
     CIFAR10LTDataModule,
@@ -16,6 +19,3 @@ from datamodules.vision import (
     SVHNDataModule,
     USPSDataModule,
 )
-from datamodules.synthetic import ShapesDataModule, generate_shapes
-from datamodules.class_incremental import ClassIncrementalDataModule, check_splits, even_splits
-from datamodules.domain_shift import DomainShiftDataModule

@@ -4,8 +4,8 @@ A dataset is decoded once into uint8 tensors ``(N, C, H, W)`` and int64 labels `
 hands out whole uint8 batches with one index operation (``__getitems__``, no per-image work), and
 ``on_after_batch_transfer`` converts and augments the batch where it lives (on the GPU when training
 there). Methods receive [0, 1] pixels: every network normalises its own input (a network trained here
-with the task's ``mean``/``std``, which this class publishes; a teacher with its own). Subclasses only say how to read their files (:meth:`load_split`) and what their
-images look like (class attributes).
+with the task's ``mean``/``std``, which this class publishes; a teacher with its own). Subclasses only say
+how to read their files (:meth:`load_split`) and what their images look like (class attributes).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from cvlab.errors import CvlabError
-from datamodules.augment import denormalize, normalize, random_crop, random_hflip, resize, to_float
+from cvlab.image_ops import denormalize, normalize, random_crop, random_hflip, resize, to_float
+from cvlab.task import TaskSpec
 from datamodules.data_root import resolve_data_dir
 
 Augment = Literal["none", "crop", "flip", "crop_flip"]
@@ -286,3 +287,17 @@ class TensorImageDataModule(L.LightningDataModule):
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.image_size, self.image_size)
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """What this task's data are (:class:`cvlab.task.TaskSpec`): the one thing a system reads of it. The
+        training images per class are filled in once the data are set up."""
+        counts = ()
+        if self.train_y is not None:
+            y = self.train_y.reshape(-1).long()
+            counts = tuple(int(c) for c in torch.bincount(y[y >= 0], minlength=self.num_classes))  # -1: unlabelled
+        names = getattr(self, "class_names", None) or ()
+        return TaskSpec(num_classes=int(self.num_classes), in_channels=int(self.in_channels),
+                        image_size=int(self.image_size), mean=tuple(float(m) for m in self.mean),
+                        std=tuple(float(s) for s in self.std), class_names=tuple(names), name=type(self).__name__,
+                        train_class_counts=counts)

@@ -94,8 +94,8 @@ LEGACY_FAMILIES = ("glass_blur", "fog", "gaussian_blur")
 def _legacy_apis() -> Iterator[None]:
     """``np.float_`` (removed in numpy 2: ``np.float64``) and ``gaussian(..., multichannel=True)`` (scikit-image 0.19:
     ``channel_axis=-1``) for imagecorruptions' fog / glass_blur / gaussian_blur, restored afterwards."""
-    import numpy as np
     import imagecorruptions.corruptions as ic
+    import numpy as np
 
     modern = ic.gaussian
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from cvlab.task import TaskSpec
 from datamodules.context_corruption import corrupt_region
 from datamodules.data_root import resolve_data_dir
 from datamodules.errors import CvlabError, DatasetCorruptError, DatasetNotFoundError
@@ -81,6 +82,9 @@ class ContextVariantsDataModule(L.LightningDataModule):
 
     stored_variants: tuple[str, ...] = ()
     num_classes: int = 0
+    image_size: int = 224
+    mean: tuple[float, ...] | None = None  # the data's statistics where known (a study's models bring their own)
+    std: tuple[float, ...] | None = None
 
     def __init__(self, variants: list[str] | None = None, no_information: bool = True,
                  context_corruptions: list[str] | None = None, object_corruptions: list[str] | None = None,
@@ -102,6 +106,13 @@ class ContextVariantsDataModule(L.LightningDataModule):
         self.class_names: list[str] = []
         self._dataset: Dataset | None = None
         self._batches = 0
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """RGB images of ``num_classes`` classes at ``image_size`` (class names once set up)."""
+        names = tuple(self.class_names) if len(self.class_names) == self.num_classes else ()
+        return TaskSpec(num_classes=int(self.num_classes), in_channels=3, image_size=int(self.image_size),
+                        mean=self.mean, std=self.std, class_names=names, name=type(self).__name__)
 
     def stored_dataset(self) -> Dataset:
         """Items ``(images uint8 (len(self.variants), 3, H, W), mask bool (1, H, W), label)``."""

@@ -35,8 +35,9 @@ class DomainShiftDataModule(TensorImageDataModule):
         batch_size, eval_batch_size, num_workers, seed: as in :class:`TensorImageDataModule`.
     """
 
-    def __init__(self, task: TensorImageDataModule, shift: Literal["invert", "texture", "none"] = "invert", channels: int | None = None,
-                 batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, task: TensorImageDataModule, shift: Literal["invert", "texture", "none"] = "invert",
+                 channels: int | None = None, batch_size: int = 128, eval_batch_size: int | None = None,
+                 num_workers: int = 0, seed: int = 0) -> None:
         super().__init__(data_dir=str(task.data_dir), batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, augment="none", image_size=task.image_size, seed=seed)
         self.task, self.shift = task, shift

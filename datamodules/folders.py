@@ -34,7 +34,8 @@ from torchvision.io import ImageReadMode, decode_image
 from datamodules.base import EpochSeededRandomSampler, TensorImageDataModule, ValSize
 from datamodules.errors import CvlabError, DatasetCorruptError, DatasetNotFoundError
 
-__all__ = ["ImageFolderDataModule", "ImageNetDataModule", "INaturalist2019DataModule", "FolderDataset", "scan_class_folders"]
+__all__ = ["ImageFolderDataModule", "ImageNetDataModule", "INaturalist2019DataModule", "FolderDataset",
+           "scan_class_folders"]
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
 
@@ -78,7 +79,8 @@ def center_crop(img: Tensor, size: int, resize_size: int) -> Tensor:
 
 
 def random_resized_crop(img: Tensor, size: int, generator: torch.Generator | None = None,
-                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
     """Inception-style crop: a random area share in ``scale`` and aspect ratio in ``ratio`` (log-uniform),
     resized to ``size x size``; the whole image when ten draws do not fit (as torchvision)."""
     h, w = img.shape[-2:]
@@ -155,7 +157,8 @@ class ImageFolderDataModule(TensorImageDataModule):
     ) -> None:
         if augment not in (None, "none", "flip"):
             raise CvlabError(
-                f"augment {augment!r}: folder datasets take 'flip' or 'none' (the training crop is a random resized crop)")
+                f"augment {augment!r}: folder datasets take 'flip' or 'none' "
+                "(the training crop is a random resized crop)")
         if download:
             raise DatasetNotFoundError(
                 f"{type(self).__name__} cannot download its data; place it as <root>/{train_split}/<class>/<image> "
@@ -176,7 +179,8 @@ class ImageFolderDataModule(TensorImageDataModule):
     def _check_classes(self, classes: list[str], split: str) -> None:
         if self.class_names is not None and classes != self.class_names:
             extra = sorted(set(classes) ^ set(self.class_names))[:3]
-            raise DatasetCorruptError(f"{self.root / split} has other class folders than the other split (e.g. {extra})")
+            raise DatasetCorruptError(
+                f"{self.root / split} has other class folders than the other split (e.g. {extra})")
         if len(classes) != self.num_classes:
             raise DatasetCorruptError(f"{self.root / split} has {len(classes)} class folders, {type(self).__name__} "
                                       f"expects {self.num_classes} (set --data.init_args.num_classes)")
@@ -261,12 +265,14 @@ class INaturalist2019DataModule(ImageFolderDataModule):
         ann = self.root / self.split_files[split]
         if not (self.root / self.version).is_dir() or not ann.is_file():
             raise DatasetNotFoundError(
-                f"iNaturalist 2019 not found: expected {self.root / self.version}/<super>/<id>/*.jpg (train_val2019.tar.gz "
+                f"iNaturalist 2019 not found: expected {self.root / self.version}/<super>/<id>/*.jpg "
+                "(train_val2019.tar.gz "
                 f"extracted and renamed) and {ann} (train2019.json / val2019.json from the competition)")
         try:
             ds = tvd.INaturalist(str(self.root), version=self.version, target_type="full", download=False)
         except RuntimeError as e:
-            raise DatasetCorruptError(f"iNaturalist 2019 under {self.root / self.version}: {str(e).splitlines()[0]}") from None
+            raise DatasetCorruptError(
+                f"iNaturalist 2019 under {self.root / self.version}: {str(e).splitlines()[0]}") from None
         # torchvision's index: (category id, file name) under root/2019/<all_categories[id]>/
         where = {f"{ds.all_categories[c]}/{f}": c for c, f in ds.index}
         try:
@@ -274,7 +280,8 @@ class INaturalist2019DataModule(ImageFolderDataModule):
             label_of = {a["image_id"]: int(a["category_id"]) for a in meta["annotations"]}
             entries = [(im["file_name"], label_of[im["id"]]) for im in meta["images"]]
         except (ValueError, KeyError, TypeError) as e:
-            raise DatasetCorruptError(f"{ann} is not an iNaturalist annotation file ({type(e).__name__}: {e})") from None
+            raise DatasetCorruptError(
+                f"{ann} is not an iNaturalist annotation file ({type(e).__name__}: {e})") from None
         files, labels = [], []
         for name, label in entries:
             key = "/".join(Path(name).parts[-3:])  # <super>/<id>/<file>

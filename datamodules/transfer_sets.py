@@ -5,8 +5,9 @@
   :class:`NoisePool` (uniform / Gaussian noise), :class:`DataModulePool` (any cvlab datamodule: the
   embedded shapes as a synthetic pool, another dataset as a natural pool, or the task's own data).
 * :class:`TransferSetDataModule`: a pool for training, the teacher's task for evaluation (validation
-  on its held-out training images, test on its test split), and optional target-class balancing (Nayak, Mopuri, Chakraborty, "Effectiveness of
-  arbitrary transfer sets for data-free knowledge distillation", WACV 2021, arXiv 2011.09113): the
+  on its held-out training images, test on its test split), and optional target-class balancing (Nayak, Mopuri,
+  Chakraborty, "Effectiveness of arbitrary transfer sets for data-free knowledge distillation", WACV 2021,
+  arXiv 2011.09113): the
   pool goes through the teacher and an equal number of its most confident examples is kept per
   teacher-predicted class; ``balance: none`` is the unbalanced control.
 
@@ -25,10 +26,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.augment import resize, to_float
-from datamodules.base import TensorImageDataModule
-from datamodules.shards import load_shards, pending_indices, shard_folder
+from cvlab.artifacts import load_shards, pending_indices, shard_folder
 from cvlab.errors import CvlabError
+from cvlab.image_ops import denormalize, resize, to_float
+from cvlab.task import TaskSpec, task_spec
+from datamodules.base import TensorImageDataModule
 
 
 class TransferSetError(CvlabError):
@@ -46,6 +48,11 @@ def balance_by_confidence(pred: Tensor, conf: Tensor, num_classes: int, per_clas
     return order[rank < per_class].sort().values
 
 
+def as_task_spec(task: TaskSpec | TensorImageDataModule) -> TaskSpec:
+    """A task's spec, given the spec or a datamodule that publishes one."""
+    return task if isinstance(task, TaskSpec) else task_spec(task)
+
+
 def match_channels(x: Tensor, channels: int) -> Tensor:
     """``(N, C, H, W)`` -> ``(N, channels, H, W)``: grey by channel mean, colour by repeating grey."""
     c = x.shape[1]
@@ -60,10 +67,11 @@ def match_channels(x: Tensor, channels: int) -> Tensor:
 
 
 class TransferPool:
-    """A source of transfer images. :meth:`load` returns pixel-space images for ``task``
-    ``(N, C, H, W)`` (uint8 or float) and labels ``(N,)`` (``-1`` where unknown)."""
+    """A source of transfer images. :meth:`load` returns pixel-space images for a task (its
+    :class:`cvlab.task.TaskSpec`, or a datamodule that publishes one) ``(N, C, H, W)`` (uint8 or float) and
+    labels ``(N,)`` (``-1`` where unknown)."""
 
-    def load(self, task: TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
+    def load(self, task: TaskSpec | TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
 
@@ -74,13 +82,14 @@ class NoisePool(TransferPool):
     def __init__(self, kind: Literal["uniform", "gaussian"] = "uniform", size: int = 60000) -> None:
         self.kind, self.size = kind, size
 
-    def load(self, task: TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
+    def load(self, task: TaskSpec | TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
+        task = as_task_spec(task)
         g = torch.Generator().manual_seed(seed)
         shape = (self.size, *task.input_shape)
         if self.kind == "uniform":
             x = torch.rand(shape, generator=g)
         else:
-            x = task.denormalize(torch.randn(shape, generator=g))
+            x = denormalize(torch.randn(shape, generator=g), task.mean, task.std)
         x = (x.clamp_(0, 1) * 255).round_().to(torch.uint8)
         return x, torch.full((self.size,), -1, dtype=torch.long)
 
@@ -102,7 +111,8 @@ class DataModulePool(TransferPool):
     ) -> None:
         self.source, self.split, self.max_size, self.keep_labels = source, split, max_size, keep_labels
 
-    def load(self, task: TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
+    def load(self, task: TaskSpec | TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
+        task = as_task_spec(task)
         self.source.setup("fit")
         x = self.source.train_x if self.split == "train" else self.source.test_x
         y = self.source.train_y if self.split == "train" else self.source.test_y
@@ -119,7 +129,8 @@ class ImpressionPool(TransferPool):
     def __init__(self, folder: str, max_size: int | None = None) -> None:
         self.folder, self.max_size = folder, max_size
 
-    def load(self, task: TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
+    def load(self, task: TaskSpec | TensorImageDataModule, seed: int) -> tuple[Tensor, Tensor]:
+        task = as_task_spec(task)
         if not Path(self.folder).is_dir():
             raise TransferSetError(f"impression folder not found: {self.folder} (run the synthesis stage first)")
         r = load_shards(self.folder)
@@ -127,10 +138,10 @@ class ImpressionPool(TransferPool):
         if target.shape[1] != task.num_classes:
             raise TransferSetError(
                 f"impressions in {self.folder} are for {target.shape[1]} classes but the task "
-                f"{type(task).__name__} has {task.num_classes}; synthesize them with this task's teacher"
+                f"{task.name} has {task.num_classes}; synthesize them with this task's teacher"
             )
         if x.shape[1] != task.in_channels:
-            raise TransferSetError(f"impressions in {self.folder} have {x.shape[1]} channels, the task {type(task).__name__} "
+            raise TransferSetError(f"impressions in {self.folder} have {x.shape[1]} channels, the task {task.name} "
                                    f"has {task.in_channels}; synthesize them with a teacher of this task")
         x = resize(x, task.image_size)  # impressions at the teacher's size -> the student's
         if self.max_size is not None and self.max_size < x.shape[0]:
@@ -228,6 +239,11 @@ class ImpressionTargets(L.LightningDataModule):
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.task.input_shape
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """The teacher's task's spec: impressions are of its classes, shape and normalisation."""
+        return self.task.task_spec
 
     def fingerprint(self) -> dict[str, object]:
         return {"data.task": type(self.task).__name__, "data.input_shape": list(self.input_shape),

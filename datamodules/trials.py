@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.shards import pending_indices, shard_folder
+from cvlab.artifacts import pending_indices, shard_folder
+from cvlab.task import TaskSpec
 from datamodules.base import TensorImageDataModule
 
 
@@ -39,7 +40,7 @@ class TrialsDataModule(L.LightningDataModule):
     """``num_trials`` trials drawn from ``source`` (any cvlab image datamodule), ``trials_per_batch`` per step.
 
     Trials already stored by the run's shard writer (a callback with ``resolve_folder``, e.g.
-    :class:`callbacks.ShardWriter`) are skipped, so a killed run resumes where it stopped.
+    :class:`cvlab.artifacts.ShardWriter`) are skipped, so a killed run resumes where it stopped.
 
     Args:
         source: the dataset, e.g. ``{class_path: datamodules.MNISTDataModule}``.
@@ -71,6 +72,11 @@ class TrialsDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return self.source.num_classes
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """The source dataset's spec: the victims' images and labels are its."""
+        return self.source.task_spec
 
     def setup(self, stage: str | None = None) -> None:
         self.source.setup(stage)

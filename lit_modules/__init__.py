@@ -10,13 +10,14 @@
 
 from lit_modules.classifier import ClassifierModule
 from lit_modules.condensation import DatasetCondensation
-from lit_modules.distillation import AdversarialKD, DataImpressionSynthesizer, KDStudent
+from lit_modules.distillation import LRA, AdversarialKD, DataImpressionSynthesizer, KDStudent
 from lit_modules.generation import ClassBalancingGAN
 from lit_modules.leakage import LeakageAttack
 from lit_modules.robustness import AdversarialTrainer
 from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher
 
 __all__ = [
+    "LRA",
     "AdversarialKD",
     "AdversarialTrainer",
     "ClassBalancingGAN",

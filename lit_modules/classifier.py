@@ -11,9 +11,9 @@ import torchmetrics
 from torch import Tensor
 
 from cvlab.errors import CvlabError
+from cvlab.task import TaskSpec, check_task, task_of
 from lit_modules.nets import InputNormalization, NetSpec, create_net
 from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
-
 
 ClassLoss = Literal["ce", "focal"]
 
@@ -120,30 +120,21 @@ class ClassifierModule(L.LightningModule):
         return self.net(self.normalize(x))
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None:
+        task = task_of(self._trainer)
+        if task is None:
             return
-        expected = {
-            "num_classes": self.hparams.num_classes,
-            "in_channels": self.hparams.in_channels,
-            "image_size": self.hparams.image_size,
-        }
-        found = {k: getattr(dm, k, v) for k, v in expected.items()}
-        if found != expected:
-            diff = ", ".join(f"{k}: model {expected[k]} vs data {found[k]}" for k in expected if found[k] != expected[k])
-            raise CvlabError(
-                f"model and data disagree ({diff}); set --model.<key> to match {type(dm).__name__}"
-            )
-        adopt_data_normalization(self, dm)
-        if self.hparams.get("drw_epoch") is not None:
-            train_y = getattr(dm, "train_y", None)
-            if train_y is None:
-                dm.setup("fit")
-                train_y = getattr(dm, "train_y", None)
-            if train_y is None:
-                raise CvlabError(f"DRW needs the training labels of {type(dm).__name__} (a train_y tensor); set drw_epoch null")
-            counts = torch.bincount(train_y.reshape(-1).long().cpu(), minlength=self.hparams.num_classes)
-            self.class_counts = counts.float().to(self.class_counts.device)
+        hp = self.hparams
+        check_task("the classifier", task, num_classes=hp.num_classes, in_channels=hp.in_channels,
+                   image_size=hp.image_size)
+        adopt_data_normalization(self, task)
+        if hp.get("drw_epoch") is not None:
+            if not task.train_class_counts:
+                self.trainer.datamodule.setup("fit")  # the counts are known once the data are loaded
+                task = task_of(self._trainer)
+            if not task.train_class_counts:
+                raise CvlabError(f"DRW needs the training images per class of {task.name}; set drw_epoch null")
+            self.class_counts = torch.tensor(task.train_class_counts, dtype=torch.float32,
+                                             device=self.class_counts.device)
 
     def class_weights(self) -> Tensor | None:
         """The loss's per-class weights now: DRW's class-balanced weights from ``drw_epoch`` on, else none."""
@@ -191,11 +182,11 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def adopt_data_normalization(module: L.LightningModule, dm: Any) -> None:
+def adopt_data_normalization(module: L.LightningModule, task: TaskSpec) -> None:
     """A network trained here normalises with the task's statistics unless its config names its own:
-    take the datamodule's ``mean``/``std`` into the module's hyper-parameters (so the checkpoint carries
+    take the task's ``mean``/``std`` into the module's hyper-parameters (so the checkpoint carries
     the input contract) and its :class:`InputNormalization`."""
     hp = module.hparams
-    if hp.get("mean") is None and getattr(dm, "mean", None) is not None:
-        hp["mean"], hp["std"] = [float(m) for m in dm.mean], [float(s) for s in dm.std]
+    if hp.get("mean") is None and task.mean is not None:
+        hp["mean"], hp["std"] = list(task.mean), list(task.std)
         module.normalize = InputNormalization(hp["mean"], hp["std"]).to(module.device)

@@ -35,7 +35,8 @@ def run_cli(*args: str, run_dir: Path | None = None) -> CvlabCLI:
 def run_cli_subprocess(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "experiments.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "experiments.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout
     )
 
 

@@ -116,7 +116,8 @@ def write_cifar(
         )
         _pickle(
             folder / "batches.meta",
-            {"num_cases_per_batch": max(1, n_train // 5), "label_names": [f"class_{c}" for c in range(10)], "num_vis": 3072},
+            {"num_cases_per_batch": max(1, n_train // 5), "label_names": [f"class_{c}" for c in range(10)],
+             "num_vis": 3072},
         )
     else:
         folder = Path(root) / "cifar-100-python"
@@ -195,7 +196,8 @@ DATA_NOUN = """\
 00001930 03 n 01 physical_entity 0 002 @ 00001740 n 0000 ~ 00002684 n 0000 | an entity that has physical existence
 00002137 03 n 02 abstraction 0 abstract_entity 0 001 @ 00001740 n 0000 | a general concept
 00002684 03 n 01 object 0 003 @ 00001930 n 0000 ~ 02084071 n 0000 ~ 02121620 n 0000 | a tangible thing
-02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 003 @ 00002684 n 0000 @ 00002137 n 0000 #m 02083346 n 0000 | a member of the genus Canis
+02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 003 @ 00002684 n 0000 @ 00002137 n 0000 \
+#m 02083346 n 0000 | a member of the genus Canis
 02121620 05 n 01 cat 0 001 @ 00002684 n 0000 | feline mammal
 09999999 18 n 01 Einstein 0 002 @i 00002137 n 0000 ;u 06000000 n 0000 | physicist
 """
@@ -293,8 +295,9 @@ def write_usps(root: str | os.PathLike, n_train: int = 30, n_test: int = 20, see
 
 
 # --- iNaturalist 2019: <root>/2019/<super>/<id>/*.jpg + train2019.json / val2019.json ------------------------
-def write_inaturalist2019(root: str | os.PathLike, counts: dict[int, tuple[int, int]], supers: tuple[str, ...] = ("Birds", "Plants"),
-                          size: tuple[int, int] = (30, 40), seed: int = 0) -> dict[str, list[int]]:
+def write_inaturalist2019(root: str | os.PathLike, counts: dict[int, tuple[int, int]],
+                          supers: tuple[str, ...] = ("Birds", "Plants"), size: tuple[int, int] = (30, 40),
+                          seed: int = 0) -> dict[str, list[int]]:
     """Category ``c`` (ids 0..K-1, super category ``supers[c % len(supers)]``) gets ``counts[c] = (train, val)``
     JPEGs; the JSONs list them COCO-style with ``file_name`` ``train_val2019/<super>/<c>/<file>``. Returns the labels
     of each split in file order."""
@@ -317,7 +320,8 @@ def write_inaturalist2019(root: str | os.PathLike, counts: dict[int, tuple[int, 
                 k = len(meta[split]["images"])
                 meta[split]["images"].append({"id": 1000 * c + 10 * i + len(split), "file_name":
                                               f"train_val2019/{supers[c % len(supers)]}/{c}/{name}"})
-                meta[split]["annotations"].append({"id": k, "image_id": 1000 * c + 10 * i + len(split), "category_id": c})
+                meta[split]["annotations"].append({"id": k, "image_id": 1000 * c + 10 * i + len(split),
+                                                   "category_id": c})
                 out[split].append(c)
     for split in out:
         (root / f"{split}2019.json").write_text(json.dumps(meta[split]))

@@ -8,11 +8,17 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.atomic_io import atomic_torch_save, atomic_write_json, read_json
-from callbacks.image_grid import image_grid, log_image_grid
-from callbacks.metrics_json import merge_metrics
-from callbacks.shard_writer import ShardMismatchError, check_manifest
-from datamodules.shards import load_shards, pending_indices
+from cvlab.artifacts import (
+    ShardMismatchError,
+    atomic_torch_save,
+    atomic_write_json,
+    check_manifest,
+    load_shards,
+    merge_metrics,
+    pending_indices,
+    read_json,
+)
+from cvlab.image_log import image_grid, log_image_grid
 
 
 def test_atomic_write_leaves_no_temp_file_and_keeps_old_on_failure(tmp_path: Path) -> None:
@@ -65,7 +71,8 @@ def test_image_grid_reaches_wandb_and_tensorboard(tmp_path: Path, monkeypatch, c
     monkeypatch.setenv("WANDB_SILENT", "true")
     wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="cvlab-test")
     tb = TensorBoardLogger(save_dir=str(tmp_path))
-    trainer = L.Trainer(logger=[wb, tb], default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(logger=[wb, tb], default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False)
     try:
         path = log_image_grid(trainer, "synthesis/impressions", torch.rand(4, 1, 8, 8), nrow=2, caption=caption)
     finally:
@@ -76,7 +83,9 @@ def test_image_grid_reaches_wandb_and_tensorboard(tmp_path: Path, monkeypatch, c
 
 def test_load_shards_drops_ddp_repeats(tmp_path: Path) -> None:
     # DDP pads rank 1's last batch with a repeat of index 0
-    atomic_torch_save({"index": torch.tensor([0, 2]), "x": torch.tensor([0.0, 2.0])}, tmp_path / "shard-000000000-000000002-r0.pt")
-    atomic_torch_save({"index": torch.tensor([1, 0]), "x": torch.tensor([1.0, 0.0])}, tmp_path / "shard-000000000-000000001-r1.pt")
+    atomic_torch_save({"index": torch.tensor([0, 2]), "x": torch.tensor([0.0, 2.0])},
+                      tmp_path / "shard-000000000-000000002-r0.pt")
+    atomic_torch_save({"index": torch.tensor([1, 0]), "x": torch.tensor([1.0, 0.0])},
+                      tmp_path / "shard-000000000-000000001-r1.pt")
     out = load_shards(tmp_path)
     assert out["index"].tolist() == [0, 1, 2] and out["x"].tolist() == [0.0, 1.0, 2.0]

@@ -13,7 +13,7 @@ from datamodules import ClassIncrementalDataModule, MNISTDataModule, check_split
 from lit_modules.classifier import ClassifierModule
 from lit_modules.distillation.class_incremental import class_incremental_loss
 from tests.cli_runs import read_metrics, run_cli, run_cli_subprocess
-from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
+from tests.fakedata import save_cvlab_checkpoint, write_mnist_idx
 
 
 def test_even_splits_worked_answers() -> None:
@@ -46,7 +46,8 @@ def test_loss_worked_answer() -> None:
     cur = torch.tensor([[0.0, 0.0, 9.0]])
     prev = torch.tensor([[math.log(3.0), 0.0, -7.0]])
     old = torch.tensor([0, 1])
-    total, ce, kd = class_incremental_loss(logits, torch.tensor([0]), seen, cur, prev, old, temperature=1.0, kd_weight=0.5)
+    total, ce, kd = class_incremental_loss(logits, torch.tensor([0]), seen, cur, prev, old, temperature=1.0,
+                                           kd_weight=0.5)
     kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     assert kd.item() == pytest.approx(kl, rel=1e-5)
     assert total.item() == pytest.approx(math.log(2.0) + 0.5 * kl, rel=1e-5)
@@ -79,7 +80,8 @@ def test_datamodule_keeps_new_classes_for_training_and_seen_ones_for_evaluation(
     dm = ClassIncrementalDataModule(task, step=1, steps=5)
     dm.setup("fit")
     assert dm.new_classes == [2, 3] and dm.old_classes == [0, 1] and dm.seen_classes == [0, 1, 2, 3]
-    assert set(dm.train_y.tolist()) <= {2, 3} and len(dm.train_y) == torch.isin(task.train_y, torch.tensor([2, 3])).sum()
+    assert (set(dm.train_y.tolist()) <= {2, 3}
+            and len(dm.train_y) == torch.isin(task.train_y, torch.tensor([2, 3])).sum())
     assert set(dm.test_y.tolist()) <= {0, 1, 2, 3} and set(dm.val_y.tolist()) <= {0, 1, 2, 3}
     assert len(dm.test_y) == torch.isin(task.test_y, torch.tensor([0, 1, 2, 3])).sum()
     replay = ClassIncrementalDataModule(MNISTDataModule(data_dir=str(fake_mnist), image_size=32, val_size=20),
@@ -158,7 +160,8 @@ def test_ddp_two_processes_match_one(fake_mnist: Path, step0: Path, tmp_path: Pa
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     r1 = run(*common, "--data.init_args.batch_size=32", f"--run.dir={single}")
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run(*common, "--data.init_args.batch_size=16", "--trainer.devices=2", "--trainer.strategy=ddp", f"--run.dir={ddp}")
+    r2 = run(*common, "--data.init_args.batch_size=16", "--trainer.devices=2", "--trainer.strategy=ddp",
+             f"--run.dir={ddp}")
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
             for d in (single, ddp))

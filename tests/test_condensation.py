@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from cvlab.image_ops import dc_augment
 from datamodules import CvlabError
-from datamodules.augment import dc_augment
 from datamodules.synthetic import ShapesDataModule
 from lit_modules.condensation.dc import DatasetCondensation, load_condensed
 from lit_modules.condensation.dc_eval import EvalRecipe, herding_subset, train_and_test
@@ -176,7 +176,8 @@ def test_a_few_outer_iterations_lower_the_matching_loss():
             net = _tiny_net(s)
             p, b = _params(net)
             g_real = class_gradients(net, p, b, x_real, y_real)
-            total = total + gradient_match_distance(class_gradients(net, p, b, x_syn, torch.arange(3)[:, None]), g_real, batched=True)
+            total = total + gradient_match_distance(class_gradients(net, p, b, x_syn, torch.arange(3)[:, None]), g_real,
+                                                    batched=True)
         return total
 
     first = loss_over_nets()
@@ -245,14 +246,16 @@ def test_evaluation_protocol_is_seeded_and_repeatable():
     assert a.shape == (2,) and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("other", [dict(parallel="vmap"), dict(parallel="loop", compile=True)], ids=["vmap", "compiled"])
+@pytest.mark.parametrize("other", [dict(parallel="vmap"), dict(parallel="loop", compile=True)],
+                         ids=["vmap", "compiled"])
 def test_evaluation_per_network_loop_equals_the_vmapped_step(other):
     """The CPU loop over networks (eager or compiled) trains the same networks as one vmapped step."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, 1, S, S, generator=g), torch.arange(3).repeat_interleave(2)
     tx, ty = torch.randn(200, 1, S, S, generator=g), torch.randint(0, 3, (200,), generator=g)
     kw = {"width": 4, "depth": 2}
-    loop = train_and_test(x, y, tx, ty, "convnet", 3, kw, num_nets=3, recipe=EvalRecipe(epochs=4, parallel="loop"), seed=2)
+    loop = train_and_test(x, y, tx, ty, "convnet", 3, kw, num_nets=3, recipe=EvalRecipe(epochs=4, parallel="loop"),
+                          seed=2)
     alt = train_and_test(x, y, tx, ty, "convnet", 3, kw, num_nets=3, recipe=EvalRecipe(epochs=4, **other), seed=2)
     assert torch.equal(loop, alt), (loop, alt)
     assert EvalRecipe().mode(torch.device("cpu")) == "loop" and EvalRecipe().mode(torch.device("cuda")) == "vmap"

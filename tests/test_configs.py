@@ -2,14 +2,15 @@
 
 Configs are CLI configs (``cvlab <subcommand> --config X``), pipelines (``cvlab run X``, they have a
 ``stages`` key) or sweeps (``cvlab sweep X``, under ``experiments/sweeps/``: every value a trial would use
-is parsed by the CLI and must land at its key). A method whose configs need another subcommand or extra shrinking adds a line to
-``SMOKE``; the rest are run with ``fit``.
+is parsed by the CLI and must land at its key). A method whose configs need another subcommand or extra shrinking
+adds a line to ``SMOKE``; the rest are run with ``fit``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,28 +19,41 @@ import yaml
 from experiments.pipeline import run_pipeline
 from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
-from tests.fakedata import write_cifar, write_data_noun, write_imagenet9, write_imagenet_s, write_mnist_idx, write_svhn, write_usps, write_inaturalist2019, save_cvlab_checkpoint
+from tests.fakedata import (
+    save_cvlab_checkpoint,
+    write_cifar,
+    write_data_noun,
+    write_imagenet9,
+    write_imagenet_s,
+    write_inaturalist2019,
+    write_mnist_idx,
+    write_svhn,
+    write_usps,
+)
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 
 #: glob -> (subcommand, extra overrides); first match wins, default ("fit", []); $VARS are expanded
 #: (the zskd_artifacts fixture sets CVLAB_TEST_TEACHER_* and CVLAB_TEST_IMPRESSIONS_*)
-_ZSKD_SYNTH = ["--model.init_args.iterations=2", "--data.init_args.num_impressions=20", "--data.init_args.batch_size=10",
-               "--model.init_args.grid_per_class=1"]
+_ZSKD_SYNTH = ["--model.init_args.iterations=2", "--data.init_args.num_impressions=20",
+               "--data.init_args.batch_size=10", "--model.init_args.grid_per_class=1"]
 _SHAPES_TASK = ["--data.init_args.task.init_args.num_train=100", "--data.init_args.task.init_args.num_test=50"]
 _IDLG = ["--model.init_args.iterations=2", "--data.init_args.num_trials=3", "--data.init_args.trials_per_batch=3"]
 _DC = ["--model.init_args.ipc=1", "--model.init_args.outer_loop=2", "--model.init_args.inner_loop=1",
        "--model.init_args.batch_real=4", "--model.init_args.eval_num_nets=1", "--model.init_args.eval_epochs=1",
-       "--model.init_args.herding_pool=4", "--model.init_args.eval_test_size=10", "--model.init_args.arch_kwargs={width: 8}"]
+       "--model.init_args.herding_pool=4", "--model.init_args.eval_test_size=10",
+       "--model.init_args.arch_kwargs={width: 8}"]
 _LRA = ["--model.init_args.batch_size=8", "--model.init_args.student_steps=1", "--model.init_args.latent_dim=8",
         "--model.init_args.generator_kwargs={widths: [8, 4]}", "--data.init_args.steps_per_epoch=2",
         "--data.init_args.eval_batch_size=8"]
 _CBGAN = ["--model.init_args.generator_kwargs={width: 4}", "--model.init_args.discriminator_kwargs={width: 4}",
-          "--model.init_args.latent_dim=8", "--model.init_args.inception_fid_on=[]", "--data.init_args.eval_batch_size=8"]
+          "--model.init_args.latent_dim=8", "--model.init_args.inception_fid_on=[]",
+          "--data.init_args.eval_batch_size=8"]
 SMOKE: list[tuple[str, str, list[str]]] = [
     # three wnids of tests.fakedata.DATA_NOUN in <fake root>/imagenet/val (see fake_root)
     ("experiments/severity/imagenet/report.yaml", "test", [
-        "--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x3}", "--model.init_args.hierarchy=wordnet:$CVLAB_TEST_DATA_NOUN",
+        "--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x3}",
+        "--model.init_args.hierarchy=wordnet:$CVLAB_TEST_DATA_NOUN",
         "--model.init_args.eps=[0.1]", "--model.init_args.steps=2", "--data.init_args.num_classes=3",
         "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--data.init_args.batch_size=3"]),
     ("experiments/attribution/shapes/study.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x10}",
@@ -51,11 +65,12 @@ SMOKE: list[tuple[str, str, list[str]]] = [
     # three categories of generated iNaturalist 2019 files (see fake_root)
     ("experiments/cbgan/inaturalist2019/classifier.yaml", "fit", ["--model.init_args.drw_epoch=0",
      "--model.init_args.num_classes=3", "--data.init_args.num_classes=3", "--data.init_args.num_workers=0"]),
-    ("experiments/cbgan/inaturalist2019/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x3", *_CBGAN,
-     "--data.init_args.num_classes=3", "--data.init_args.num_workers=0", "--data.init_args.val_size=3"]),
+    ("experiments/cbgan/inaturalist2019/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x3",
+     *_CBGAN, "--data.init_args.num_classes=3", "--data.init_args.num_workers=0", "--data.init_args.val_size=3"]),
     ("experiments/cbgan/*/classifier.yaml", "fit", ["--model.init_args.drw_epoch=0"]),
     ("experiments/cbgan/[mf]*/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_1x10", *_CBGAN]),
-    ("experiments/cbgan/cifar100_lt/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x100", *_CBGAN]),
+    ("experiments/cbgan/cifar100_lt/*.yaml", "fit",
+     ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x100", *_CBGAN]),
     ("experiments/cbgan/cifar10_lt/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x10", *_CBGAN]),
     ("experiments/severity/cifar100/report.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x100}",
                                                            "--model.init_args.eps=[0.1]", "--model.init_args.steps=2"]),
@@ -74,9 +89,14 @@ SMOKE: list[tuple[str, str, list[str]]] = [
     ("experiments/idlg/shapes/*.yaml", "predict", [*_IDLG, "--data.init_args.source.init_args.num_train=100",
                                                    "--data.init_args.source.init_args.num_test=20"]),
     ("experiments/idlg/*/*.yaml", "predict", _IDLG),
-    ("experiments/zskd/shapes/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
-    ("experiments/zskd/cifar10/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
-    ("experiments/zskd/*/synthesize.yaml", "predict", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_ZSKD_SYNTH]),
+    ("experiments/teachers/evaluate.yaml", "test", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10",
+                                                    "--data.init_args.image_size=32"]),
+    ("experiments/zskd/shapes/synthesize.yaml", "predict",
+     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
+    ("experiments/zskd/cifar10/synthesize.yaml", "predict",
+     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
+    ("experiments/zskd/*/synthesize.yaml", "predict",
+     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_ZSKD_SYNTH]),
     ("experiments/zskd/shapes/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
      "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", *_SHAPES_TASK]),
     ("experiments/zskd/cifar10/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
@@ -91,15 +111,19 @@ SMOKE: list[tuple[str, str, list[str]]] = [
      "--data.init_args.pool.init_args.max_size=16"]),
     ("experiments/data_impressions/*/cl_step.yaml", "fit", ["--model.init_args.num_impressions=10",
      "--model.init_args.impression_iterations=2", "--model.init_args.replay_batch=4"]),
-    ("experiments/data_impressions/svhn_mnist/sfda_impressions.yaml", "fit", ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_3x10",
-     "--model.init_args.source.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", "--model.init_args.source_batch=4"]),
-    ("experiments/data_impressions/svhn_mnist/sfda_real.yaml", "fit", ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_3x10",
-     "--model.init_args.source.init_args.max_size=16", "--model.init_args.source_batch=4"]),
-    ("experiments/data_impressions/*/sfda_impressions.yaml", "fit", ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_1x10",
-     "--model.init_args.source.init_args.folder=$CVLAB_TEST_IMPRESSIONS_1x10", "--model.init_args.source_batch=4"]),
+    ("experiments/data_impressions/svhn_mnist/sfda_impressions.yaml", "fit",
+     ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_3x10",
+      "--model.init_args.source.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", "--model.init_args.source_batch=4"]),
+    ("experiments/data_impressions/svhn_mnist/sfda_real.yaml", "fit",
+     ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_3x10",
+      "--model.init_args.source.init_args.max_size=16", "--model.init_args.source_batch=4"]),
+    ("experiments/data_impressions/*/sfda_impressions.yaml", "fit",
+     ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_1x10",
+      "--model.init_args.source.init_args.folder=$CVLAB_TEST_IMPRESSIONS_1x10", "--model.init_args.source_batch=4"]),
     ("experiments/data_impressions/*/sfda_real.yaml", "fit", ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_1x10",
      "--model.init_args.source.init_args.max_size=16", "--model.init_args.source_batch=4"]),
-    ("experiments/data_impressions/*/sfda_im_only.yaml", "fit", ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_1x10"]),
+    ("experiments/data_impressions/*/sfda_im_only.yaml", "fit",
+     ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_1x10"]),
     ("experiments/transfer_sets/shapes/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
      "--data.init_args.pool.init_args.size=32", *_SHAPES_TASK]),
     ("experiments/transfer_sets/cifar100/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x100",
@@ -119,6 +143,7 @@ OVERLAYS = {
     "experiments/zskd/tf_port_impressions.yaml": "experiments/zskd/mnist/synthesize.yaml",
     "experiments/zskd/smooth_impressions.yaml": "experiments/zskd/fashion_mnist/synthesize.yaml",
     "experiments/gat/cpu.yaml": "experiments/gat/mnist/train.yaml",
+    "experiments/gat/gat.yaml": "experiments/gat/mnist/train.yaml",
     "experiments/gat/mnist/madry_cnn.yaml": "experiments/gat/mnist/train.yaml",
     "experiments/gat/cifar10/wrn.yaml": "experiments/gat/cifar10/train.yaml",
 }
@@ -168,7 +193,8 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("MNIST", "FashionMNIST", "KMNIST"):
         write_mnist_idx(root, name, n_train=60, n_test=20)
     write_cifar(root, 10, n_train=60, n_test=20)
-    write_cifar(root, 100, n_train=400, n_test=40)  # 4 per class: each keeps training images beside the validation split
+    # 4 per class: each keeps training images beside the validation split
+    write_cifar(root, 100, n_train=400, n_test=40)
     write_svhn(root, n_train=60, n_test=20)
     write_usps(root, n_train=60, n_test=20)
     write_inaturalist2019(root / "inaturalist", {0: (4, 1), 1: (4, 1), 2: (4, 1)})
@@ -189,13 +215,14 @@ def zskd_artifacts(tmp_path_factory: pytest.TempPathFactory):
 
     root, env = tmp_path_factory.mktemp("zskd"), {}
     tiny = {"width": 8, "depth": 2, "norm": "batchnorm"}
-    for key, arch, ch, k, kw in (("1x10", "lenet5", 1, 10, {}), ("3x10", "convnet", 3, 10, tiny), ("3x100", "convnet", 3, 100, tiny),
-                                    ("3x3", "convnet", 3, 3, tiny)):
+    for key, arch, ch, k, kw in (("1x10", "lenet5", 1, 10, {}), ("3x10", "convnet", 3, 10, tiny),
+                                 ("3x100", "convnet", 3, 100, tiny), ("3x3", "convnet", 3, 3, tiny)):
         m = ClassifierModule(arch=arch, num_classes=k, in_channels=ch, image_size=32, arch_kwargs=kw)
         save_cvlab_checkpoint(m, root / f"teacher_{key}.ckpt")
         env[f"CVLAB_TEST_TEACHER_{key}"] = str(root / f"teacher_{key}.ckpt")
         (root / f"di_{key}").mkdir()
-        torch.save({"index": torch.arange(16), "image": torch.rand(16, ch, 32, 32), "target": torch.full((16, k), 1 / k)},
+        torch.save({"index": torch.arange(16), "image": torch.rand(16, ch, 32, 32),
+                    "target": torch.full((16, k), 1 / k)},
                    root / f"di_{key}" / "shard-000000000-000000015-r0.pt")
         env[f"CVLAB_TEST_IMPRESSIONS_{key}"] = str(root / f"di_{key}")
     env["CVLAB_TEST_DATA_NOUN"] = str(write_data_noun(root / "data.noun"))
@@ -203,7 +230,8 @@ def zskd_artifacts(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zskd_artifacts) -> None:
+def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                            zskd_artifacts) -> None:
     for k, v in zskd_artifacts.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("CVLAB_DATA", str(fake_root))
@@ -232,3 +260,20 @@ def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkey
     cli = run_cli(*args, *[os.path.expandvars(e) for e in extra], run_dir=tmp_path / "run")
     assert (tmp_path / "run" / "metrics.json").is_file(), "the run wrote no metrics.json"
     assert cli.trainer is not None
+
+
+#: what a measured result looks like in a comment: a mean +- sd, a measured percentage compared with another, or a
+#: pointer to the results page as the source of a number (the paper's own numbers, "Paper: ...", are allowed)
+_RESULT_IN_COMMENT = re.compile(r"[0-9]\s*\+-\s*[0-9]|[0-9]%\s*vs\.?\s*[0-9]|[0-9]\s*vs\.?\s*[0-9.]+%|"
+                                r"docs/RESULTS\.md[^#]*[0-9]%")
+
+
+def test_no_config_comment_states_a_result() -> None:
+    """Results live in docs/results/ (records), not in config comments, where they go stale."""
+    bad = []
+    for config in CONFIGS:
+        for n, line in enumerate((REPO / config).read_text().splitlines(), 1):
+            comment = line.split("#", 1)[1] if "#" in line else ""
+            if comment and _RESULT_IN_COMMENT.search(comment) and "Paper" not in comment and "paper" not in comment:
+                bad.append(f"{config}:{n}: {comment.strip()[:80]}")
+    assert not bad, "\n".join(bad)

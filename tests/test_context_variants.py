@@ -100,7 +100,8 @@ def test_shapes_variants_keep_the_object_and_swap_the_context() -> None:
     dm = ShapesContextDataModule(num_images=60, batch_size=20, context_corruptions=["contrast:5"],
                                  object_corruptions=["gaussian_noise:2"])
     assert dm.variant_names == ["original", "only_fg", "mixed_same", "mixed_rand", "mixed_next", "only_bg",
-                                "noise_gaussian", "noise_white", "mean_colour", "ctx_contrast_5", "obj_gaussian_noise_2"]
+                                "noise_gaussian", "noise_white", "mean_colour", "ctx_contrast_5",
+                                "obj_gaussian_noise_2"]
     dm.setup("test")
     ds = dm._dataset
     imgs, masks, labels = ds.tensors  # (N, 6, 3, H, W) uint8

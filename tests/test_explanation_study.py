@@ -56,7 +56,8 @@ def test_shapes_study_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
     from lit_modules.explanation.volume import background_filter
     from lit_modules.teacher import load_teacher
 
-    dm = ShapesContextDataModule(num_images=40, batch_size=40, correlation=0.5, context_corruptions=["contrast:3"])  # as study.yaml
+    dm = ShapesContextDataModule(num_images=40, batch_size=40, correlation=0.5,
+                                 context_corruptions=["contrast:3"])  # as study.yaml
     x, m, y = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
     net = load_teacher(str(tiny_ckpt))
     keep = background_filter(m)
@@ -83,7 +84,8 @@ def test_study_unknown_target_layer(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 def test_class_map_and_mapped_outputs(tmp_path: Path) -> None:
     cm = load_class_map(REPO / "experiments" / "attribution" / "imagenet9" / "in_to_in9.json")
-    assert cm.shape == (1000,) and int(cm[151]) == 0 and int(cm[0]) == 8 and int(cm[999]) == -1 and set(cm.unique().tolist()) == set(range(-1, 9))
+    assert (cm.shape == (1000,) and int(cm[151]) == 0 and int(cm[0]) == 8 and int(cm[999]) == -1
+            and set(cm.unique().tolist()) == set(range(-1, 9)))
     logits = torch.full((2, 1000), -20.0)
     logits[0, 151] = 10.0  # a dog class -> IN-9 class 0
     logits[1, 999] = 10.0  # toilet tissue: unmapped -> -1 (always wrong)
@@ -146,7 +148,8 @@ def test_study_two_processes_equal_one(tiny_ckpt: Path, tmp_path: Path) -> None:
     from tests.cli_runs import run_cli_subprocess
 
     common = ["test", f"--config={STUDY}", *QUIET, f"--model.init_args.models={{tiny: {tiny_ckpt}}}",
-              "--data.init_args.num_images=40", "--data.init_args.batch_size=10", "--data.init_args.no_information=false",
+              "--data.init_args.num_images=40", "--data.init_args.batch_size=10",
+              "--data.init_args.no_information=false",
               "--data.init_args.context_corruptions=[]", "--model.init_args.methods=[gradcam, gradcampp, fullgrad]",
               "--trainer.accelerator=cpu"]
     one = run_cli_subprocess(*common, f"--run.dir={tmp_path / 'one'}")

@@ -10,9 +10,14 @@ import torch
 from torchvision.transforms import v2
 
 from datamodules.errors import CvlabError, DatasetCorruptError, DatasetNotFoundError
-from datamodules.folders import (ImageFolderDataModule, ImageNetDataModule, center_crop, random_resized_crop,
-                                 scan_class_folders)
-from tests.fakedata import write_data_noun, write_image_folders, save_cvlab_checkpoint
+from datamodules.folders import (
+    ImageFolderDataModule,
+    ImageNetDataModule,
+    center_crop,
+    random_resized_crop,
+    scan_class_folders,
+)
+from tests.fakedata import save_cvlab_checkpoint, write_data_noun, write_image_folders
 
 WNIDS = ["n02084071", "n02121620", "n09999999"]  # dog, cat, Einstein in tests.fakedata.DATA_NOUN
 
@@ -110,7 +115,8 @@ def test_severity_report_on_imagenet_layout_with_wordnet(tmp_path: Path) -> None
     m = ClassifierModule(arch="lenet5", num_classes=3, in_channels=3, image_size=32)
     save_cvlab_checkpoint(m, tmp_path / "net.ckpt")
     run = tmp_path / "run"
-    run_cli("test", "--config=experiments/severity/imagenet/report.yaml", f"--model.init_args.models={{n: {tmp_path / 'net.ckpt'}}}",
+    run_cli("test", "--config=experiments/severity/imagenet/report.yaml",
+            f"--model.init_args.models={{n: {tmp_path / 'net.ckpt'}}}",
             f"--model.init_args.hierarchy=wordnet:{noun}", "--model.init_args.eps=[0.1]", "--model.init_args.steps=2",
             f"--data.init_args.data_dir={tmp_path / 'data'}", "--data.init_args.num_classes=3",
             "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--data.init_args.batch_size=6",

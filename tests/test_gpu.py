@@ -29,24 +29,30 @@ METHODS: dict[str, tuple[str, list[str], list[str]]] = {
     "classifier": ("fit", ["experiments/quickstart.yaml"], _SHAPES),
     "teacher_bf16": ("fit", ["experiments/teachers/cifar10_alexnet.yaml"], ["--data.init_args.batch_size=8"]),
     "dc": ("fit", ["experiments/dc/shapes/ipc1.yaml"], [*_DC, *_SHAPES]),
-    "idlg": ("predict", ["experiments/idlg/shapes/idlg.yaml"], [*_IDLG, "--data.init_args.source.init_args.num_train=100",
-                                                                 "--data.init_args.source.init_args.num_test=20"]),
-    "dlg": ("predict", ["experiments/idlg/shapes/dlg.yaml"], [*_IDLG, "--data.init_args.source.init_args.num_train=100",
-                                                               "--data.init_args.source.init_args.num_test=20"]),
-    "zskd_synthesis_bf16": ("predict", ["experiments/zskd/shapes/synthesize.yaml", "experiments/zskd/tf_port_impressions.yaml"],
+    "idlg": ("predict", ["experiments/idlg/shapes/idlg.yaml"],
+             [*_IDLG, "--data.init_args.source.init_args.num_train=100",
+              "--data.init_args.source.init_args.num_test=20"]),
+    "dlg": ("predict", ["experiments/idlg/shapes/dlg.yaml"],
+            [*_IDLG, "--data.init_args.source.init_args.num_train=100",
+             "--data.init_args.source.init_args.num_test=20"]),
+    "zskd_synthesis_bf16": ("predict",
+                            ["experiments/zskd/shapes/synthesize.yaml", "experiments/zskd/tf_port_impressions.yaml"],
                             ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
-    "zskd_student": ("fit", ["experiments/zskd/shapes/student.yaml"], ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
-                     "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", *_SHAPES_TASK]),
-    "transfer_set_student": ("fit", ["experiments/transfer_sets/shapes/student.yaml"], ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
-                             "--data.init_args.pool.init_args.size=32", *_SHAPES_TASK]),
+    "zskd_student": ("fit", ["experiments/zskd/shapes/student.yaml"],
+                     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
+                      "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", *_SHAPES_TASK]),
+    "transfer_set_student": ("fit", ["experiments/transfer_sets/shapes/student.yaml"],
+                             ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
+                              "--data.init_args.pool.init_args.size=32", *_SHAPES_TASK]),
     "lra_bf16_generator": ("fit", ["experiments/lra/mnist/lra.yaml", "experiments/lra/mnist/cpu_hour.yaml"],
                            ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA]),
 }
 #: methods whose config sets trainer.precision: bf16-mixed
 BF16 = {"teacher_bf16", "zskd_synthesis_bf16"}
-FEW_STEPS = ["--trainer.max_steps=3", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-             "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=2", "--trainer.accelerator=gpu", "--trainer.devices=1",
-             "--trainer.enable_progress_bar=false", "--run.logger=csv", "--run.test_after_fit=false"]
+FEW_STEPS = ["--trainer.max_steps=3", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+             "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=2",
+             "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
+             "--run.logger=csv", "--run.test_after_fit=false"]
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -67,7 +73,8 @@ class DeviceProbe(L.Callback):
 
     def _record(self, pl_module: L.LightningModule, outputs: Any, where: str) -> None:
         ts = _tensors(outputs) + [p.detach() for p in pl_module.parameters()]
-        self.steps.append((where, {str(t.device.type) for t in ts}, all(bool(torch.isfinite(t.float()).all()) for t in ts)))
+        self.steps.append((where, {str(t.device.type) for t in ts},
+                           all(bool(torch.isfinite(t.float()).all()) for t in ts)))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._record(pl_module, outputs, "train")
@@ -83,7 +90,8 @@ def test_method_runs_on_cuda_with_finite_outputs(method: str, fake_root: Path, z
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("CVLAB_DATA", str(fake_root))
     sub, configs, extra = METHODS[method]
-    args = [*[f"--config={c}" for c in configs], *FEW_STEPS, *[os.path.expandvars(e) for e in extra], f"--run.dir={tmp_path / 'run'}"]
+    args = [*[f"--config={c}" for c in configs], *FEW_STEPS, *[os.path.expandvars(e) for e in extra],
+            f"--run.dir={tmp_path / 'run'}"]
     cli = CvlabCLI(args=args, run=False)  # parse and build; the subcommand is called below, with the probe
     want = cli.trainer.precision
     probe = DeviceProbe()
@@ -101,7 +109,8 @@ def test_method_runs_on_cuda_with_finite_outputs(method: str, fake_root: Path, z
 
 #: each benchmark at a few-second size on CUDA
 BENCHMARKS = {
-    "classifier": ["--data", "cifar-like", "--pipeline", "cvlab", "--steps", "3", "--num-images", "512", "--bf16", "--channels-last"],
+    "classifier": ["--data", "cifar-like", "--pipeline", "cvlab", "--steps", "3", "--num-images", "512", "--bf16",
+                   "--channels-last"],
     "dc": ["--ipc", "1", "--iters", "1", "--warmup", "1"],
     "dc-eval": ["--ipc", "1", "--nets", "1", "--epochs", "1", "--test-images", "200"],
     "idlg": ["--trials", "8", "--batch", "8", "--sequential-trials", "2", "--iterations", "2"],

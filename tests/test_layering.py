@@ -31,12 +31,14 @@ def _offenders(folder: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
 
 def test_networks_import_neither_data_nor_training_systems() -> None:
     bad = {f: [m for m in ms if not m.startswith("lit_modules.nets")]
-           for f, ms in _offenders("lit_modules/nets", ("datamodules", "lit_modules", "experiments", "callbacks")).items()}
+           for f, ms in _offenders("lit_modules/nets",
+                                   ("datamodules", "lit_modules", "experiments", "callbacks")).items()}
     assert not {f: m for f, m in bad.items() if m}, bad
 
 
 def test_datamodules_import_no_training_system_or_network() -> None:
-    assert not _offenders("datamodules", ("lit_modules", "experiments", "callbacks")), "datamodules must stay below lit_modules"
+    assert not _offenders("datamodules", ("lit_modules", "experiments", "callbacks")), (
+        "datamodules must stay below lit_modules")
 
 
 def test_lit_modules_never_import_experiments() -> None:
@@ -51,3 +53,25 @@ def test_the_layering_check_can_fail(tmp_path: Path) -> None:
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from datamodules.base import TensorImageDataModule\n")
     assert "datamodules.base" in _imports(f)
+
+
+FAMILIES = ("distillation", "condensation", "leakage", "robustness", "generation", "explanation")
+
+
+def test_no_family_imports_another_family() -> None:
+    """A family's methods share through the top of lit_modules or the ground floor, never sideways."""
+    bad = {}
+    for family in FAMILIES:
+        for f, ms in _offenders(f"lit_modules/{family}",
+                                tuple(f"lit_modules.{o}" for o in FAMILIES if o != family)).items():
+            bad[f] = ms
+    assert not bad, bad
+
+
+def test_no_method_imports_callbacks() -> None:
+    """Callbacks are wired by config; what methods need from them lives on the ground floor (cvlab/)."""
+    assert not _offenders("lit_modules", ("callbacks",))
+
+
+def test_callbacks_import_no_method() -> None:
+    assert not _offenders("callbacks", ("lit_modules", "experiments"))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.shards import load_shards
+from cvlab.artifacts import load_shards
 from experiments.cli import main as cvlab
 from lit_modules.leakage.batched_optim import batched_lbfgs
 from lit_modules.leakage.gradient_leakage import (
@@ -119,7 +119,8 @@ def _attack(v: StackedVictims, x: torch.Tensor, y: torch.Tensor, method: str, st
     labels = extract_labels_from_gradients(shared[list(v.params).index(v.fc_weight)], B)
     objective = attack_objective(v, shared, tuple(x.shape[1:]), method, labels, 10)
     if z0 is None:
-        z0 = torch.randn(T, x[0].numel() + (B * 10 if method == "dlg" else 0), generator=torch.Generator().manual_seed(0))
+        z0 = torch.randn(T, x[0].numel() + (B * 10 if method == "dlg" else 0),
+                         generator=torch.Generator().manual_seed(0))
     return batched_lbfgs(objective, z0.to(x.dtype), steps=steps, max_iter=max_iter, stop_loss=1e-10), labels
 
 
@@ -182,7 +183,8 @@ def test_two_process_ddp_writes_disjoint_shards_with_the_single_process_results(
     runs = {}
     for n in (1, 2):
         runs[n] = tmp_path / f"run{n}"
-        extra = ["--trainer.accelerator", "cpu", "--trainer.devices", str(n)] + (["--trainer.strategy", "ddp"] if n == 2 else [])
+        extra = (["--trainer.accelerator", "cpu", "--trainer.devices", str(n)]
+                 + (["--trainer.strategy", "ddp"] if n == 2 else []))
         cmd = [sys.executable, "-m", "experiments", *_predict_args(tmp_path / "data", runs[n], "dlg"), *extra]
         subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600)
     by_rank = {r: set() for r in ("r0", "r1")}

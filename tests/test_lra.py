@@ -19,11 +19,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.func import functional_call
 
+from cvlab.distributed import all_reduce_mean
 from datamodules import CvlabError, MNISTDataModule
 from datamodules.data_free import DataFreeDataModule
-from lit_modules import AdversarialKD
-from lit_modules.distillation.lra import CyclicMemory, ImageSizeMismatchError
+from lit_modules import LRA
 from lit_modules.classifier import ClassifierModule
+from lit_modules.distillation.lra import ImageSizeMismatchError
 from lit_modules.distillation.lra_losses import (
     activation_loss,
     adam_first_step,
@@ -36,12 +37,13 @@ from lit_modules.distillation.lra_losses import (
     one_hot_loss,
     reconstruction_loss,
 )
-from lit_modules.distillation.lra_update import all_reduce_mean, kd_gradients, meta_gradients, student_gradients
+from lit_modules.distillation.lra_memory import CyclicMemory
+from lit_modules.distillation.lra_update import kd_gradients, meta_gradients, student_gradients
 from lit_modules.nets import LatentEncoder, create_generator, create_net
 from lit_modules.nets.generator import upsample2x_conv3x3
 from tests.cli_runs import KillAtEpoch, SimulatedKill, read_metrics, run_cli
 from tests.conftest import REPO
-from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
+from tests.fakedata import save_cvlab_checkpoint, write_mnist_idx
 
 TINY_GEN = {"widths": [8, 4]}
 
@@ -143,7 +145,8 @@ def test_l1_kd_and_generator_loss_weights() -> None:
 def test_generative_replay_losses_worked_answers() -> None:
     # per dimension over the batch: (1, -1) mean 0 var 2; (1, 3) mean 2 var 2 -> mse(var, 1) = 1, mse(mean, 0) = 2
     assert latent_prior_loss(torch.tensor([[1.0, 1.0], [-1.0, 3.0]])).item() == pytest.approx(3.0)
-    # KL(N((1, 0), diag(1, 2)) || N(0, I)) = 0.5 * (1 + 1) + 0.5 * (2 - 1 - log 2) = 1.5 - 0.5 log 2 ... per the formula:
+    # KL(N((1, 0), diag(1, 2)) || N(0, I)) = 0.5 * (1 + 1) + 0.5 * (2 - 1 - log 2) = 1.5 - 0.5 log 2 ...
+    # per the formula:
     # -0.5 * [(1 + 0 - 1 - 1) + (1 + log 2 - 0 - 2)] = 1 - 0.5 log 2
     kl = gaussian_kl(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)]]))
     assert kl.item() == pytest.approx(1 - 0.5 * math.log(2.0))
@@ -152,7 +155,8 @@ def test_generative_replay_losses_worked_answers() -> None:
     zero = torch.zeros(1, 1)
     assert reconstruction_loss(x_rec, x, t_rec, t, zero, zero).item() == pytest.approx(3.0)
     # KL of N(2, 1) is 2; weight 0.5 adds 1
-    assert reconstruction_loss(x_rec, x, t_rec, t, torch.tensor([[2.0]]), zero, kl_weight=0.5).item() == pytest.approx(4.0)
+    assert reconstruction_loss(x_rec, x, t_rec, t, torch.tensor([[2.0]]), zero,
+                               kl_weight=0.5).item() == pytest.approx(4.0)
 
 
 def test_adam_first_step_is_a_fresh_adam_step() -> None:
@@ -195,10 +199,11 @@ def _grads(net, x_new, x_mem, t_new, t_mem, mode, lr, wd, loss_fn=l1_kd_loss, re
 def test_meta_gradient_matches_the_hand_computed_second_order_form(wd: float) -> None:
     """Linear student S(x) = x W^T with MSE KD, L(W; X, T) = |X W^T - T|^2 / (n K):
     grad L = 2/(nK) (X W^T - T)^T X and the Hessian acts as H[V] = 2/(nK) V X^T X, so
-    dJ/dW = g_kd(W) + (1 - a l) v - a * 2/(N K) v X_new^T X_new,  v = grad L_mem(W'),  W' = W - a (grad L_new(W) + l W)."""
+    dJ/dW = g_kd(W) + (1 - a l) v - a * 2/(N K) v X_new^T X_new,  v = grad L_mem(W'),
+    W' = W - a (grad L_new(W) + l W)."""
     net, xn, xm, tn, tm = _linear_problem()
     W, a = net.weight.detach(), 0.9
-    (N, K), M = tn.shape, xm.shape[0]
+    N, K = tn.shape
 
     def grad(W_, X, T):
         return 2.0 / (X.shape[0] * K) * (X @ W_.T - T).T @ X
@@ -216,8 +221,10 @@ def test_meta_gradient_matches_the_hand_computed_second_order_form(wd: float) ->
     # retain_weight w scales the whole retention part: g_kd + w ((1 - a l) v - a H v)
     w = 0.25
     weighted = g_kd + w * ((1 - a * wd) * v - a * hess_v)
-    torch.testing.assert_close(_grads(net, xn, xm, tn, tm, "second_order", a, wd, _mse, w), weighted, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(_grads(net, xn, xm, tn, tm, "second_order", a, wd, _mse, 0.0), g_kd, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_grads(net, xn, xm, tn, tm, "second_order", a, wd, _mse, w), weighted,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_grads(net, xn, xm, tn, tm, "second_order", a, wd, _mse, 0.0), g_kd,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_meta_gradient_with_l1_kd_has_no_second_order_term_on_a_linear_student() -> None:
@@ -319,14 +326,16 @@ def _fake_mnist(root: Path) -> Path:
 
 
 def _dm(root: Path, steps: int = 2) -> DataFreeDataModule:
-    return DataFreeDataModule(MNISTDataModule(data_dir=str(root), image_size=32), steps_per_epoch=steps, eval_batch_size=20)
+    return DataFreeDataModule(MNISTDataModule(data_dir=str(root), image_size=32), steps_per_epoch=steps,
+                              eval_batch_size=20)
 
 
-def _module(teacher: Path | dict, **kw) -> AdversarialKD:
-    args = dict(teacher=teacher if isinstance(teacher, dict) else str(teacher), batch_size=8, student_steps=2, latent_dim=8, generator_kwargs=TINY_GEN,
-                memory_slots=2, memory_push_every_n_epochs=1, image_every_n_epochs=1)
+def _module(teacher: Path | dict, **kw) -> LRA:
+    args = dict(teacher=teacher if isinstance(teacher, dict) else str(teacher), batch_size=8, student_steps=2,
+                latent_dim=8, generator_kwargs=TINY_GEN, memory_slots=2, memory_push_every_n_epochs=1,
+                image_every_n_epochs=1)
     args.update(kw)
-    return AdversarialKD(**args)
+    return LRA(**args)
 
 
 def _trainer(root: Path, epochs: int, **kw) -> L.Trainer:
@@ -358,7 +367,8 @@ def test_memory_and_retention_state_survive_checkpoint_and_resume(tmp_path: Path
     assert torch.equal(mem["images"], first.memory.images)  # content and slot order as in the run
 
     resumed = _module(teacher)
-    _trainer(tmp_path / "b", 3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", save_last=True)]).fit(
+    _trainer(tmp_path / "b", 3,
+             callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", save_last=True)]).fit(
         resumed, datamodule=_dm(data), ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
     # 3 pushes into 2 slots: slot 0 holds the 3rd push, slot 1 the 2nd, next write goes to slot 1
     assert (resumed.memory.count, resumed.memory.pos) == (straight.memory.count, straight.memory.pos) == (2, 1)
@@ -404,11 +414,13 @@ def test_generative_replay_state_survives_checkpoint_and_resume(tmp_path: Path) 
     with pytest.raises(SimulatedKill):
         _trainer(tmp_path / "b", 3, callbacks=[ckpt, KillAtEpoch(2)]).fit(first, datamodule=_dm(data))
     resumed = _module(teacher, **kw)
-    _trainer(tmp_path / "b", 3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", save_last=True)]).fit(
+    _trainer(tmp_path / "b", 3,
+             callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", save_last=True)]).fit(
         resumed, datamodule=_dm(data), ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
     assert resumed.memory_generator_steps == straight.memory_generator_steps == 3 * 2 * 2
     for name in ("net", "memory_generator", "encoder"):
-        for (n, a), b in zip(getattr(resumed, name).state_dict().items(), getattr(straight, name).state_dict().values()):
+        for (n, a), b in zip(getattr(resumed, name).state_dict().items(),
+                             getattr(straight, name).state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}.{n}")
 
 
@@ -421,7 +433,8 @@ def test_generator_takes_the_teachers_input_contract_and_the_data_must_match(tmp
     plain = tmp_path / "plain.pt"
     torch.save(create_net("lenet5", 10, 1, 32).state_dict(), plain)
     with pytest.raises(ImageSizeMismatchError, match="cannot take the generator's 3x32x32 images"):
-        _module({"weights": str(plain), "arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32},
+        _module({"weights": str(plain), "arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32,
+                 "mean": [0.5], "std": [0.5]},
                 in_channels=3)
     # the datamodule's images must be the generator's size too
     data = _fake_mnist(tmp_path / "data")
@@ -548,3 +561,13 @@ def test_two_process_ddp_cli_run_with_generative_replay(tmp_path: Path) -> None:
     assert any(k.startswith("memory_generator.") for k in ckpt["state_dict"])
     assert math.isfinite(read_metrics(run)["test/acc"])
     assert list((run / "images").glob("lra_memory_*.png"))
+
+
+def test_the_old_class_path_still_names_lra() -> None:
+    """Configs and checkpoints written before the rename name ``lit_modules.distillation.AdversarialKD``."""
+    from lit_modules.distillation import LRA, AdversarialKD
+
+    assert AdversarialKD is LRA
+    import importlib
+
+    assert getattr(importlib.import_module("lit_modules.distillation.lra"), "AdversarialKD") is LRA

@@ -77,7 +77,7 @@ class StripesDataModule(TensorImageDataModule):
 def save_stripe_teacher(path: Path) -> dict:
     torch.save(StripeTeacher().state_dict(), path)
     return {"weights": str(path), "arch": {"class_path": "tests.test_methods_learn.StripeTeacher"},
-            "num_classes": K, "in_channels": 1, "image_size": SIZE}
+            "num_classes": K, "in_channels": 1, "image_size": SIZE, "normalization": "none"}
 
 
 def _student(teacher: dict, **kw) -> KDStudent:
@@ -226,7 +226,8 @@ def test_a_long_tail_keeps_its_profile_and_validates_on_left_out_images() -> Non
 def test_data_free_and_transfer_set_modules_validate_on_the_tasks_held_out_images() -> None:
     from datamodules.data_free import DataFreeDataModule
 
-    for dm in (DataFreeDataModule(StripesDataModule()), TransferSetDataModule(StripesDataModule(), NoisePool("uniform", 10))):
+    for dm in (DataFreeDataModule(StripesDataModule()),
+               TransferSetDataModule(StripesDataModule(), NoisePool("uniform", 10))):
         dm.setup("fit")
         assert torch.equal(dm.val_x, dm.task.val_x) and dm.task.val_count == 40
         assert dm.test_x is dm.task.test_x and dm.val_x.shape[0] != dm.test_x.shape[0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from cvlab.records import load_record
 from experiments.pipeline import load_pipeline, run_seeds, seed_overrides, seed_summary, seeds_table
 from tests.cli_runs import QUICKSTART, TINY_SHAPES
 
@@ -61,7 +62,8 @@ def test_seed_overrides_reach_the_methods_own_seed_arguments(tmp_path: Path) -> 
 
 def test_seed_overrides_reach_a_wrapped_task_datamodule() -> None:
     """LRA's students validate on the task's split: it must follow the seed, as the teacher's does."""
-    _, stages = load_pipeline(Path(__file__).resolve().parents[1] / "experiments" / "lra" / "mnist" / "pipeline_cpu_hour.yaml")
+    _, stages = load_pipeline(
+        Path(__file__).resolve().parents[1] / "experiments" / "lra" / "mnist" / "pipeline_cpu_hour.yaml")
     out = seed_overrides([s for s in stages if s.name in ("teacher", "lra")], [], 2)
     assert "teacher.data.init_args.seed=2" in out and "lra.data.init_args.task.init_args.seed=2" in out
     assert "lra.model.init_args.seed=2" in out and "lra.data.init_args.seed=2" not in out
@@ -79,3 +81,7 @@ def test_two_seeds_of_the_tiny_quickstart(tmp_path: Path, capsys: pytest.Capture
     assert any(not torch.equal(w[0][k], w[1][k]) for k in w[0] if w[0][k].is_floating_point())  # the seeds differ
     text = md.read_text()
     assert "tiny: 2 seeds (0, 1)" in text and "`cvlab run tiny --seeds 2`" in text and "| student:test/acc |" in text
+    rec = load_record(tmp_path / "runs" / "tiny" / "record.json")  # the run's results record
+    assert rec.seeds == [0, 1] and rec.values["student:test/acc"] == [summary["student:test/acc"]["values"][i]
+                                                                       for i in (0, 1)]
+    assert "cvlab run tiny --seeds 2" in rec.command and str(tmp_path) not in rec.command

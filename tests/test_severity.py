@@ -6,14 +6,18 @@ import pickle
 from pathlib import Path
 
 import pytest
-
-from cvlab.errors import CvlabError
 import torch
 
+from cvlab.errors import CvlabError
 from lit_modules.robustness.hierarchy import (
-    BUILTIN, BUILTIN_CLASSES, ClassHierarchy, HierarchyError, load_hierarchy, read_cifar_pickle,
+    BUILTIN,
+    BUILTIN_CLASSES,
+    ClassHierarchy,
+    HierarchyError,
+    load_hierarchy,
+    read_cifar_pickle,
 )
-from tests.fakedata import write_cifar, write_data_noun, save_cvlab_checkpoint
+from tests.fakedata import save_cvlab_checkpoint, write_cifar, write_data_noun
 
 # root -> {animal -> {cat, dog}, vehicle -> {car, truck -> {lorry}}}, plus 'fish' straight under the root.
 # classes in label order: cat 0, dog 1, car 2, lorry 3, fish 4; depths: 2, 2, 2, 3, 1.
@@ -119,7 +123,8 @@ def test_cifar100_missing_folder(tmp_path: Path) -> None:
 def test_wordnet_reader_on_generated_data_noun(tmp_path: Path) -> None:
     p = write_data_noun(tmp_path / "data.noun")
     h = ClassHierarchy.from_wordnet(p, ["n02084071", "n02121620", "n09999999"])
-    # dog, cat: entity/physical_entity/object/{dog,cat} (dog's first '@' is object); Einstein: entity/abstraction/Einstein
+    # dog, cat: entity/physical_entity/object/{dog,cat} (dog's first '@' is object);
+    # Einstein: entity/abstraction/Einstein
     assert h.depth[:3] == (3, 3, 2)
     assert h.names[h.lca(0, 1)] == "n00002684" and h.names[h.lca(0, 2)] == "n00001740"
     assert h.lca_height[0, 1] == 1 and h.distance[0, 1] == 2
@@ -287,8 +292,10 @@ def test_report_uap_attack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     w[2] = torch.where(torch.arange(32 * 32).view(1, 32, 32) % 2 == 0, 1.0, -1.0)  # budget 0.9: a checkerboard
     uap = _uap_ckpt(tmp_path / "uap.ckpt", w, [0.1, 0.5, 0.9])
     run = tmp_path / "run"
-    run_cli("test", "--config=experiments/severity/fashion_mnist/report.yaml", f"--model.init_args.models={{n: {tmp_path / 'net.ckpt'}}}",
-            "--model.init_args.attacks=[uap]", f"--model.init_args.uaps={{n: {uap}}}", "--model.init_args.eps=[0.1, 0.9]",
+    run_cli("test", "--config=experiments/severity/fashion_mnist/report.yaml",
+            f"--model.init_args.models={{n: {tmp_path / 'net.ckpt'}}}",
+            "--model.init_args.attacks=[uap]", f"--model.init_args.uaps={{n: {uap}}}",
+            "--model.init_args.eps=[0.1, 0.9]",
             "--data.init_args.batch_size=12", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
             "--run.logger=csv", run_dir=run)
     rows = {float(r["eps"]): r for r in csv.DictReader(open(run / "severity_report.csv"))}

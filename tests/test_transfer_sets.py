@@ -49,7 +49,8 @@ def test_noise_pools_and_channel_matching() -> None:
     assert abs(z.median().item()) < 0.1
     assert torch.equal(NoisePool("uniform", 5).load(task, 1)[0], NoisePool("uniform", 5).load(task, 1)[0])
     rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
-    assert match_channels(rgb, 1).shape == (2, 1, 4, 4) and match_channels(match_channels(rgb, 1), 3).shape == (2, 3, 4, 4)
+    assert (match_channels(rgb, 1).shape == (2, 1, 4, 4)
+            and match_channels(match_channels(rgb, 1), 3).shape == (2, 3, 4, 4))
 
 
 def test_datamodule_pool_resizes_and_drops_foreign_labels() -> None:
@@ -91,7 +92,8 @@ def test_balanced_noise_transfer_set_through_the_teacher(tmp_path: Path) -> None
 def test_kd_with_real_data_and_hard_labels(tmp_path: Path) -> None:
     teacher = save_teacher(tmp_path / "t.ckpt")
     run = tmp_path / "real"
-    CvlabCLI(args=["fit", "--config", "experiments/zskd/shapes/student_real.yaml", f"--run.dir={run}", "--run.logger=csv",
+    CvlabCLI(args=["fit", "--config", "experiments/zskd/shapes/student_real.yaml", f"--run.dir={run}",
+                   "--run.logger=csv",
                    f"--model.init_args.teacher={teacher}", "--model.init_args.hard_label_weight=0.5",
                    "--data.init_args.num_train=200", "--data.init_args.num_test=50", "--data.init_args.batch_size=50",
                    "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])

@@ -13,7 +13,7 @@ from lit_modules.classifier import ClassifierModule
 from lit_modules.robustness import UniversalPerturbation
 from lit_modules.robustness.uap_objective import fooling_loss, fooling_rate, project_linf_box, random_sign_noise
 from tests.cli_runs import read_metrics, run_cli, run_cli_subprocess
-from tests.fakedata import write_mnist_idx, save_cvlab_checkpoint
+from tests.fakedata import save_cvlab_checkpoint, write_mnist_idx
 
 # --- the projection ---------------------------------------------------------------------------------------------
 
@@ -178,7 +178,8 @@ def test_stage_on_impressions_writes_metrics_and_images(fake_mnist: Path, tmp_pa
 
 
 @pytest.mark.parametrize(("teacher", "impressions"), [("lenet_100", "di_10"), ("lenet_10", "di_100")])
-def test_class_count_mismatch_is_a_clear_error(fake_mnist: Path, tmp_path: Path, teacher: str, impressions: str) -> None:
+def test_class_count_mismatch_is_a_clear_error(fake_mnist: Path, tmp_path: Path, teacher: str,
+                                               impressions: str) -> None:
     with pytest.raises(CvlabError, match="100"):
         run_cli(*_args(fake_mnist, teacher, impressions), run_dir=tmp_path / "run")
 

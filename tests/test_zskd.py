@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.shard_writer import ShardMismatchError
-from datamodules.shards import load_shards
-from datamodules.augment import random_affine, random_mix
+from cvlab.artifacts import ShardMismatchError, load_shards
+from cvlab.image_ops import random_affine, random_mix
 from experiments.cli import main as cvlab
 from lit_modules.classifier import ClassifierModule
 from lit_modules.distillation.data_impressions import (
@@ -29,9 +28,13 @@ from lit_modules.distillation.data_impressions import (
     sample_dirichlet,
     total_variation,
 )
-from lit_modules.distillation.zskd import initial_images, synthesize
-from lit_modules.distillation.kd_loss import distillation_loss, kd_kl_loss, soft_cross_entropy
+from lit_modules.distillation.kd_loss import (
+    distillation_loss,
+    kd_kl_loss,
+    soft_cross_entropy,
+)
 from lit_modules.distillation.kd_student import KDStudent
+from lit_modules.distillation.zskd import initial_images, synthesize
 from lit_modules.teacher import load_teacher
 from tests.conftest import REPO
 from tests.fakedata import save_cvlab_checkpoint
@@ -41,7 +44,8 @@ def save_teacher(path: Path, arch: str = "convnet", num_classes: int = 10, in_ch
                  arch_kwargs: dict | None = None, seed: int = 0) -> Path:
     """A cvlab teacher checkpoint (random weights) as ClassifierModule writes it."""
     torch.manual_seed(seed)
-    kw = arch_kwargs if arch_kwargs is not None else ({"width": 8, "depth": 2, "norm": "batchnorm"} if arch == "convnet" else {})
+    kw = (arch_kwargs if arch_kwargs is not None
+          else ({"width": 8, "depth": 2, "norm": "batchnorm"} if arch == "convnet" else {}))
     m = ClassifierModule(arch=arch, num_classes=num_classes, in_channels=in_channels, image_size=32, arch_kwargs=kw)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_cvlab_checkpoint(m, path)
@@ -227,8 +231,8 @@ def test_clipped_impressions_are_stored_in_the_pixel_range(tmp_path: Path) -> No
 
 def _synth_args(teacher: Path, run: Path, n: int = 30, **over: str) -> list[str]:
     args = {"model.init_args.teacher": str(teacher), "model.init_args.iterations": "5", "model.init_args.lr": "0.05",
-            "model.init_args.grid_per_class": "2", "data.init_args.num_impressions": str(n), "data.init_args.batch_size": "8",
-            "trainer.enable_progress_bar": "false", **over}
+            "model.init_args.grid_per_class": "2", "data.init_args.num_impressions": str(n),
+            "data.init_args.batch_size": "8", "trainer.enable_progress_bar": "false", **over}
     return ["predict", "--config", "experiments/zskd/shapes/synthesize.yaml", f"--run.dir={run}", "--run.logger=csv",
             *[f"--{k}={v}" for k, v in args.items()]]
 
@@ -276,7 +280,7 @@ def test_synthesis_needs_a_teacher_for_the_tasks_classes(tmp_path: Path) -> None
     from cvlab.errors import CvlabError
     from experiments.cli import CvlabCLI
 
-    with pytest.raises(CvlabError, match="7 classes"):
+    with pytest.raises(CvlabError, match="disagree on num_classes: 7 vs 10"):
         CvlabCLI(args=_synth_args(teacher, tmp_path / "run", n=10))
 
 

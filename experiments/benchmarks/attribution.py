@@ -6,7 +6,8 @@ for each method, ``--batch-size`` images in one call vs the same images one call
 scaled), and for GradCAM++ / ScoreCAM / FullGrad / Guided Backprop the ``pytorch_grad_cam`` classes on the same batch.
 
     uv run cvlab bench attribution --threads 2
-    uv run cvlab bench attribution --arch efficientnet_lite0 --batch-size 16 --methods gradcam gradcampp fullgrad guided_backprop
+    uv run cvlab bench attribution --arch efficientnet_lite0 --batch-size 16 \
+        --methods gradcam gradcampp fullgrad guided_backprop
 """
 
 from __future__ import annotations

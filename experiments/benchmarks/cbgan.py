@@ -27,10 +27,14 @@ import torch
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
 from lit_modules.generation.class_balance import class_balance_loss, class_weights
-from lit_modules.generation.gan_losses import (discriminator_gradients, generator_gradients, set_grads,
-                                               trainable)
-from lit_modules.generation.metrics import (ClassifierFeatures, PackagedInception, feature_stats, fid_metric,
-                                            frechet_distance)
+from lit_modules.generation.gan_losses import discriminator_gradients, generator_gradients, set_grads, trainable
+from lit_modules.generation.metrics import (
+    ClassifierFeatures,
+    PackagedInception,
+    feature_stats,
+    fid_metric,
+    frechet_distance,
+)
 from lit_modules.nets import create_discriminator, create_generator, create_net
 from lit_modules.teacher import FrozenTeacher, TeacherSpec
 
@@ -113,7 +117,8 @@ def main(argv: list[str]) -> int:
     for name, fn in (("fid_torchmetrics", tm), ("fid_ours", ours)):
         t0 = time.perf_counter()
         value = fn()
-        rows[name] = {"seconds": time.perf_counter() - t0, "value": value, "features_per_s": 2 * n / (time.perf_counter() - t0)}
+        rows[name] = {"seconds": time.perf_counter() - t0, "value": value,
+                      "features_per_s": 2 * n / (time.perf_counter() - t0)}
     print(json.dumps({"hardware": hardware(dev), "batch": b, "width": args.width, "image_size": s, "channels": c,
                       "results": rows}, indent=1))
     return 0

@@ -106,7 +106,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     dev = device_from_args(args)
     k, c, s = args.classes, args.channels, args.size
-    print(f"dc benchmark on {hardware(dev)}; ConvNet width {args.width}, {k} classes, {c}x{s}x{s}, batch_real {args.batch_real}")
+    print(f"dc benchmark on {hardware(dev)}; ConvNet width {args.width}, {k} classes, {c}x{s}x{s}, "
+          f"batch_real {args.batch_real}")
     print("ipc  variant               s/match  s/inner-epoch  outer(o,i)  s/outer-it  outer-it/s  peak MB")
     for ipc in args.ipc:
         outer, inner = PAPER_LOOPS[ipc]
@@ -122,7 +123,8 @@ def main(argv: list[str]) -> int:
         for inner16 in sorted({v.endswith("+inner16") for v in args.variants} if outer > 1 else set()):
             fwd = torch.compile(net, dynamic=False) if inner16 else net
             epoch = lambda: train_on_set(fwd, net_opt, images.detach(), labels, 1, 256, shuffle, bf16=inner16)  # noqa: B023, E731
-            epoch_s[inner16] = measure(epoch, dev, warmup=2 if inner16 else 1, iters=max(1, args.iters)).seconds_per_iter
+            epoch_s[inner16] = measure(epoch, dev, warmup=2 if inner16 else 1,
+                                       iters=max(1, args.iters)).seconds_per_iter
 
         for variant in args.variants:
             mode = variant.split("+")[0]

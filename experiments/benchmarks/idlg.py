@@ -20,7 +20,9 @@ from lit_modules.leakage.gradient_leakage import StackedVictims, attack_objectiv
 from lit_modules.nets import create_net
 
 
-def run_trials(first: int, n: int, method: str, steps: int, max_iter: int, device: torch.device, size: int = 28) -> None:
+def run_trials(
+    first: int, n: int, method: str, steps: int, max_iter: int, device: torch.device, size: int = 28
+) -> None:
     """Attack trials ``first .. first + n - 1`` together (victim and image seeded by the trial index)."""
     nets, xs, ys = [], [], []
     for t in range(first, first + n):

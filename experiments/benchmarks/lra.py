@@ -64,7 +64,7 @@ def _setup(task: str, dev: torch.device, reference: bool, channels_last: bool, f
 
 def _ours(mode: str, teacher, student, generator, opt_s, opt_g, batch: int, mem: int, dev: torch.device,
           bf16_generator: bool = False):
-    def gen(z: torch.Tensor) -> torch.Tensor:  # AdversarialKD.generate
+    def gen(z: torch.Tensor) -> torch.Tensor:  # LRA.generate
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16_generator):
             return generator(z).float()
 
@@ -100,7 +100,8 @@ def _ours(mode: str, teacher, student, generator, opt_s, opt_g, batch: int, mem:
     return (lambda: update(x_fixed)), step, generator_step
 
 
-def _reference(mode: str, teacher, student, gen, opt_s, opt_g, batch: int, mem: int, dev: torch.device, bf16: bool = False):
+def _reference(mode: str, teacher, student, gen, opt_s, opt_g, batch: int, mem: int, dev: torch.device,
+               bf16: bool = False):
     """The public code's structure (see the module docstring)."""
     z = torch.randn(batch, 1000, device=dev)
     with torch.no_grad():
@@ -155,13 +156,15 @@ def run_one(task: str, what: str, mode: str, reference: bool, dev: torch.device,
 
 @register_benchmark("lra")
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="cvlab bench lra", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="cvlab bench lra", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=sorted(SETTINGS), default="mnist")
     p.add_argument("--batch", type=int, default=512, help="new images per student step (paper: 512)")
     p.add_argument("--memory", type=int, default=None, help="memory images replayed per step (default batch / 8)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--what", nargs="+", choices=("update", "step", "generator"), default=["update", "step", "generator"])
+    p.add_argument("--what", nargs="+", choices=("update", "step", "generator"),
+                   default=["update", "step", "generator"])
     p.add_argument("--reference", action="store_true", help="also time the public code's structure")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fused-upsample", action="store_true", help="generator's fused upsample+conv")
@@ -187,20 +190,23 @@ def main(argv: list[str]) -> int:
             argv_one += ["--fused-upsample"] * a.fused_upsample + ["--bf16-generator"] * a.bf16_generator
             if a.threads:
                 argv_one += ["--threads", str(a.threads)]
-            out = subprocess.run([sys.executable, "-m", "experiments.cli", *argv_one], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "experiments.cli", *argv_one], capture_output=True, text=True,
+                                 check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         else:
             results.append(run_one(a.task, what, mode, ref, dev, a.batch, mem, a.iters, a.channels_last,
                                    a.fused_upsample, a.bf16_generator))
     t_arch, s_arch, c, _ = SETTINGS[a.task]
     print(f"hardware: {hardware(dev)}")
-    print(f"LRA {a.task}: {t_arch} -> {s_arch}, {c}x32x32, DAFL generator (latent 1000), batch {a.batch} + memory {mem}, "
+    print(f"LRA {a.task}: {t_arch} -> {s_arch}, {c}x32x32, DAFL generator (latent 1000), "
+          f"batch {a.batch} + memory {mem}, "
           f"channels_last {a.channels_last}, fused_upsample {a.fused_upsample}, bf16_generator {a.bf16_generator}; "
           f"{a.iters} timed iterations after 2 warm-up (the reference: fp32, default memory format)")
     print(f"{'implementation':<10} {'measured':<10} {'meta':<13} {'s/iter':>8} {'iter/s':>8} {'peak MB':>9}")
     for r in results:
         impl = "reference" if r["reference"] else "cvlab"
-        print(f"{impl:<10} {r['what']:<10} {r['mode']:<13} {r['s_per_iter']:>8.3f} {1 / r['s_per_iter']:>8.2f} {r['peak_mem_mb']:>9.0f}")
+        print(f"{impl:<10} {r['what']:<10} {r['mode']:<13} {r['s_per_iter']:>8.3f} {1 / r['s_per_iter']:>8.2f} "
+              f"{r['peak_mem_mb']:>9.0f}")
     by = {(r["reference"], r["what"], r["mode"]): r["s_per_iter"] for r in results}
     for what in ("update", "step"):
         base = by.get((False, what, "none"))

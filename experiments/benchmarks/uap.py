@@ -100,7 +100,8 @@ def main(argv: list[str]) -> int:
                 cl.register_buffer("new", torch.tensor([4, 5], device=device), persistent=False)
                 cl.previous = load_teacher(ckpt).to(device)
                 if distill == "impressions":
-                    cl.replay_x = torch.rand(1000, args.channels, args.image_size, args.image_size, generator=g).to(device)
+                    shape = (1000, args.channels, args.image_size, args.image_size)
+                    cl.replay_x = torch.rand(shape, generator=g).to(device)
                     with torch.no_grad():
                         cl.replay_logits = cl.previous(cl.replay_x)
                 copt = torch.optim.Adam(cl.net.parameters(), lr=1e-3)  # the config's optimizer, no schedule

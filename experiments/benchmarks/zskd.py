@@ -26,7 +26,8 @@ SETTINGS = {"mnist": ("lenet5", 1), "cifar10": ("alexnet_cifar", 3)}
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="cvlab bench zskd", description=__doc__)
     p.add_argument("--task", choices=sorted(SETTINGS), default="cifar10")
-    p.add_argument("--per-class", type=int, default=10, help="impressions per class (10 classes: batch 100, the paper's)")
+    p.add_argument("--per-class", type=int, default=10,
+                   help="impressions per class (10 classes: batch 100, the paper's)")
     p.add_argument("--iterations", type=int, default=1500, help="Adam steps (paper: 1500)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast of the teacher (what trainer.precision=bf16-mixed does in the synthesis stage)")
@@ -57,7 +58,9 @@ def main(argv: list[str]) -> int:
     print(f"hardware: {hardware(dev)}")
     print(f"ZSKD {a.task} ({arch}, {ch}x32x32), {a.iterations} Adam iterations, tau 20, {n} impressions"
           f"{', bf16 autocast' if a.bf16 else ''}")
-    print(f"batched (1 batch of {n}): {bat.rate(n):.2f} DIs/s ({bat.seconds_per_iter:.2f} s), peak mem {bat.peak_mem_mb:.0f} MB")
-    print(f"per-class loop (10 x {a.per_class}): {loop.rate(n):.2f} DIs/s ({loop.seconds_per_iter:.2f} s), peak mem {loop.peak_mem_mb:.0f} MB")
+    print(f"batched (1 batch of {n}): {bat.rate(n):.2f} DIs/s ({bat.seconds_per_iter:.2f} s), "
+          f"peak mem {bat.peak_mem_mb:.0f} MB")
+    print(f"per-class loop (10 x {a.per_class}): {loop.rate(n):.2f} DIs/s ({loop.seconds_per_iter:.2f} s), "
+          f"peak mem {loop.peak_mem_mb:.0f} MB")
     print(f"speed-up batched / per-class: {bat.rate(n) / loop.rate(n):.2f}x")
     return 0

@@ -36,25 +36,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.atomic_io import atomic_torch_save
-from callbacks.image_grid import log_image_grid
-from datamodules.augment import to_float
+from cvlab.artifacts import atomic_torch_save
 from cvlab.errors import CvlabError
+from cvlab.image_log import log_image_grid
+from cvlab.image_ops import to_float
+from cvlab.seeding import fold_seed
+from cvlab.task import check_task, task_of
 from lit_modules.condensation.dc_eval import EvalRecipe, herding_subset, random_subset, train_and_test
-from lit_modules.condensation.gradient_matching import ClassMode, Metric, RealGradients, check_matchable, match_loss
-from lit_modules.condensation.gradient_matching import resolve_class_mode
+from lit_modules.condensation.gradient_matching import (
+    ClassMode,
+    Metric,
+    RealGradients,
+    check_matchable,
+    match_loss,
+    resolve_class_mode,
+)
 from lit_modules.nets import NetSpec, create_net, net_name
 
 #: the paper's (outer_loop, inner_loop) per images-per-class (DC code's get_loops)
 PAPER_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-def _mix(*xs: int) -> int:
-    h = 0
-    for x in xs:
-        h = (h * 1_000_003 + int(x)) % (2**61 - 1)
-    return h
 
 
 def train_on_set(forward: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, epochs: int,
@@ -207,12 +208,8 @@ class DatasetCondensation(L.LightningModule):
             raise CvlabError("DatasetCondensation needs a datamodule (--data ...) with train_x / train_y tensors")
         dm.setup(stage)
         hp = self.hparams
-        found = (dm.num_classes, dm.in_channels, dm.image_size)
-        if found != (hp.num_classes, hp.in_channels, hp.image_size):
-            raise CvlabError(
-                f"model expects (num_classes, in_channels, image_size) = {(hp.num_classes, hp.in_channels, hp.image_size)} "
-                f"but {type(dm).__name__} gives {found}; set --model.init_args.* to match"
-            )
+        check_task("DatasetCondensation", task_of(self.trainer), num_classes=hp.num_classes,
+                   in_channels=hp.in_channels, image_size=hp.image_size)
         self.dm = dm
         y = dm.train_y
         counts = torch.bincount(y, minlength=hp.num_classes)  # (K,)
@@ -244,7 +241,7 @@ class DatasetCondensation(L.LightningModule):
 
     def _sample_real(self, n: int, key: tuple[int, ...]) -> Tensor:
         """``n`` distinct random real images per class: ``(K, n, C, H, W)``, seeded by ``key`` (same on all ranks)."""
-        g = torch.Generator(device=self.device).manual_seed(_mix(self.hparams.seed, *key))
+        g = torch.Generator(device=self.device).manual_seed(fold_seed(self.hparams.seed, *key))
         u = torch.rand(self._class_table.shape, generator=g, device=self.device)
         u = u.masked_fill(self._class_table < 0, 2.0)  # padding is never picked
         pick = u.topk(n, dim=1, largest=False).indices  # (K, n)
@@ -256,7 +253,7 @@ class DatasetCondensation(L.LightningModule):
             if hp.init == "real":
                 x = self._sample_real(hp.ipc, (-1,))  # (K, ipc, C, H, W)
             else:
-                g = torch.Generator(device=self.device).manual_seed(_mix(hp.seed, -2))
+                g = torch.Generator(device=self.device).manual_seed(fold_seed(hp.seed, -2))
                 x = torch.randn(self.images.shape, generator=g, device=self.device)
             self.images.copy_(x.reshape(self.images.shape))
 
@@ -279,7 +276,7 @@ class DatasetCondensation(L.LightningModule):
     def _fresh_net(self, it: int) -> nn.Module:
         """A randomly initialised network, identical on every rank (seeded by the iteration)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.hparams.seed, it, 7))
+            torch.manual_seed(fold_seed(self.hparams.seed, it, 7))
             fresh = self._make_net()
         net = self._engine.net
         net.load_state_dict(fresh.state_dict())
@@ -333,7 +330,7 @@ class DatasetCondensation(L.LightningModule):
         """``inner_loop`` epochs of SGD of the engine's network (the one :meth:`_fresh_net` returns) on the
         (detached) synthetic set, seeded shuffles."""
         hp, engine = self.hparams, self._engine
-        g = torch.Generator(device=self.device).manual_seed(_mix(hp.seed, *key, 5))
+        g = torch.Generator(device=self.device).manual_seed(fold_seed(hp.seed, *key, 5))
         engine.net.train()
         train_on_set(engine.inner, opt, self.images.detach(), self.labels, self.inner_loop, hp.batch_train, g,
                      bf16=hp.bf16_inner)
@@ -378,7 +375,8 @@ class DatasetCondensation(L.LightningModule):
                 "mean": list(self.dm.mean),
                 "std": list(self.dm.std),
                 "step": int(self.global_step),
-                "config": {k: v for k, v in dict(hp).items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))},
+                "config": {k: v for k, v in dict(hp).items()
+                           if isinstance(v, (int, float, str, bool, list, dict, type(None)))},
             },
             Path(self.trainer.default_root_dir) / "condensed.pt",
         )

@@ -24,8 +24,9 @@ from torch import Tensor
 from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from datamodules.augment import dc_augment
 from cvlab.errors import CvlabError
+from cvlab.image_ops import dc_augment
+from cvlab.seeding import mix_seed
 from lit_modules.nets import NetSpec, create_net
 
 
@@ -94,8 +95,9 @@ def train_and_test(
         nets = [create_net(arch, num_classes, c, h, **(arch_kwargs or {})).to(x.device) for _ in range(num_nets)]
     group = max(1, r.max_parallel_images // min(r.batch_size, x.shape[0]))
     return torch.cat([
-        _train_group(nets[i : i + group], x, y, test_x, test_y, r, seed * 1_000_003 + i,
-                     None if progress is None else f"{progress} (nets {i + 1}-{min(i + group, num_nets)} of {num_nets})")
+        _train_group(nets[i : i + group], x, y, test_x, test_y, r, mix_seed(seed, i),
+                     None if progress is None
+                     else f"{progress} (nets {i + 1}-{min(i + group, num_nets)} of {num_nets})")
         for i in range(0, num_nets, group)
     ])
 

@@ -159,7 +159,9 @@ class RealGradients:
         self.mode, self.bf16, self.chunk, self.net = mode, bf16, chunk, net
 
     @torch.no_grad()
-    def __call__(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def __call__(
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor
+    ) -> dict[str, Tensor]:
         """``x (K, B, C, H, W)``, ``y (K, B)`` -> ``{name: (K, *param.shape)}`` float32."""
         params = {n: p.detach() for n, p in params.items()}
         b = x.shape[1]

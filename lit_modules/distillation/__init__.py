@@ -4,8 +4,8 @@
   ``data_impressions``;
 - ``kd_student``: the KD student (:class:`KDStudent`) that distils on impressions, arbitrary transfer
   sets (selection in :mod:`datamodules.transfer_sets`) or real data; the KD losses in ``kd_loss``;
-- ``lra``: Learning to Retain while Acquiring (:class:`AdversarialKD`), its math in ``lra_losses``
-  and ``lra_update``;
+- ``lra``: Learning to Retain while Acquiring (:class:`LRA`; ``AdversarialKD`` is its old name), its math in
+  ``lra_losses`` and ``lra_update``;
 - ``impression_replay``: class-incremental learning replaying Data Impressions of the previous step's network
   (:class:`ClassIncrementalLearner`; Data Impressions, TPAMI 2022), its math in ``class_incremental``;
 - ``source_free``: source-free domain adaptation with Data Impressions in place of the source data
@@ -14,8 +14,9 @@
 
 from lit_modules.distillation.impression_replay import ClassIncrementalLearner
 from lit_modules.distillation.kd_student import KDStudent
-from lit_modules.distillation.lra import AdversarialKD
+from lit_modules.distillation.lra import LRA, AdversarialKD
 from lit_modules.distillation.source_free import SourceFreeAdaptation
 from lit_modules.distillation.zskd import DataImpressionSynthesizer
 
-__all__ = ["AdversarialKD", "ClassIncrementalLearner", "DataImpressionSynthesizer", "KDStudent", "SourceFreeAdaptation"]
+__all__ = ["LRA", "AdversarialKD", "ClassIncrementalLearner", "DataImpressionSynthesizer", "KDStudent",
+           "SourceFreeAdaptation"]

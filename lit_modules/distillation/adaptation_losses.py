@@ -14,7 +14,6 @@ source *features*, which impressions provide and a source-free method otherwise 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -8,7 +8,8 @@ for the old data: its Data Impressions (ours), the new data itself (LwF, Li & Ho
 - :func:`check_splits`: the steps' classes partition ``0 .. K-1`` (no class repeated, none dropped), and
   :func:`even_splits`: ``K`` classes in ``steps`` equal groups (split MNIST: 2 x 5 or 5 x 2), from
   :mod:`datamodules.class_incremental`, which makes the steps' data.
-- :func:`class_incremental_loss`: ``CE_seen(new) + mu * CE_seen(x_kd, prev's old class) + lambda * tau^2 KL(p_prev^old(x_kd) || p^old(x_kd))``.
+- :func:`class_incremental_loss`:
+  ``CE_seen(new) + mu * CE_seen(x_kd, prev's old class) + lambda * tau^2 KL(p_prev^old(x_kd) || p^old(x_kd))``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def class_incremental_loss(
     ``ce``: cross-entropy of ``logits (B, K)`` against ``labels (B,)`` over the classes seen so far (``seen (K,)``
     bool; the classes of later steps take no part). ``kd``: on the distillation inputs, the current network's
     logits ``kd_logits (R, K)`` against the previous network's ``prev_logits (R, K)``, both restricted to the old
-    classes ``old`` (a long tensor of class ids: an index, no host sync), as ``tau^2 KL`` (:func:`lit_modules.distillation.kd_loss.kd_kl_loss`; zero when they agree).
+    classes ``old`` (a long tensor of class ids: an index, no host sync), as ``tau^2 KL``
+    (:func:`lit_modules.distillation.kd_loss.kd_kl_loss`; zero when they agree).
     ``total = ce + kd_weight * kd``; without distillation inputs ``kd`` is 0. With ``kd_labels (R,)`` (the previous
     network's old class for each distillation input) the distillation inputs also enter the cross-entropy over the
     seen classes with weight ``kd_ce_weight``, and ``ce`` is the sum of both cross-entropies: replaying impressions

@@ -78,7 +78,10 @@ def concentration(
 
 
 def impression_plan(
-    num_impressions: int, num_classes: int, betas: Sequence[float] = (1.0, 0.1), beta_split: Sequence[float] = (0.5, 0.5)
+    num_impressions: int,
+    num_classes: int,
+    betas: Sequence[float] = (1.0, 0.1),
+    beta_split: Sequence[float] = (0.5, 0.5),
 ) -> tuple[Tensor, Tensor]:
     """Class and beta of each impression index: ``(classes (N,), betas (N,))``.
 

@@ -36,9 +36,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from callbacks.image_grid import log_image_grid
-from callbacks.metrics_json import merge_metrics
+from cvlab.artifacts import merge_metrics
 from cvlab.errors import CvlabError
+from cvlab.image_log import log_image_grid
+from cvlab.seeding import mix_seed
+from cvlab.task import task_of
 from datamodules.class_incremental import ClassIncrementalDataModule
 from lit_modules.classifier import ClassifierModule
 from lit_modules.distillation.class_incremental import class_incremental_loss, seen_logits
@@ -133,7 +135,8 @@ class ClassIncrementalLearner(ClassifierModule):
         super().setup(stage)
         dm = self.trainer.datamodule
         if not isinstance(dm, ClassIncrementalDataModule):
-            raise CvlabError(f"ClassIncrementalLearner needs datamodules.ClassIncrementalDataModule, got {type(dm).__name__}")
+            raise CvlabError(
+                f"ClassIncrementalLearner needs datamodules.ClassIncrementalDataModule, got {type(dm).__name__}")
         hp, k = self.hparams, self.hparams.num_classes
         seen = torch.zeros(k, dtype=torch.bool)
         seen[dm.seen_classes] = True
@@ -172,7 +175,7 @@ class ClassIncrementalLearner(ClassifierModule):
         old = self.old
         sim = class_similarity(final_linear(prev).weight.index_select(0, old))  # (O, O)
         targets, classes, _ = dirichlet_targets(sim, hp.num_impressions, hp.betas, hp.beta_split, "paper", hp.seed)
-        shape = prev.input_shape or tuple(self.trainer.datamodule.input_shape)
+        shape = prev.input_shape or tuple(task_of(self.trainer).input_shape)
         u0 = initial_images(torch.arange(hp.num_impressions), shape, "gaussian", hp.seed).to(self.device)
         fn = self._old_logits_fn()
         with torch.inference_mode(False), torch.enable_grad():
@@ -204,10 +207,11 @@ class ClassIncrementalLearner(ClassifierModule):
             with torch.no_grad():
                 prev_logits = self.previous(x)
         elif self.replay_x is not None:  # Data Impressions of the old classes, the same draw on every rank
-            g = torch.Generator(device=self.device).manual_seed(hp.seed * 1_000_003 + self.global_step)
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(hp.seed, self.global_step))
             idx = torch.randint(self.replay_x.shape[0], (hp.replay_batch,), generator=g, device=self.device)
             kd_logits, prev_logits = self(self.replay_x[idx]), self.replay_logits[idx]
-            kd_labels = self.old[prev_logits.index_select(1, self.old).argmax(-1)]  # (R,) the previous network's old class
+            # (R,) the previous network's old class
+            kd_labels = self.old[prev_logits.index_select(1, self.old).argmax(-1)]
         loss, ce, kd = class_incremental_loss(logits, y, self.seen, kd_logits, prev_logits,
                                               self.old if self.old.numel() else None, hp.temperature, hp.kd_weight,
                                               kd_labels, hp.replay_ce_weight)

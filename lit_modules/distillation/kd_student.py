@@ -7,9 +7,9 @@ natural pools (balanced or not), or the real training data.
   a target-class balanced pool (see :mod:`datamodules.transfer_sets`).
 
 The teacher labels every (augmented) training batch on the fly; the student is validated on real images
-held out of the teacher's task's training set and tested once, after fit, on its test split. Batches are [0, 1] pixels: the
-teacher applies its own input contract, the student normalises with the task's statistics (recorded
-in its hyper-parameters). A student checkpoint is itself a teacher for
+held out of the teacher's task's training set and tested once, after fit, on its test split. Batches are
+[0, 1] pixels: the teacher applies its own input contract, the student normalises with the task's
+statistics (recorded in its hyper-parameters). A student checkpoint is itself a teacher for
 :func:`lit_modules.teacher.load_teacher` (same ``arch``/``net.`` layout and contract as ClassifierModule).
 """
 
@@ -24,11 +24,12 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from callbacks.metrics_json import merge_metrics
-from datamodules.augment import random_affine, random_mix
+from cvlab.artifacts import merge_metrics
 from cvlab.errors import CvlabError
-from lit_modules.distillation.kd_loss import distillation_loss
+from cvlab.image_ops import random_affine, random_mix
+from cvlab.task import check_task, task_of
 from lit_modules.classifier import adopt_data_normalization
+from lit_modules.distillation.kd_loss import distillation_loss
 from lit_modules.nets import InputNormalization, NetSpec, create_net
 from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
 from lit_modules.teacher import TeacherArg, load_teacher, shape_from_teacher
@@ -53,7 +54,7 @@ class KDStudent(L.LightningModule):
             (zoom +-scale, shift +-translate of the size, +-rotate degrees, left-right flip), applied
             before both networks see it.
         aug_mix: after the affine augmentation, blend each image with a random partner of its batch
-            at a weight ``~ U(0, aug_mix)`` (:func:`datamodules.augment.random_mix`; 0.5 is mixup with
+            at a weight ``~ U(0, aug_mix)`` (:func:`cvlab.image_ops.random_mix`; 0.5 is mixup with
             alpha 1; not in ZSKD). The teacher labels the blend; a hard label stays the dominant image's.
     """
 
@@ -105,15 +106,13 @@ class KDStudent(L.LightningModule):
         return self.net(self.normalize(x))
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None:
+        task = task_of(self._trainer)
+        if task is None:
             return
         hp = self.hparams
-        found = {k: getattr(dm, k, getattr(hp, k)) for k in ("num_classes", "in_channels")}
-        diff = [f"{k}: model {getattr(hp, k)} vs data {v}" for k, v in found.items() if v != getattr(hp, k)]
-        if diff:
-            raise CvlabError(f"student and data disagree ({', '.join(diff)}); set --model.init_args.<key> to match")
-        adopt_data_normalization(self, dm)
+        check_task("the student", task, num_classes=hp.num_classes, in_channels=hp.in_channels)
+        adopt_data_normalization(self, task)
+        dm = self.trainer.datamodule
         if stage == "fit" and hasattr(dm, "select_with_teacher"):  # target-class balancing of a pool
             device = self.trainer.strategy.root_device  # setup runs before the module is moved there
             dm.select_with_teacher(self.teacher.to(device), device)

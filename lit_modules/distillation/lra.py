@@ -70,9 +70,13 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from callbacks.atomic_io import atomic_write_json
-from callbacks.image_grid import log_image_grid
+from cvlab.artifacts import atomic_write_json
+from cvlab.distributed import Reduce, all_reduce_mean, no_reduce
 from cvlab.errors import CvlabError
+from cvlab.image_log import log_image_grid
+from cvlab.seeding import fold_seed
+from cvlab.task import check_task, task_of
+from lit_modules.classifier import adopt_data_normalization
 from lit_modules.distillation.lra_losses import (
     GeneratorLossWeights,
     adam_first_step,
@@ -82,10 +86,10 @@ from lit_modules.distillation.lra_losses import (
     one_hot_loss,
     reconstruction_loss,
 )
-from lit_modules.distillation.lra_update import MetaMode, Reduce, all_reduce_mean, no_reduce, student_gradients
+from lit_modules.distillation.lra_memory import CyclicMemory
+from lit_modules.distillation.lra_update import MetaMode, student_gradients
 from lit_modules.nets import InputNormalization, LatentEncoder, NetSpec, create_generator, create_net
 from lit_modules.optim import ScheduleName, build_optimizer, build_schedule
-from lit_modules.classifier import adopt_data_normalization
 from lit_modules.teacher import TeacherArg, load_teacher, shape_from_teacher
 
 
@@ -93,65 +97,7 @@ class ImageSizeMismatchError(CvlabError):
     """The teacher, the generator and the data disagree about the image shape."""
 
 
-def _seed(*keys: int) -> int:
-    h = 0
-    for k in keys:
-        h = (h * 1_000_003 + int(k)) % (2**61 - 1)
-    return h
-
-
-class CyclicMemory:
-    """LRA's memory of generated images: ``slots`` batches; a push overwrites the oldest slot (cyclic
-    position), a replay reads one filled slot chosen at random.
-
-    ``images`` is ``(slots, n, C, H, W)`` once the first batch is pushed. ``state_dict`` holds plain
-    tensors and ints (a ``weights_only`` checkpoint loads it).
-    """
-
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self.images: Tensor | None = None
-        self.count = 0  # filled slots
-        self.pos = 0  # the slot the next push writes
-
-    def __len__(self) -> int:
-        return self.count
-
-    def push(self, x: Tensor) -> None:
-        """Store ``x`` ``(n, C, H, W)`` (detached) in the next slot."""
-        if self.slots < 1:
-            return
-        if self.images is None:
-            self.images = x.new_zeros((self.slots, *x.shape))
-        if x.shape != self.images.shape[1:]:
-            raise ValueError(f"memory slots hold {tuple(self.images.shape[1:])}, got a batch of {tuple(x.shape)}")
-        self.images[self.pos] = x.detach()
-        self.pos = (self.pos + 1) % self.slots
-        self.count = min(self.count + 1, self.slots)
-
-    def sample(self, seed: int) -> Tensor | None:
-        """One filled slot chosen uniformly by ``seed`` (host-side draw: no device sync); ``None`` if empty."""
-        if self.count == 0:
-            return None
-        g = torch.Generator().manual_seed(seed)
-        return self.images[int(torch.randint(self.count, (1,), generator=g))]
-
-    def to(self, device: torch.device) -> CyclicMemory:
-        if self.images is not None:
-            self.images = self.images.to(device)
-        return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"slots": self.slots, "count": self.count, "pos": self.pos,
-                "images": None if self.images is None else self.images.detach().cpu()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["slots"] != self.slots:
-            raise CvlabError(f"the checkpoint's memory has {state['slots']} slots but memory_slots is {self.slots}")
-        self.count, self.pos, self.images = int(state["count"]), int(state["pos"]), state["images"]
-
-
-class AdversarialKD(L.LightningModule):
+class LRA(L.LightningModule):
     """Adversarial data-free KD with the LRA student update (see the module docstring).
 
     Args:
@@ -255,7 +201,8 @@ class AdversarialKD(L.LightningModule):
 
         self.teacher = load_teacher(teacher)
         shape_from_teacher(self.hparams, self.teacher)  # the generator's and student's: the teacher's unless given
-        num_classes, in_channels, image_size = self.hparams.num_classes, self.hparams.in_channels, self.hparams.image_size
+        num_classes, in_channels, image_size = (self.hparams.num_classes, self.hparams.in_channels,
+                                                self.hparams.image_size)
         self._check_teacher(num_classes, in_channels, image_size)
         self.normalize = InputNormalization(mean, std)  # the student's; None: the task's (setup)
         self.net = create_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
@@ -293,27 +240,26 @@ class AdversarialKD(L.LightningModule):
         except RuntimeError as e:
             raise ImageSizeMismatchError(
                 f"the teacher {spec.weights} cannot take the generator's {c}x{s}x{s} images "
-                f"({str(e).strip().splitlines()[0]}); set the teacher's image_size / in_channels to what it was trained on"
+                f"({str(e).strip().splitlines()[0]}); set the teacher's image_size / in_channels to what it was "
+                "trained on"
             ) from None
         if out.shape[-1] != k:
-            raise CvlabError(f"teacher {spec.weights} has {out.shape[-1]} classes but the student is configured for {k}")
+            raise CvlabError(
+                f"teacher {spec.weights} has {out.shape[-1]} classes but the student is configured for {k}")
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        task = task_of(self._trainer)
         self._reduce = all_reduce_mean if self.trainer.world_size > 1 else no_reduce
-        if dm is None:
+        if task is None:
             return
         hp = self.hparams
-        found = {k: getattr(dm, k, getattr(hp, k)) for k in ("num_classes", "in_channels", "image_size")}
-        if found["image_size"] != hp.image_size:
+        if task.image_size != hp.image_size:
             raise ImageSizeMismatchError(
-                f"the generator and teacher use {hp.image_size}x{hp.image_size} images but {type(dm).__name__} gives "
-                f"{found['image_size']}x{found['image_size']}; set the task's image_size to {hp.image_size}"
+                f"the generator and teacher use {hp.image_size}x{hp.image_size} images but {task.name} gives "
+                f"{task.image_size}x{task.image_size}; set the task's image_size to {hp.image_size}"
             )
-        diff = [f"{k}: model {getattr(hp, k)} vs data {v}" for k, v in found.items() if v != getattr(hp, k)]
-        if diff:
-            raise CvlabError(f"model and data disagree ({', '.join(diff)}); set --model.init_args.<key> to match")
-        adopt_data_normalization(self, dm)
+        check_task("LRA's student", task, num_classes=hp.num_classes, in_channels=hp.in_channels)
+        adopt_data_normalization(self, task)
 
     def student_view(self, u: Tensor) -> Tensor:
         """Generated images live in the teacher's normalised input space (DAFL's generator ends in an
@@ -334,7 +280,8 @@ class AdversarialKD(L.LightningModule):
 
     def _rng(self, step: int, k: int, *salt: int) -> torch.Generator:
         """A generator seeded by (seed, rank, generator step, student step, *salt): resumable draws."""
-        return torch.Generator(device=self.device).manual_seed(_seed(self.hparams.seed, self.global_rank, step, k + 1, *salt))
+        return torch.Generator(device=self.device).manual_seed(
+            fold_seed(self.hparams.seed, self.global_rank, step, k + 1, *salt))
 
     def generate(self, z: Tensor, generator: torch.nn.Module | None = None) -> Tensor:
         """``G(z)`` (or ``generator(z)``) as float32 ``(B, C, H, W)`` (under bf16 autocast with ``bf16_generator``)."""
@@ -389,7 +336,7 @@ class AdversarialKD(L.LightningModule):
         rank), or the memory generator's samples (generative replay; None before its first update)."""
         if self.hparams.replay == "generator":
             return self.memory_samples(step, k) if self.memory_generator_steps else None
-        slot = self.memory.sample(_seed(self.hparams.seed, step, k, 7))
+        slot = self.memory.sample(fold_seed(self.hparams.seed, step, k, 7))
         if slot is None:
             return None
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -421,7 +368,8 @@ class AdversarialKD(L.LightningModule):
         x_rec = self.generate(z, self.memory_generator)
         with torch.no_grad():
             t = self.teacher.forward_normalized(x)  # the target logits
-        loss = reconstruction_loss(x_rec, x, self.teacher.forward_normalized(x_rec), t, mu, log_var, hp.memory_kl_weight)
+        loss = reconstruction_loss(x_rec, x, self.teacher.forward_normalized(x_rec), t, mu, log_var,
+                                   hp.memory_kl_weight)
         params = [p for p in [*self.memory_generator.parameters(), *self.encoder.parameters()] if p.requires_grad]
         self._set_grads_and_step(opt, params, self._reduce(list(torch.autograd.grad(loss, params))))
         self.memory_generator_steps += 1
@@ -558,5 +506,11 @@ class AdversarialKD(L.LightningModule):
             return
         self.memory.load_state_dict(state["memory"])
         self.acc_curve = [[int(s), float(a)] for s, a in state["acc_curve"]]
-        self.drops, self.drop_total, self.max_drop = int(state["drops"]), float(state["drop_total"]), float(state["max_drop"])
+        self.drops, self.drop_total, self.max_drop = (int(state["drops"]), float(state["drop_total"]),
+                                                      float(state["max_drop"]))
         self.memory_generator_steps = int(state.get("memory_generator_steps", 0))
+
+
+#: the old name of :class:`LRA` (configs and checkpoints that name ``lit_modules.distillation.AdversarialKD`` keep
+#: working for one release)
+AdversarialKD = LRA

@@ -7,7 +7,8 @@ Sec. 3.2 (meta-train = knowledge acquisition, meta-test = knowledge retention)::
     retain:   L_ret(theta') = KD on the memory batch at the adapted weights
     total:    J(theta) = w * L_ret(theta') + L_kd(theta)                        L_kd = KD on [new; memory]
 
-    dJ/dtheta = g_kd + w * ((1 - alpha * lambda) v - alpha * H_acq v),   v = grad L_ret(theta'),  H_acq = hess L_acq(theta)
+    dJ/dtheta = g_kd + w * ((1 - alpha * lambda) v - alpha * H_acq v),
+                v = grad L_ret(theta'),  H_acq = hess L_acq(theta)
 
 ``w`` is ``retain_weight``: 1 in the paper. With the L1 logit loss the retention gradient on one memory
 slot (64 images) is about twice the norm of the KD gradient on 576 images (the sign gradients of few
@@ -42,30 +43,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from cvlab.distributed import Reduce, no_reduce
 from lit_modules.distillation.lra_losses import l1_kd_loss
 
 MetaMode = Literal["none", "first_order", "second_order"]
 KDLoss = Callable[[Tensor, Tensor], Tensor]
-Reduce = Callable[[list[Tensor]], list[Tensor]]
-
-
-def no_reduce(tensors: list[Tensor]) -> list[Tensor]:
-    """One process: nothing to average."""
-    return tensors
-
-
-def all_reduce_mean(tensors: list[Tensor]) -> list[Tensor]:
-    """Average ``tensors`` over all ranks with one flat all-reduce (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensors
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def uses_batch_statistics(net: nn.Module) -> bool:

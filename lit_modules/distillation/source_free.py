@@ -25,9 +25,11 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from callbacks.image_grid import log_image_grid
 from cvlab.errors import CvlabError
-from datamodules.augment import to_float
+from cvlab.image_log import log_image_grid
+from cvlab.image_ops import to_float
+from cvlab.seeding import mix_seed
+from cvlab.task import check_task, task_of
 from datamodules.transfer_sets import TransferPool
 from lit_modules.distillation.adaptation_losses import coral_loss, information_maximization
 from lit_modules.distillation.kd_loss import kd_kl_loss
@@ -75,7 +77,8 @@ class SourceFreeAdaptation(L.LightningModule):
         self._features: Tensor | None = None
         fc.register_forward_pre_hook(self._keep_features)
         self.source_x: Tensor | None = None  # (N, C, H, W) pixels
-        acc = torchmetrics.classification.MulticlassAccuracy(num_classes=self.source_model.num_classes or 10, average="micro")
+        acc = torchmetrics.classification.MulticlassAccuracy(num_classes=self.source_model.num_classes or 10,
+                                                             average="micro")
         self.val_acc, self.test_acc, self.test_source_acc = acc.clone(), acc.clone(), acc.clone()
 
     def _keep_features(self, module, inputs) -> None:
@@ -85,17 +88,14 @@ class SourceFreeAdaptation(L.LightningModule):
         return self.net(self.normalize(x))
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        k = self.source_model.num_classes
-        if k is not None and dm.num_classes != k:
-            raise CvlabError(f"source model {self.hparams.source_model} has {k} classes but the target "
-                             f"{type(dm).__name__} has {dm.num_classes}; adaptation keeps the label space")
+        task = check_task(f"source model {self.hparams.source_model}", task_of(self.trainer),
+                          "adaptation keeps the label space", num_classes=self.source_model.num_classes)
         if stage == "fit" and self.source is not None and self.source_x is None:
-            x, _ = self.source.load(dm, self.hparams.seed)  # at the target's (= the source model's) input shape
+            x, _ = self.source.load(task, self.hparams.seed)  # at the target's (= the source model's) input shape
             self.source_x = to_float(x)  # (N, C, H, W) pixels
-            if self.source_x.shape[1:] != tuple(dm.input_shape):
+            if self.source_x.shape[1:] != tuple(task.input_shape):
                 raise CvlabError(f"source samples of shape {tuple(self.source_x.shape[1:])} do not fit the target's "
-                                 f"{tuple(dm.input_shape)}")
+                                 f"{tuple(task.input_shape)}")
 
     def on_fit_start(self) -> None:
         if self.source_x is not None:
@@ -110,7 +110,7 @@ class SourceFreeAdaptation(L.LightningModule):
             logits_t = self(x_t)
             kd = coral = torch.zeros((), device=self.device)
         else:  # the same source draw on every rank (seeded by the step)
-            g = torch.Generator(device=self.device).manual_seed(hp.seed * 1_000_003 + self.global_step)
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(hp.seed, self.global_step))
             idx = torch.randint(self.source_x.shape[0], (hp.source_batch,), generator=g, device=self.device)
             x_s = self.source_x[idx]
             logits = self(torch.cat([x_s, x_t]))  # (S + B, K), one pass: BatchNorm sees both domains

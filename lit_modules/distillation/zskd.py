@@ -11,7 +11,7 @@ Lightning shards them over devices. Every batch is one optimisation of ``B`` ind
 loss is the *sum* of per-impression losses and Adam is element-wise, so each impression follows the
 same path as if it were optimised alone (the benchmark compares with a per-class loop). Each index's
 target and starting noise depend on ``(seed, index)`` only, so a resumed or multi-device run gives the
-same impressions as one uninterrupted run. :class:`callbacks.ShardWriter` stores them (pixel space).
+same impressions as one uninterrupted run. :class:`cvlab.artifacts.ShardWriter` stores them (pixel space).
 
 Any teacher works (:func:`lit_modules.teacher.load_teacher`): the impressions have the teacher's own
 input shape, and each is parametrised in the teacher's normalised input space ``u = (x - mean) / std``
@@ -19,8 +19,9 @@ input shape, and each is parametrised in the teacher's normalised input space ``
 are defined; the stored image is the pixel image ``x = u * std + mean``.
 
 Departure (the TF-port recipe, ``init: gaussian`` with ``pixel_l2``): the N(0, 1) start and the L2
-penalty taken from a public TF port act here in the teacher's *normalised* input space. In pixels the start is therefore N(mean, std^2) per channel (MNIST: N(0.13, 0.31^2)), not
-N(0, 1), and the penalty pulls the impressions towards the teacher's mean image, not towards black.
+penalty taken from a public TF port act here in the teacher's *normalised* input space. In pixels the
+start is therefore N(mean, std^2) per channel (MNIST: N(0.13, 0.31^2)), not N(0, 1), and the penalty
+pulls the impressions towards the teacher's mean image, not towards black.
 The "pixel" in ``pixel_l2`` / ``pixel_tv`` names the per-pixel penalty, not the space.
 """
 
@@ -35,13 +36,17 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.image_grid import log_image_grid
-from callbacks.metrics_json import merge_metrics
-from callbacks.shard_writer import check_manifest, with_shard_writer
-from datamodules.shards import all_shards_on_rank_zero, shard_folder
-from cvlab.errors import CvlabError
-from lit_modules.distillation.data_impressions import (Renormalize, class_similarity, dirichlet_targets, final_linear,
-                                          total_variation)
+from cvlab.artifacts import all_shards_on_rank_zero, check_manifest, merge_metrics, shard_folder, with_shard_writer
+from cvlab.image_log import log_image_grid
+from cvlab.seeding import mix_seed
+from cvlab.task import check_task, task_of
+from lit_modules.distillation.data_impressions import (
+    Renormalize,
+    class_similarity,
+    dirichlet_targets,
+    final_linear,
+    total_variation,
+)
 from lit_modules.distillation.kd_loss import soft_cross_entropy
 from lit_modules.teacher import TeacherArg, load_teacher, teacher_file_digest
 
@@ -51,7 +56,7 @@ def initial_images(indices: Tensor, shape: Sequence[int], init: str, seed: int) 
     ``uniform`` U(0, 1) pixels, ``gaussian`` N(0, 1) in the normalised space (returned as-is)."""
     out = torch.empty(len(indices), *shape)
     for row, i in enumerate(indices.tolist()):  # set-up only, outside the optimisation
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        g = torch.Generator().manual_seed(mix_seed(seed, i))
         if init == "uniform":
             out[row].uniform_(0, 1, generator=g)
         else:
@@ -146,14 +151,8 @@ class DataImpressionSynthesizer(L.LightningModule):
         if stage != "predict":
             return
         dm, hp = self.trainer.datamodule, self.hparams
-        k = self.similarity.shape[0]
-        if dm.num_classes != k:
-            raise CvlabError(f"teacher {hp.teacher} has {k} classes but the task {type(dm.task).__name__} has "
-                             f"{dm.num_classes}; use the teacher trained on that task")
-        c = self.teacher.spec.in_channels
-        if c is not None and c != dm.task.in_channels:
-            raise CvlabError(f"teacher {self.teacher.spec.weights} takes {c}-channel images but the task "
-                             f"{type(dm.task).__name__} has {dm.task.in_channels} channels; use the teacher trained on that task")
+        check_task(f"teacher {hp.teacher}", task_of(self.trainer), "use the teacher trained on that task",
+                   num_classes=self.similarity.shape[0], in_channels=self.teacher.spec.in_channels)
         targets, classes, betas = dirichlet_targets(self.similarity, dm.num_impressions, hp.betas, hp.beta_split,
                                                     hp.renormalize, hp.seed)
         self.register_buffer("targets", targets, persistent=False)  # (N, K), moved to the device with the module
@@ -168,7 +167,7 @@ class DataImpressionSynthesizer(L.LightningModule):
     @property
     def impression_shape(self) -> tuple[int, int, int]:
         """The teacher's input shape (its contract), else the task's."""
-        return self.teacher.input_shape or tuple(self.trainer.datamodule.task.input_shape)
+        return self.teacher.input_shape or tuple(task_of(self.trainer).input_shape)
 
     def on_predict_start(self) -> None:
         self._t0 = time.perf_counter()

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from cvlab.errors import CvlabError
-from lit_modules.explanation.attribution import check_methods, attribute, find_layer
+from cvlab.task import task_of
+from lit_modules.explanation.attribution import attribute, check_methods, find_layer
 from lit_modules.explanation.volume import (
     CORRECT_VARIANTS,
     GROUPS,
@@ -154,8 +155,8 @@ class ContextAttributionStudy(L.LightningModule):
         if dm is None or not hasattr(dm, "variant_names"):
             raise CvlabError("the context study needs a context-variants datamodule (datamodules.context_variants)")
         self.variant_names = list(dm.variant_names)
-        self.num_classes = int(dm.num_classes)
-        self.image_size = int(getattr(dm, "image_size", 224))
+        task = task_of(self.trainer)
+        self.num_classes, self.image_size = task.num_classes, task.image_size
         wanted = self.hparams.correct_variants or list(CORRECT_VARIANTS)
         self.correct_idx = [self.variant_names.index(v) for v in wanted if v in self.variant_names]
         if len(self.nets) == 0:
@@ -224,7 +225,7 @@ class ContextAttributionStudy(L.LightningModule):
         if self.trainer.is_global_zero:
             folder = Path(self.trainer.default_root_dir)
             write_report(rows, findings, folder, self.variant_names)
-            from callbacks.image_grid import log_image_grid
+            from cvlab.image_log import log_image_grid
 
             for key, grid in self.grids.items():
                 log_image_grid(self.trainer, f"heatmaps_{key}", grid, nrow=min(self.hparams.grid_images,
@@ -310,7 +311,8 @@ def judge_findings(rows: list[dict[str, Any]], variants: list[str]) -> list[dict
                 out.append({"finding": "d", "model": m, "method": meth,
                             "confirmed": min(ctx.values()) >= NONTRIVIAL_CONTEXT,
                             "evidence": ", ".join(f"{v} C/(O+C) {c:.3f}" for v, c in ctx.items())
-                                        + f" (uniform {1 - get[(m, meth, noinfo[0])]['all_uniform_object_share']:.3f})"})
+                                        + " (uniform "
+                                          f"{1 - get[(m, meth, noinfo[0])]['all_uniform_object_share']:.3f})"})
     return out
 
 

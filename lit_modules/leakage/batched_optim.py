@@ -66,7 +66,8 @@ class _Trials:
     def result(self, steps: int) -> BatchedResult:
         self._store()
         f = self.full
-        return BatchedResult(f["z"], f["loss"], _fill_curve(f["curve"], f["loss"]), f["evals"], f["step"].clamp(max=steps))
+        return BatchedResult(f["z"], f["loss"], _fill_curve(f["curve"], f["loss"]), f["evals"],
+                             f["step"].clamp(max=steps))
 
 
 def _fill_curve(curve: Tensor, loss: Tensor) -> Tensor:
@@ -122,7 +123,8 @@ def batched_lbfgs(
         cont = ~at_start & live
         evals_step = st["evals_step"] + cont
         opt = g.abs().amax(1) <= tolerance_grad
-        small = ((d * t[:, None]).abs().amax(1) <= tolerance_change) | ((loss - st["prev_loss"]).abs() < tolerance_change)
+        small = (((d * t[:, None]).abs().amax(1) <= tolerance_change)
+                 | ((loss - st["prev_loss"]).abs() < tolerance_change))
         brk = cont & ((evals_step >= max_eval) | opt | small)
         # this evaluation opens a new step: record the curve, apply the budget and the stopping rules
         start = (at_start & live) | brk

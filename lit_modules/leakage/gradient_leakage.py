@@ -65,7 +65,8 @@ def check_label_extraction_assumptions(net: nn.Module, example: Tensor) -> None:
         try:
             h, out = features_and_logits(net, example)
         except TypeError as e:
-            raise VictimAssumptionError(f"victim {name}: {e}, so iDLG's conditions cannot be checked; use method: dlg") from None
+            raise VictimAssumptionError(
+                f"victim {name}: {e}, so iDLG's conditions cannot be checked; use method: dlg") from None
         if not torch.allclose(out, fc(h), atol=1e-5, rtol=1e-4):
             raise VictimAssumptionError(
                 f"victim {name}'s output is not its final linear layer applied to its features: the linear layer "
@@ -97,7 +98,8 @@ class StackedVictims:
         params, _ = stack_module_state(list(nets))
         layer = classifier_layer(nets[0])
         if layer is None:
-            raise VictimAssumptionError(f"victim {type(nets[0]).__name__} has no final nn.Linear (iDLG reads labels from it)")
+            raise VictimAssumptionError(
+                f"victim {type(nets[0]).__name__} has no final nn.Linear (iDLG reads labels from it)")
         fc = layer.weight
         name = next(n for n, p in nets[0].named_parameters() if p is fc)
         return cls(nets[0], {k: v.detach() for k, v in params.items()}, name)
@@ -137,7 +139,8 @@ class SharedVictim:
             p.requires_grad_(True)
         layer = classifier_layer(base)
         if layer is None:
-            raise VictimAssumptionError(f"victim {type(base).__name__} has no final linear layer (iDLG reads labels from it)")
+            raise VictimAssumptionError(
+                f"victim {type(base).__name__} has no final linear layer (iDLG reads labels from it)")
         ptr = layer.weight.data_ptr()
         self.fc_weight = next(n for n, p in self.params.items() if p.data_ptr() == ptr)
 

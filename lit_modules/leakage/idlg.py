@@ -7,7 +7,7 @@
 
 ``cvlab predict``: every batch holds ``T`` independent trials (a fresh victim network seeded by the
 trial's global index, its private examples, a dummy start), attacked together in one vectorised
-computation; :class:`callbacks.ShardWriter` stores the per-trial results and, at the end, rank 0 writes
+computation; :class:`cvlab.artifacts.ShardWriter` stores the per-trial results and, at the end, rank 0 writes
 ``attack/*`` summary metrics to ``<run folder>/metrics.json`` and a grid of originals over reconstructions.
 """
 
@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.image_grid import log_image_grid
-from callbacks.metrics_json import merge_metrics
-from callbacks.shard_writer import check_manifest, with_shard_writer
-from cvlab.errors import CvlabError
-from datamodules.shards import all_shards_on_rank_zero, shard_folder
+from cvlab.artifacts import all_shards_on_rank_zero, check_manifest, merge_metrics, shard_folder, with_shard_writer
+from cvlab.image_log import log_image_grid
+from cvlab.seeding import mix_seed
+from cvlab.task import check_task, task_of
 from lit_modules.leakage.batched_optim import BatchedResult, batched_adam, batched_lbfgs
 from lit_modules.leakage.gradient_leakage import (
     Method,
@@ -97,19 +96,19 @@ class LeakageAttack(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "predict":
             return
-        dm = self.trainer.datamodule
+        dm, task = self.trainer.datamodule, task_of(self.trainer)
         if self.hparams.num_classes is None:
-            self.hparams.num_classes = dm.num_classes
-        if self.victim is not None and self.victim.num_classes not in (None, self.hparams.num_classes):
-            raise CvlabError(f"victim {self.victim.spec.weights} has {self.victim.num_classes} classes but the data has "
-                             f"{self.hparams.num_classes}")
-        shape = self.victim.input_shape if self.victim is not None else None
-        if shape is not None and tuple(shape) != tuple(getattr(dm.source, "input_shape", shape)):
-            raise CvlabError(f"victim {self.victim.spec.weights} takes {shape} images but the data gives "
-                             f"{tuple(dm.source.input_shape)}; set the source's image_size to match")
+            self.hparams.num_classes = task.num_classes
+        check_task("the attack", task, num_classes=self.hparams.num_classes)
+        if self.victim is not None:
+            shape = self.victim.input_shape
+            check_task(f"victim {self.victim.spec.weights}", task, "set the source's image_size / channels to match",
+                       num_classes=self.victim.num_classes, in_channels=None if shape is None else shape[0],
+                       image_size=None if shape is None else shape[-1])
         if self.trainer.is_global_zero:  # a shard folder holds the results of one config only
             fp = {**{f"model.{k}": v for k, v in self.hparams.items() if k != "grid_trials"},
-                  **{f"data.{k}": v for k, v in getattr(dm, "hparams", {}).items() if k not in ("trials_per_batch", "num_trials")},
+                  **{f"data.{k}": v for k, v in getattr(dm, "hparams", {}).items()
+                     if k not in ("trials_per_batch", "num_trials")},
                   "data.source": type(getattr(dm, "source", dm)).__name__}
             check_manifest(shard_folder(self.trainer), fp)
         self.trainer.strategy.barrier()
@@ -126,7 +125,7 @@ class LeakageAttack(L.LightningModule):
         nets, z0 = [], []
         for t in trials.tolist():  # set-up only: T small networks
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.hparams.seed * 1_000_003 + t)
+                torch.manual_seed(mix_seed(self.hparams.seed, t))
                 if self.victim is None:
                     nets.append(create_net(self.hparams.arch, K, C, H, **self.arch_kwargs))
                 z0.append(torch.randn(n_z))  # dummy x ~ N(0, 1) (and DLG's label logits)
@@ -138,7 +137,8 @@ class LeakageAttack(L.LightningModule):
             return StackedVictims.from_nets([base.to(self.device)] * len(z0)), z0
         return StackedVictims.from_nets([n.to(self.device) for n in nets]), torch.stack(z0).to(self.device)
 
-    def attack(self, victims: StackedVictims, shared: list[Tensor], z0: Tensor, shape: tuple[int, ...]) -> tuple[BatchedResult, Tensor]:
+    def attack(self, victims: StackedVictims, shared: list[Tensor], z0: Tensor,
+               shape: tuple[int, ...]) -> tuple[BatchedResult, Tensor]:
         """The attacker's side: from the shared gradients and the architecture only. Returns the
         optimiser's result and the labels it attributes (extracted for iDLG, argmax of the soft label for DLG)."""
         hp, B, K = self.hparams, shape[0], self.hparams.num_classes
@@ -210,7 +210,8 @@ class LeakageAttack(L.LightningModule):
         n = min(self.hparams.grid_trials, r["index"].numel())
         orig = r["original"][:n].flatten(0, 1).float() / 255
         rec = r["reconstruction"][:n].flatten(0, 1).clamp(0, 1)
-        log_image_grid(self.trainer, "attack/originals_over_reconstructions", torch.cat([orig, rec]), nrow=orig.shape[0])
+        log_image_grid(self.trainer, "attack/originals_over_reconstructions", torch.cat([orig, rec]),
+                       nrow=orig.shape[0])
 
 
 def summarize(r: dict[str, Tensor]) -> dict[str, float]:

@@ -1,0 +1,119 @@
+"""Results records and the page rendered from them (cvlab.records, `cvlab results`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cvlab.errors import CvlabError
+from cvlab.records import (
+    Metric,
+    Record,
+    format_metric,
+    load_record,
+    mean_sd,
+    portable,
+    record_from_seeds,
+    render_results,
+    render_table,
+    save_record,
+)
+from experiments.results import main as results_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_results_page_is_the_rendering_of_the_records() -> None:
+    """docs/RESULTS.md is generated: edit docs/results/ and run `uv run cvlab results`."""
+    assert (ROOT / "docs" / "RESULTS.md").read_text() == render_results(ROOT / "docs" / "results")
+
+
+def test_every_committed_record_loads_and_has_a_portable_command() -> None:
+    records = sorted((ROOT / "docs" / "results").glob("*/*.json"))
+    assert len(records) >= 20
+    for p in records:
+        r = load_record(p)
+        assert r.command and "/work/" not in r.command and "/tmp/" not in r.command, p
+        assert p.parent.name == r.section, f"{p}: section {r.section!r} is not its folder"
+
+
+def test_mean_sd_and_format_worked_answers() -> None:
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_sd([5.0]) == (5.0, 0.0)
+    m = Metric(key="acc", scale=100, digits=2)
+    assert format_metric(m, [0.9764, 0.9808, 0.9752]) == "97.75 +- 0.29: 97.64 / 98.08 / 97.52"
+    assert format_metric(m, [0.5]) == "50.00"
+
+
+def test_table_marks_old_protocol_and_judges_the_bar() -> None:
+    cur = Record(section="s", setting="new", values={"a": [97.0, 99.0]}, seeds=[0, 1], command="c",
+                 report=[Metric(key="a", label="acc", paper=98.77, bar=98.5)])
+    old = Record(section="s", setting="legacy", values={"a": [99.0]}, protocol="old", command="c",
+                 report=[Metric(key="a", label="acc", bar=98.5)])
+    table = render_table([cur, old])
+    assert "| new | acc | **98.00 +- 1.41**: 97.00 / 99.00 | 98.77 (bar 98.5: missed) |" in table
+    assert "| *old protocol:* legacy | acc | 99.00 | - (bar 98.5: met) |" in table
+
+
+def test_bad_records_are_one_line_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CvlabError, match="reported metric 'b' has no values"):
+        Record(section="s", setting="x", values={"a": [1.0]}, report=[Metric(key="b")], command="c")
+    with pytest.raises(CvlabError, match="2 seeds but"):
+        Record(section="s", setting="x", values={"a": [1.0]}, seeds=[0, 1], report=[Metric(key="a")], command="c")
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"section": "s", "setting": "x", "values": {}, "report": [], "command": "c", "typo": 1}))
+    with pytest.raises(CvlabError, match=r"r\.json: .*typo"):
+        load_record(p)
+    p.write_text("{not json")
+    with pytest.raises(CvlabError, match="not a readable results record"):
+        load_record(p)
+
+
+def test_sections_render_placeholders_and_refuse_orphans(tmp_path: Path) -> None:
+    (tmp_path / "01-a").mkdir()
+    save_record(Record(section="01-a", setting="one", values={"k": [1.0]}, report=[Metric(key="k")], command="c",
+                       group="g"), tmp_path / "01-a" / "x.json")
+    (tmp_path / "01-a.md").write_text("## A\n\n{{table:g}}\n")
+    page = render_results(tmp_path)
+    assert "## A" in page and "| one | k | 1.00 |" in page
+    (tmp_path / "01-a.md").write_text("## A\n\nno table\n")
+    with pytest.raises(CvlabError, match="shown by no"):
+        render_results(tmp_path)
+    (tmp_path / "01-a.md").write_text("## A\n\n{{table:other}}\n")
+    with pytest.raises(CvlabError, match="has no records"):
+        render_results(tmp_path)
+
+
+def test_check_fails_on_a_stale_page(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "01-a").mkdir()
+    save_record(Record(section="01-a", setting="one", values={"k": [1.0]}, report=[Metric(key="k")], command="c"),
+                tmp_path / "01-a" / "x.json")
+    (tmp_path / "01-a.md").write_text("## A\n\n{{table}}\n")
+    page = tmp_path / "R.md"
+    assert results_main(["--dir", str(tmp_path), "--out", str(page)]) == 0
+    assert results_main(["--dir", str(tmp_path), "--out", str(page), "--check"]) == 0
+    page.write_text(page.read_text().replace("1.00", "2.00"))
+    assert results_main(["--dir", str(tmp_path), "--out", str(page), "--check"]) == 1
+    assert "is not the rendering" in capsys.readouterr().out
+
+
+def test_record_from_seeds_reports_the_paper_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CVLAB_DATA", "/data/root")
+    spec = {"name": "zskd_mnist", "paper": {"student:test/acc": 0.9877},
+            "record": {"section": "02-zskd", "setting": "MNIST", "budget": "short"}}
+    per_seed = {s: {"teacher": {"test/acc": 0.99, "fit/wall_s": 60.0},
+                    "student": {"test/acc": 0.97 + s / 100, "val/acc": 0.96, "train/loss": 0.1}} for s in (0, 1)}
+    r = record_from_seeds(spec, per_seed, "uv run cvlab run p.yaml --set x=/data/root/MNIST", wall_s={0: 600, 1: 720})
+    assert r.section == "02-zskd" and r.setting == "MNIST" and r.seeds == [0, 1]
+    assert r.values["student:test/acc"] == [0.97, 0.98] and "student:train/loss" not in r.values
+    assert "student:val/acc" in r.values and [m.key for m in r.report] == ["student:test/acc"]
+    assert r.report[0].scale == 100 and r.report[0].paper == pytest.approx(98.77)
+    assert r.command == "uv run cvlab run p.yaml --set x=<data>/MNIST" and r.wall == "10-12 min per seed"
+
+
+def test_portable_drops_this_machines_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert portable(f"cvlab run {tmp_path}/p.yaml --root {tmp_path}", data_root="/d") == "cvlab run p.yaml --root ."
+    assert portable("x /d/MNIST", data_root="/d") == "x <data>/MNIST"
