@@ -261,6 +261,8 @@ def export_torchscript(net: nn.Module, path: str | os.PathLike, spec: TeacherSpe
 def find_state_dict(obj: dict[str, Any], where: str) -> dict[str, Tensor]:
     """The ``{key: tensor}`` state_dict in a loaded checkpoint: ``obj`` itself, or nested (two levels at most)
     under one of :data:`STATE_DICT_KEYS` (``{"state_dict": ...}``, ``{"model": {"state_dict": ...}}``)."""
+    if isinstance(obj, dict) and not obj:
+        return {}  # the state_dict of a network without parameters: strict loading decides
     todo = [obj]
     for _ in range(3):
         nxt = []
