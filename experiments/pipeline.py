@@ -62,7 +62,7 @@ from typing import Any
 import yaml
 
 from cvlab.errors import CvlabError
-from cvlab.records import record_from_seeds, save_record
+from cvlab.records import mean_sd, record_from_seeds, save_record
 
 _COMMANDS = ("fit", "validate", "test", "predict")
 #: set by SIGTERM (a SLURM requeue or preemption): the stage running then stopped early, even when it exits 0
@@ -477,8 +477,7 @@ def seed_summary(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, 
     out = {}
     for key, vs in values.items():
         n = len(vs)
-        mean = sum(vs) / n
-        sd = (sum((v - mean) ** 2 for v in vs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+        mean, sd = mean_sd(vs)
         out[key] = {"mean": mean, "sd": sd, "min": min(vs), "max": max(vs), "n": n, "values": vs}
     return out
 
