@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from cvlab.errors import CvlabError
 from cvlab.image_ops import denormalize, normalize, random_crop, random_hflip, resize, to_float
 from cvlab.task import TaskSpec
+from datamodules.class_balanced import ClassBalancedImages, Split
 from datamodules.data_root import resolve_data_dir
 
 Augment = Literal["none", "crop", "flip", "crop_flip"]
@@ -287,6 +288,16 @@ class TensorImageDataModule(L.LightningDataModule):
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.image_size, self.image_size)
+
+    def class_images(self, split: Split = "train") -> ClassBalancedImages:
+        """The ``split``'s images indexed by class, for class-balanced [0, 1] pixel draws
+        (:class:`datamodules.class_balanced.ClassImageSource`); built once per split after :meth:`setup`."""
+        self.setup("fit" if split == "train" else "test")
+        cache = self.__dict__.setdefault("_class_images", {})
+        if split not in cache:
+            x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+            cache[split] = ClassBalancedImages(x, y, self.num_classes)
+        return cache[split]
 
     @property
     def task_spec(self) -> TaskSpec:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cvlab.errors import CvlabError
 
-__all__ = ["CvlabError", "DatasetCorruptError", "DatasetNotFoundError"]
+__all__ = ["CvlabError", "DatasetCorruptError", "DatasetNotFoundError", "UnofficialDataWarning"]
 
 
 class DatasetNotFoundError(CvlabError, FileNotFoundError):
@@ -13,3 +13,7 @@ class DatasetNotFoundError(CvlabError, FileNotFoundError):
 
 class DatasetCorruptError(CvlabError, ValueError):
     """A dataset file is truncated, damaged, or holds something other than plain data (e.g. a crafted pickle)."""
+
+
+class UnofficialDataWarning(UserWarning):
+    """A data file is read although its MD5 is not the official release's (re-packed, rebuilt or generated data)."""

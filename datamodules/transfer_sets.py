@@ -7,9 +7,10 @@
 * :class:`TransferSetDataModule`: a pool for training, the teacher's task for evaluation (validation
   on its held-out training images, test on its test split), and optional target-class balancing (Nayak, Mopuri,
   Chakraborty, "Effectiveness of arbitrary transfer sets for data-free knowledge distillation", WACV 2021,
-  arXiv 2011.09113): the
-  pool goes through the teacher and an equal number of its most confident examples is kept per
-  teacher-predicted class; ``balance: none`` is the unbalanced control.
+  arXiv 2011.09113): the selection stage
+  (:class:`lit_modules.distillation.ArbitraryTransferSetSelection`, ``cvlab predict`` over this datamodule's
+  pool) writes ``selection.pt``, and ``balance: confidence`` with ``selection: <that file>`` trains on the
+  examples it kept; ``balance: none`` is the unbalanced control. The datamodule never runs a network.
 
 Pools yield pixel-space images (uint8, or float for impressions) and labels, ``-1`` where a pool has
 none; the datamodule normalises them with the task's statistics, as the teacher saw its data.
@@ -17,7 +18,9 @@ none; the datamodule normalises them with the task's statistics, as the teacher 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from cvlab.artifacts import load_shards, pending_indices, shard_folder
 from cvlab.errors import CvlabError
-from cvlab.image_ops import denormalize, resize, to_float
+from cvlab.image_ops import denormalize, resize
 from cvlab.task import TaskSpec, task_spec
 from datamodules.base import TensorImageDataModule
 
@@ -37,15 +40,55 @@ class TransferSetError(CvlabError):
     """A transfer set does not fit the teacher's task."""
 
 
-def balance_by_confidence(pred: Tensor, conf: Tensor, num_classes: int, per_class: int) -> Tensor:
-    """Indices keeping the ``per_class`` most confident examples of each predicted class (fewer where a
-    class has fewer), sorted. ``pred, conf: (N,)``; no loop over classes."""
-    by_conf = conf.argsort(descending=True, stable=True)  # (N,)
-    order = by_conf[pred[by_conf].argsort(stable=True)]  # grouped by class, most confident first
-    counts = torch.bincount(pred, minlength=num_classes)  # (K,)
-    first = counts.cumsum(0) - counts  # start of each class's group
-    rank = torch.arange(pred.numel(), device=pred.device) - first[pred[order]]  # rank within class
-    return order[rank < per_class].sort().values
+#: the selection stage's artifact in its run folder
+SELECTION_FILE = "selection.pt"
+#: the ``kind`` entry that marks a file as a transfer-set selection
+SELECTION_KIND = "cvlab.transfer_set_selection/1"
+
+
+def pool_fingerprint(x: Tensor, y: Tensor) -> str:
+    """A short SHA-256 of a pool's images ``(N, C, H, W)`` and labels ``(N,)``: same pool, same fingerprint."""
+    h = hashlib.sha256()
+    for t in (x, y):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def selection_record(index: Tensor, pred: Tensor, conf: Tensor, pool_size: int, fingerprint: str,
+                     num_classes: int, per_class: int) -> dict[str, object]:
+    """What ``selection.pt`` holds: the kept pool ``index (M,)`` (ascending), the teacher-predicted class
+    ``pred (M,)`` and confidence ``conf (M,)`` of each, and the pool it was chosen from."""
+    return {"kind": SELECTION_KIND, "index": index.long(), "pred": pred.long(), "conf": conf.float(),
+            "pool_size": int(pool_size), "pool_fingerprint": fingerprint, "num_classes": int(num_classes),
+            "per_class": int(per_class)}
+
+
+def read_selection(path: str | Path, pool_size: int, fingerprint: str) -> Tensor:
+    """The ascending pool indices of a selection file, checked against the pool ``(pool_size, fingerprint)``
+    it is applied to; one line when the file is missing, unreadable or was chosen from another pool."""
+    path = Path(path)
+    if not path.is_file():
+        raise TransferSetError(f"selection file not found: {path}; run the selection stage "
+                               "(cvlab predict with lit_modules.distillation.ArbitraryTransferSetSelection) first")
+    try:
+        r = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise TransferSetError(f"selection file {path} is truncated or not a torch file ({type(e).__name__}); "
+                               "delete it and run the selection stage again") from None
+    if not isinstance(r, dict) or r.get("kind") != SELECTION_KIND:
+        raise TransferSetError(f"{path} is not a transfer-set selection (no kind {SELECTION_KIND!r}); "
+                               "give the selection.pt of an ArbitraryTransferSetSelection run")
+    if r["pool_size"] != pool_size or r["pool_fingerprint"] != fingerprint:
+        raise TransferSetError(
+            f"selection {path} was chosen from another pool ({r['pool_size']} images, fingerprint "
+            f"{r['pool_fingerprint']}) than this one ({pool_size}, {fingerprint}); run the selection stage with "
+            "this datamodule's pool and seed"
+        )
+    index = r["index"]
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= pool_size):
+        raise TransferSetError(f"selection {path} has indices outside its pool of {pool_size}; it is corrupt")
+    return index
 
 
 def as_task_spec(task: TaskSpec | TensorImageDataModule) -> TaskSpec:
@@ -156,10 +199,13 @@ class TransferSetDataModule(TensorImageDataModule):
         task: the teacher's datamodule (its validation split, test split, image shape and normalisation
             are used; its ``val_size`` sets the validation split, 0 validates on its test split).
         pool: where the training images come from.
-        balance: ``confidence`` keeps ``per_class`` most confident examples per teacher-predicted class
-            (WACV 2021); ``none`` keeps the pool as it is (the unbalanced control).
-        per_class: examples per class when balancing.
+        balance: ``confidence`` trains on the target-class balanced examples of ``selection`` (WACV 2021);
+            ``none`` on the pool as it is (the unbalanced control).
+        selection: with ``balance: confidence``, the ``selection.pt`` that the selection stage
+            (:class:`lit_modules.distillation.ArbitraryTransferSetSelection`) wrote for this same pool and seed.
         batch_size, eval_batch_size, num_workers, seed: as in :class:`TensorImageDataModule`.
+
+    ``predict`` yields the whole pool in order as ``(images, pool indices)``: what the selection stage reads.
     """
 
     def __init__(
@@ -167,7 +213,7 @@ class TransferSetDataModule(TensorImageDataModule):
         task: TensorImageDataModule,
         pool: TransferPool,
         balance: Literal["none", "confidence"] = "none",
-        per_class: int | None = None,
+        selection: str | None = None,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -175,12 +221,16 @@ class TransferSetDataModule(TensorImageDataModule):
     ) -> None:
         super().__init__(data_dir=str(task.data_dir), batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, augment="none", image_size=task.image_size, seed=seed)
-        if balance == "confidence" and not per_class:
-            raise TransferSetError("balance: confidence needs per_class (examples kept per predicted class)")
-        self.task, self.pool, self.balance, self.per_class = task, pool, balance, per_class
+        if balance == "confidence" and not selection:
+            raise TransferSetError("balance: confidence trains on a selection: set --data.init_args.selection to the "
+                                   "selection.pt of the selection stage (ArbitraryTransferSetSelection)")
+        if balance == "none" and selection:
+            raise TransferSetError(f"selection {selection} is given but balance is none; set balance: confidence to "
+                                   "train on it, or drop the selection for the unbalanced control")
+        self.task, self.pool, self.balance, self.selection = task, pool, balance, selection
         self.num_classes, self.in_channels = task.num_classes, task.in_channels
         self.mean, self.std = task.mean, task.std
-        self.selection_stats: dict[str, float] = {}
+        self._pool_fingerprint: tuple[int, str] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_x is not None:
@@ -188,31 +238,30 @@ class TransferSetDataModule(TensorImageDataModule):
         self.task.setup(stage)
         self.test_x, self.test_y = self.task.test_x, self.task.test_y
         self.val_x, self.val_y = self.task.val_x, self.task.val_y  # the test split only under val_size 0
-        self.train_x, self.train_y = self.pool.load(self.task, self.seed)
+        x, y = self.pool.load(self.task, self.seed)
+        if self.selection:
+            keep = read_selection(self.selection, *self._fingerprint(x, y))  # (M,) ascending pool indices
+            x, y = x[keep], y[keep]
+        self.train_x, self.train_y = x, y
 
-    @torch.no_grad()
-    def select_with_teacher(self, teacher: Callable[[Tensor], Tensor], device: torch.device) -> None:
-        """Pass the pool through ``teacher`` and, when balancing, keep ``per_class`` per predicted class.
-        Records the predicted-class histogram in :attr:`selection_stats` either way."""
-        self.setup("fit")
-        preds, confs = [], []
-        for i in range(0, self.train_x.shape[0], self.eval_batch_size):
-            x = to_float(self.train_x[i : i + self.eval_batch_size].to(device))  # pixels: the teacher normalises
-            p = teacher(x).float().softmax(-1)  # (B, K)
-            c, k = p.max(-1)
-            preds.append(k.cpu())
-            confs.append(c.cpu())
-        pred, conf = torch.cat(preds), torch.cat(confs)
-        before = torch.bincount(pred, minlength=self.num_classes)
-        if self.balance == "confidence":
-            keep = balance_by_confidence(pred, conf, self.num_classes, self.per_class)
-            self.train_x, self.train_y, pred = self.train_x[keep], self.train_y[keep], pred[keep]
-        after = torch.bincount(pred, minlength=self.num_classes)
-        self.selection_stats = {
-            "data/pool_size": float(before.sum()), "data/transfer_size": float(after.sum()),
-            "data/pool_classes_predicted": float((before > 0).sum()),
-            "data/transfer_min_per_class": float(after.min()), "data/transfer_max_per_class": float(after.max()),
-        }
+    def _fingerprint(self, x: Tensor, y: Tensor) -> tuple[int, str]:
+        self._pool_fingerprint = (x.shape[0], pool_fingerprint(x, y))
+        return self._pool_fingerprint
+
+    def pool_fingerprint(self) -> tuple[int, str]:
+        """``(size, fingerprint)`` of the whole pool (before any selection), as stored in a selection file."""
+        self.setup("predict")
+        if self._pool_fingerprint is None:
+            self._fingerprint(self.train_x, self.train_y)
+        return self._pool_fingerprint
+
+    def predict_dataloader(self) -> DataLoader:
+        """The whole pool in order, as ``(uint8 images, pool indices)`` batches of ``eval_batch_size``."""
+        if self.selection:
+            raise TransferSetError("the selection stage predicts over the whole pool: drop data.init_args.selection "
+                                   "(and balance) from its config")
+        self.setup("predict")
+        return self._loader(self.train_x, torch.arange(self.train_x.shape[0]), train=False)
 
 
 class ImpressionTargets(L.LightningDataModule):

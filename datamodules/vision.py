@@ -20,8 +20,9 @@ Data files are untrusted input, like checkpoints. CIFAR's python pickles are nev
 ``pickle.load``: :func:`read_pickled_batch` unpickles with :class:`DataUnpickler`, which admits only
 the builtins and numpy array types those files hold, so a crafted batch cannot run code; each file's
 MD5 is compared with the official release's, and a file that differs (re-packed or generated data in
-the same format) is still read, only ever through the restricted unpickler, and checked for the
-release's structure. A damaged, truncated or foreign file fails with one line naming it
+the same format, e.g. the CIFAR-10 JPEG stand-in) is still read, only ever through the restricted unpickler,
+and checked for the release's structure, with an :class:`datamodules.errors.UnofficialDataWarning` naming it.
+A damaged, truncated or foreign file fails with one line naming it
 (:class:`datamodules.errors.DatasetCorruptError`); so does a truncated or foreign MNIST file. Missing files with
 ``download=False`` raise :class:`datamodules.errors.DatasetNotFoundError` before anything is read,
 never touching the network; a download that fails (no network) says so in one line.
@@ -36,6 +37,7 @@ import io
 import os
 import pickle
 import urllib.error
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,7 +49,7 @@ import torchvision.datasets as tvd
 from torch import Tensor
 
 from datamodules.base import Augment, TensorImageDataModule, ValSize
-from datamodules.errors import CvlabError, DatasetCorruptError, DatasetNotFoundError
+from datamodules.errors import CvlabError, DatasetCorruptError, DatasetNotFoundError, UnofficialDataWarning
 from datamodules.longtail import long_tail_counts, long_tail_indices
 
 __all__ = [
@@ -154,7 +156,8 @@ def read_pickled_batch(path: str | os.PathLike, dataset: str, official_md5: str 
 
     Returns the file's dict with ``str`` keys. With ``official_md5`` the file's MD5 is compared first:
     a match is the official release; anything else is read all the same, only through the restricted
-    unpickler. Raises :class:`DatasetCorruptError` (one line naming the file) when the file holds
+    unpickler, after an :class:`UnofficialDataWarning` naming the file (a warning, never an error).
+    Raises :class:`DatasetCorruptError` (one line naming the file) when the file holds
     anything but plain data, is truncated, or is not a dict.
     """
     path = Path(path)
@@ -163,7 +166,15 @@ def read_pickled_batch(path: str | os.PathLike, dataset: str, official_md5: str 
         data = path.read_bytes()
     except OSError as e:
         raise DatasetCorruptError(f"cannot read {where}: {e.strerror or e}") from None
-    official = official_md5 is not None and hashlib.md5(data, usedforsecurity=False).hexdigest() == official_md5
+    digest = hashlib.md5(data, usedforsecurity=False).hexdigest() if official_md5 is not None else None
+    official = official_md5 is not None and digest == official_md5
+    if official_md5 is not None and not official:
+        warnings.warn(
+            f"{where} is not the official release (MD5 {digest}, official {official_md5}); "
+            "reading it all the same, through the restricted unpickler",
+            UnofficialDataWarning,
+            stacklevel=2,
+        )
     try:
         obj = DataUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as e:

@@ -20,21 +20,23 @@ library warnings, silenced by default.
 Start-up: this module imports no torch or Lightning. ``--help`` and the config-file checks (missing,
 empty, not YAML) answer at once; :mod:`experiments.lightning_cli` (the LightningCLI half, whose names are
 re-exported here lazily: ``from experiments.cli import CvlabCLI`` works) is imported only to run a command.
+
+Imports: this module is the top of the command layer. What the commands share (the one-line error and warning,
+the config-file checks, :class:`OneLineArgumentParser`) lives in :mod:`experiments.command_line`, which imports
+none of them (re-exported here: the old ``from experiments.cli import user_error_line`` works), so
+``cli -> sweep -> pipeline -> lightning_cli -> run_folder`` import one way (``tests/test_layering.py``).
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import re
 import sys
-import urllib.error
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from cvlab.errors import CvlabError
+from experiments.command_line import check_config_files as check_config_files  # re-exported: the old paths
+from experiments.command_line import one_line_warning as _one_line_warning
+from experiments.command_line import user_error_line as user_error_line
 
 #: names of :mod:`experiments.lightning_cli` that this module re-exports (imported on first use)
 _LAZY = ("CvlabCLI", "RunFolderConfig", "RunFolderError", "ConfigValueError", "ConfigKeyError",
@@ -48,47 +50,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(lightning_cli, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _config_files(argv: list[str]) -> list[str]:
-    """The values of ``--config X``, ``--config=X`` and ``-c X`` on a command line."""
-    out = []
-    for i, a in enumerate(argv):
-        if a in ("--config", "-c") and i + 1 < len(argv):
-            out.append(argv[i + 1])
-        elif a.startswith("--config="):
-            out.append(a.split("=", 1)[1])
-    return out
-
-
-def check_config_files(argv: list[str]) -> None:
-    """Every ``--config`` file exists and is a non-empty YAML mapping; else one line naming the file (before
-    any heavy import). A value that is not a file name (inline YAML such as ``{trainer: ...}``) is left to
-    the parser."""
-    import yaml
-
-    for value in _config_files(argv):
-        path = Path(value)
-        if not path.is_file():
-            if value.lstrip().startswith(("{", "[")) or "\n" in value or ": " in value:
-                continue
-            where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
-            raise CvlabError(f"config file not found: {value}{where}")
-        try:
-            content = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise CvlabError(f"config file {value} is not valid YAML: {problem}{at}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise CvlabError(f"cannot read config file {value}: {e}") from None
-        if content is None:
-            raise CvlabError(f"config file {value} is empty; a config names at least model: and data: "
-                             "(see experiments/quickstart.yaml)")
-        if not isinstance(content, dict):
-            raise CvlabError(f"config file {value} holds a {type(content).__name__}, not a mapping of keys "
-                             "(model:, data:, trainer:, ...)")
 
 
 HELP = """usage: cvlab {fit,validate,test,predict,run,bench,results,sweep} ...
@@ -110,59 +71,6 @@ Lightning's banners and library warnings.
 """
 
 
-def _chain(e: BaseException) -> Iterator[BaseException]:
-    """``e`` and every exception it was raised from or during, breadth first, each once."""
-    seen, todo = set(), [e]
-    while todo:
-        x = todo.pop(0)
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        yield x
-        todo += [c for c in (x.__cause__, x.__context__) if c is not None]
-
-
-def _one_line(text: str) -> str:
-    """``text`` on one line, without terminal colour codes."""
-    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(text)).split())
-
-
-def user_error_line(e: BaseException) -> str | None:
-    """The one line to print for a user's mistake, or None for a bug (which keeps its traceback)."""
-    chain = list(_chain(e))
-    for x in chain:
-        if isinstance(x, CvlabError):
-            return _one_line(str(x))
-    for x in chain:
-        if isinstance(x, OSError) and x.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return _one_line(
-                f"cannot write {x.filename or 'a file'}: {x.strerror}; choose a writable --run.root or --run.dir "
-                "(or fix the folder's permissions)"
-            )
-        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
-            return _one_line(
-                f"no space left writing {x.filename or 'a file'}: {x.strerror}; free space or choose another --run.root"
-            )
-        if isinstance(x, RuntimeError) and ("channels, but got" in str(x) or "shapes cannot be multiplied" in str(x)):
-            return _one_line(
-                f"a network does not accept the data's images ({str(x).splitlines()[0]}); check that the model's or "
-                "teacher's in_channels, image_size and num_classes match the data's"
-            )
-        if isinstance(x, urllib.error.URLError):
-            return _one_line(
-                f"network unreachable ({x.reason}); run where there is a network, or use files already on disk"
-            )
-        if type(x).__name__ == "MisconfigurationException":  # Lightning's word for a config that cannot run
-            return _one_line(str(x).strip().splitlines()[0] if str(x).strip() else "invalid trainer configuration")
-        if isinstance(x, RuntimeError) and str(x).startswith("Error(s) in loading state_dict for "):
-            lines = [ln.strip() for ln in str(x).splitlines() if ln.strip()]
-            return _one_line(f"the checkpoint does not fit the model: {' '.join(lines[:3])[:400]}; configure the model "
-                             "as it was trained (its run folder's config.yaml), or pass another --ckpt_path")
-        if isinstance(x, ValueError) and re.match(r"Invalid [a-z_ ]+(value|rate|parameter)", str(x)):
-            return _one_line(f"invalid optimiser setting: {x}")
-    return None
-
-
 def _quiet_third_parties(verbose: bool = False) -> None:
     """Silence what is noise for a cvlab user: LightningCLI's args-and-argv warning (cvlab passes
     ``args`` on purpose) and wandb's console chatter (cvlab prints the run folder and the sync command);
@@ -172,12 +80,6 @@ def _quiet_third_parties(verbose: bool = False) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         os.environ.setdefault("WANDB_CONSOLE", "off")
     os.environ.setdefault("WANDB_DISABLE_GIT", "true")
-
-
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      line: str | None = None) -> str:
-    """A warning as one ``cvlab: warning: ...`` line (Python's default adds the file and the source line)."""
-    return f"cvlab: warning: {_one_line(str(message)).removeprefix('cvlab: ')}\n"
 
 
 def _is_set(name: str) -> bool:

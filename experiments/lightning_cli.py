@@ -46,6 +46,7 @@ from callbacks.safety import RngStateCheckpoint, StopOnDivergence, StopOnNonFini
 from callbacks.slurm_requeue import DropFinishedHpcCheckpoints
 from cvlab.artifacts import KeepPreviousCheckpointIO, readable_checkpoint
 from cvlab.errors import CvlabError
+from experiments.command_line import check_config_files, one_line_warning, user_error_line
 from experiments.run_folder import RunFolderLock, check_run_name, config_hash, make_logger
 
 
@@ -77,9 +78,7 @@ def quiet_lightning(verbose: bool) -> None:
         return
     from lightning.fabric.utilities.warnings import PossibleUserWarning
 
-    from experiments.cli import _one_line_warning
-
-    warnings.formatwarning = _one_line_warning  # Lightning's import put its own "file:line: message" format in
+    warnings.formatwarning = one_line_warning  # Lightning's import put its own "file:line: message" format in
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -244,6 +243,18 @@ def _type_error(message: str, argv: list[str]) -> str | None:
     return f"--{m.group(1)} expects {' or '.join(names) or 'null'}{null}{got}"
 
 
+def _moved_line(key: str, message: str, argv: list[str]) -> str | None:
+    """The one line a class gives for a constructor argument that moved elsewhere (its ``moved_args`` mapping:
+    old argument -> where it lives now), for an unknown ``section.init_args.<arg>``; else None."""
+    section, _, arg = key.partition(".init_args.")
+    paths = [_given(argv, f"{section}.class_path"), *re.findall(r"class_path '([A-Za-z0-9_.]+)'", message)]
+    for path in filter(None, paths):
+        moved = getattr(_import_class(path), "moved_args", None)
+        if arg and isinstance(moved, dict) and arg in moved:
+            return str(moved[arg])
+    return None
+
+
 def parse_error_line(text: str, argv: list[str], parser: Any = None) -> str:
     """One line for a failed parse: jsonargparse's reason (or the key and the type it expects), the nearest
     valid key, and where the usage is."""
@@ -260,6 +271,9 @@ def parse_error_line(text: str, argv: list[str], parser: Any = None) -> str:
         valid += _class_keys(found.group(1) if found else _given(argv, f"{section}.class_path"), section)
     hint = ""
     for key in _unknown_keys(msg):
+        moved = _moved_line(key, msg, argv)
+        if moved:
+            return moved
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
         if not near and "." in key:  # init_args left out: --model.lrr
             head, rest = key.split(".", 1)
@@ -303,6 +317,20 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # not a zip file (mmap needs one)
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+LIMIT_BATCHES_KEYS = tuple(f"trainer.limit_{stage}_batches" for stage in ("train", "val", "test", "predict"))
+
+
+def keep_batch_counts(parser: Any) -> None:
+    """Parse ``trainer.limit_*_batches`` as ``int | float | None``, int first: a written ``1`` stays one batch
+    and ``1.0`` stays 100%. The Trainer annotates them ``Optional[Union[int, float]]``, but typing's Union cache
+    hands back an equal ``Union[float, int, None]`` made earlier (by lightning.fabric), so jsonargparse tried
+    float first and turned the count 1 into 1.0 (all batches). ``int | float`` is not cached, so keeps its order."""
+    for key in LIMIT_BATCHES_KEYS:
+        action = parser._option_string_actions.get(f"--{key}")
+        if action is not None and hasattr(action, "_typehint"):
+            action._typehint = int | float | None
 
 
 class CvlabCLI(LightningCLI):
@@ -408,6 +436,7 @@ class CvlabCLI(LightningCLI):
                             help="stop when the loss stays above this multiple of its first-step value (0: off)")
         parser.add_argument("--run.divergence_window", type=int, default=20,
                             help="... for this many consecutive training steps")
+        keep_batch_counts(parser)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -564,8 +593,6 @@ class CvlabCLI(LightningCLI):
     def _drop_new_run_folder(self, e: BaseException) -> None:
         """After a user error, remove the run folder this command created if no checkpoint reached it
         (it holds only logs of a run that never started), so a failed try leaves nothing behind."""
-        from experiments.cli import user_error_line
-
         new = getattr(self, "_new_run_dir", None)
         if new is None or not new.is_dir() or not _is_rank_zero() or user_error_line(e) is None:
             return
@@ -650,8 +677,6 @@ def parse_arguments_only(argv: list[str]) -> dict[str, Any]:
     """Parse ``cvlab argv`` as the CLI would, instantiating nothing, and return the subcommand's resolved
     config (what ``--print_config`` prints); a wrong key, type or config file raises :class:`CvlabError`
     with LightningCLI's reason (the nested one, where jsonargparse wraps it in its Union report)."""
-    from experiments.cli import check_config_files
-
     check_config_files(list(argv))
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():

@@ -43,7 +43,6 @@ can run it like any stage, and ``--set teacher.weights=...`` (any key of its map
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -63,6 +62,7 @@ import yaml
 
 from cvlab.errors import CvlabError
 from cvlab.records import mean_sd, record_from_seeds, save_record
+from experiments.command_line import OneLineArgumentParser, as_overrides
 
 _COMMANDS = ("fit", "validate", "test", "predict")
 #: set by SIGTERM (a SLURM requeue or preemption): the stage running then stopped early, even when it exits 0
@@ -86,9 +86,7 @@ def _as_arg_list(args: Any, where: str) -> list[str]:
     if args is None:
         return []
     if isinstance(args, dict):
-        return [
-            f"--{k}={json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else v}" for k, v in args.items()
-        ]
+        return as_overrides(args)
     if isinstance(args, list):
         return [str(a) for a in args]
     raise CvlabError(
@@ -256,7 +254,7 @@ def _stage_argv(stage: Stage, sets: list[str]) -> list[str]:
 def check_stage_arguments(stages: list[Stage], sets: list[str]) -> None:
     """Parse every CLI stage's config files, args and ``--set`` overrides as its ``cvlab`` process will,
     before any stage runs (``${stage}`` references stand in as paths): a wrong key or value fails here."""
-    from experiments.cli import parse_arguments_only
+    from experiments.lightning_cli import parse_arguments_only
 
     for stage in stages:
         if stage.command == "teacher":
@@ -444,7 +442,7 @@ def seed_overrides(stages: list[Stage], sets: list[str], seed: int) -> list[str]
     the datamodule's own ``seed`` argument where the stage's classes have one (found by parsing), and that of
     a datamodule's wrapped ``task`` (a data-free or transfer-set student validates on its task's split, which
     must be the one its seed's teacher held out)."""
-    from experiments.cli import parse_arguments_only
+    from experiments.lightning_cli import parse_arguments_only
 
     out = []
     for stage in stages:
@@ -539,16 +537,6 @@ def run_seeds(
             f.write("\n" + table + "\n")
         print(f"appended to {results_md}")
     return summary
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one :class:`CvlabError` line (the usage is for ``--help``); no key prefixes."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message: str) -> Any:
-        raise CvlabError(f"{message} (`{self.prog} --help` lists the options)")
 
 
 def main(argv: list[str]) -> int:

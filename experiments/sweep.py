@@ -59,6 +59,7 @@ import yaml
 
 from cvlab.artifacts import atomic_write_json, read_json
 from cvlab.errors import CvlabError
+from experiments.command_line import OneLineArgumentParser, as_overrides, format_value
 
 REPO = Path(__file__).resolve().parents[1]
 _CLI_COMMANDS = ("fit", "validate", "test", "predict")
@@ -167,18 +168,9 @@ def _sample(p: dict[str, Any], rng: random.Random) -> Any:
     return rng.uniform(float(lo), float(hi))
 
 
-def format_value(v: Any) -> str:
-    """A value as the CLI reads it on the command line."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, dict)) or v is None:
-        return json.dumps(v)
-    return str(v)
-
-
 def trial_args(params: dict[str, Any]) -> list[str]:
     """``${args}``: ``--key=value`` for each parameter, in file order."""
-    return [f"--{k}={format_value(v)}" for k, v in params.items()]
+    return as_overrides(params)
 
 
 def trial_id(params: dict[str, Any], command: Sequence[str] = ()) -> str:
@@ -325,8 +317,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def resolved_config(argv: list[str]) -> dict[str, Any]:
     """The resolved config of ``cvlab <argv>``, parsed in-process (nothing runs; see
-    :func:`experiments.cli.parse_arguments_only`)."""
-    from experiments.cli import parse_arguments_only
+    :func:`experiments.lightning_cli.parse_arguments_only`)."""
+    from experiments.lightning_cli import parse_arguments_only
 
     return parse_arguments_only(argv)
 
@@ -687,8 +679,6 @@ def run_wandb(sweep: Sweep, agents: int = 1, project: str = "cvlab", count: int 
 
 
 def main(argv: list[str]) -> int:
-    from experiments.pipeline import OneLineArgumentParser
-
     p = OneLineArgumentParser(prog="cvlab sweep", description="Run a sweep (see experiments/sweep.py).")
     p.add_argument("sweep", help="sweep YAML, e.g. experiments/sweeps/quickstart_lr.yaml")
     mode = p.add_mutually_exclusive_group()

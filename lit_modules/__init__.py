@@ -13,18 +13,20 @@ from lit_modules.condensation import DatasetCondensation
 from lit_modules.distillation import LRA, AdversarialKD, DataImpressionSynthesizer, KDStudent
 from lit_modules.generation import ClassBalancingGAN
 from lit_modules.leakage import LeakageAttack
-from lit_modules.robustness import AdversarialTrainer
+from lit_modules.robustness import AdversarialTrainer, AdversarialTraining, GrayBoxAdversarialTraining
 from lit_modules.teacher import FrozenTeacher, TeacherLoadError, load_teacher
 
 __all__ = [
     "LRA",
     "AdversarialKD",
     "AdversarialTrainer",
+    "AdversarialTraining",
     "ClassBalancingGAN",
     "ClassifierModule",
     "DataImpressionSynthesizer",
     "DatasetCondensation",
     "FrozenTeacher",
+    "GrayBoxAdversarialTraining",
     "KDStudent",
     "LeakageAttack",
     "TeacherLoadError",

@@ -1,4 +1,5 @@
-"""AdversarialTrainer (clean | fgsm | pgd | gat) and the GrayBoxEvaluation callback."""
+"""AdversarialTraining with its adversaries (clean | FGSM-AT | PGD-AT), GrayBoxAdversarialTraining, the deprecated
+AdversarialTrainer, and the GrayBoxEvaluation callback."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from cvlab.errors import CvlabError
-from lit_modules.robustness import AdversarialTrainer, SnapshotModel
+from lit_modules.robustness import (
+    AdversarialTrainer,
+    AdversarialTraining,
+    CleanTraining,
+    FastTraining,
+    FGSMTraining,
+    GrayBoxAdversarialTraining,
+    PGDTraining,
+    SnapshotModel,
+    TrainingAdversary,
+)
 from lit_modules.robustness.adversarial_training import EmptyBagError
 from lit_modules.robustness.attacks import fgsm
 from tests.cli_runs import SimulatedKill, read_metrics, run_cli, run_cli_subprocess
@@ -19,8 +30,8 @@ from tests.test_attacks import _blobs
 
 # a tiny GAT run on the embedded shapes data through the CLI (seconds)
 GAT_TINY = [
-    "--model=lit_modules.robustness.AdversarialTrainer",
-    "--model.init_args.regime=gat", "--model.init_args.eps=0.03", "--model.init_args.arch=convnet",
+    "--model=lit_modules.robustness.GrayBoxAdversarialTraining", "--model.init_args.eps=0.03",
+    "--model.init_args.arch=convnet",
     "--model.init_args.arch_kwargs={width: 8, depth: 2, norm: instancenorm}", "--model.init_args.in_channels=3",
     "--model.init_args.optimizer=adam", "--model.init_args.lr=0.003", "--model.init_args.weight_decay=0",
     "--model.init_args.snapshot_share=1.0",
@@ -33,19 +44,28 @@ GAT_TINY = [
 ]
 
 
-def _module(regime: str, **kw) -> AdversarialTrainer:
+ADVERSARIES = {"clean": CleanTraining, "fgsm": FGSMTraining, "pgd": PGDTraining, "fast": FastTraining}
+TINY = {"arch": "convnet", "arch_kwargs": {"width": 8, "depth": 2, "norm": "batchnorm"}, "in_channels": 1,
+        "num_classes": 4, "image_size": 8, "eps": 0.15, "optimizer": "adam", "lr": 0.01, "weight_decay": 0.0,
+        "lr_schedule": "none"}
+
+
+def _module(regime: str, adversary: TrainingAdversary | None = None, **kw) -> AdversarialTraining:
+    """``regime`` ``gat``: GrayBoxAdversarialTraining (its adversary default FGSMTraining()); else AdversarialTraining
+    with ``adversary`` (default: the regime's adversary with its defaults)."""
     torch.manual_seed(0)
-    kw = {"arch": "convnet", "arch_kwargs": {"width": 8, "depth": 2, "norm": "batchnorm"}, "in_channels": 1,
-          "num_classes": 4, "image_size": 8, "eps": 0.15, "optimizer": "adam", "lr": 0.01, "weight_decay": 0.0,
-          "lr_schedule": "none", **kw}
-    return AdversarialTrainer(regime=regime, **kw)
+    kw = {**TINY, **kw}
+    if regime == "gat":
+        return GrayBoxAdversarialTraining(adversary=adversary, **kw)
+    return AdversarialTraining(adversary=adversary or ADVERSARIES[regime](), **kw)
 
 
 @pytest.mark.parametrize("regime", ["clean", "fgsm", "pgd", "gat"])
 def test_every_regime_trains_and_its_loss_falls(regime: str) -> None:
     x, y = _blobs(384, seed=0)
     # PGD-AT at eps 0.15 learns slowly on these blobs (1.50 -> 1.35 in 18 steps): a smaller ball for it
-    model = _module(regime, pgd_steps=3, pgd_alpha=None, eps=0.08 if regime == "pgd" else 0.15)
+    model = _module(regime, PGDTraining(steps=3, alpha=None) if regime == "pgd" else None,
+                    eps=0.08 if regime == "pgd" else 0.15)
     losses: list[float] = []
 
     class Record(L.Callback):
@@ -63,7 +83,7 @@ def test_every_regime_trains_and_its_loss_falls(regime: str) -> None:
 
 
 def test_fgsm_at_loss_is_kurakins_mixed_loss() -> None:
-    model = _module("fgsm", adv_ratio=0.25, adv_weight=0.3, random_eps=False, fgsm_labels="true").eval()
+    model = _module("fgsm", FGSMTraining(adv_ratio=0.25, adv_weight=0.3, labels="true", random_eps=False)).eval()
     x, y = _blobs(16, seed=1)
     loss = model.training_step((x, y), 0)
     k = 4
@@ -75,7 +95,7 @@ def test_fgsm_at_loss_is_kurakins_mixed_loss() -> None:
 
 
 def test_pgd_at_trains_on_adversaries_only() -> None:
-    model = _module("pgd", pgd_steps=2).eval()
+    model = _module("pgd", PGDTraining(steps=2)).eval()
     x, y = _blobs(8, seed=2)
     with torch.no_grad():
         clean = F.cross_entropy(model(x), y)
@@ -83,7 +103,7 @@ def test_pgd_at_trains_on_adversaries_only() -> None:
 
 
 def test_gat_seeds_adversaries_from_a_snapshot() -> None:
-    model = _module("gat", snapshot_share=1.0, random_eps=False, fgsm_labels="true", warmup_epochs=0)
+    model = _module("gat", FGSMTraining(labels="true", random_eps=False), snapshot_share=1.0, warmup_epochs=0)
     old = {k: v.clone() for k, v in model.net.state_dict().items()}
     model.bag.add(model.net, epoch=0)
     with torch.no_grad():
@@ -136,7 +156,13 @@ def test_bad_trainer_settings_fail_early() -> None:
     with pytest.raises(CvlabError, match=r"eps must be in \[0, 1\]"):
         _module("fgsm", eps=8.0)
     with pytest.raises(CvlabError, match="adv_ratio"):
-        _module("fgsm", adv_ratio=0.0)
+        FGSMTraining(adv_ratio=0.0)
+    with pytest.raises(CvlabError, match="steps >= 1"):
+        PGDTraining(steps=0)
+    with pytest.raises(CvlabError, match="adversary must be a training adversary"):
+        _module("fgsm", adversary="pgd")
+    with pytest.raises(CvlabError, match="snapshot_share"):
+        _module("gat", snapshot_share=1.5)
     with pytest.raises(CvlabError, match="bag_refresh"):
         _module("gat", bag_refresh="lifo")
     with pytest.raises(CvlabError, match="restore_best.*robust_val_images"):
@@ -213,7 +239,8 @@ def test_snapshots_survive_resume_and_graybox_evaluates(tmp_path: Path) -> None:
 # by (seed, global_step), identical on every rank; instance norm (BatchNorm's statistics are per rank)
 DDP = [a for a in GAT_TINY if not a.startswith(("--trainer.callbacks", "--data.init_args.batch_size",
                                                  "--model.init_args.snapshot_share"))] + [
-    "--model.init_args.adv_ratio=1.0", "--model.init_args.random_eps=false", "--model.init_args.snapshot_share=1.0",
+    '--model.init_args.adversary={"class_path": "lit_modules.robustness.FGSMTraining", '
+    '"init_args": {"adv_ratio": 1.0, "random_eps": false}}', "--model.init_args.snapshot_share=1.0",
     "--model.init_args.optimizer=sgd", "--model.init_args.momentum=0.0", "--model.init_args.lr=0.05",
     "--data.init_args.augment=none", "--trainer.accelerator=cpu", "--run.test_after_fit=false",
 ]
@@ -246,5 +273,60 @@ def test_eps_warmup_ramps_the_training_eps(monkeypatch: pytest.MonkeyPatch) -> N
 
     model._trainer = _T()  # type: ignore[assignment]
     for step, expected in ((0, 0.15 / 20), (9, 0.15 / 2), (19, 0.15), (50, 0.15)):
-        monkeypatch.setattr(AdversarialTrainer, "global_step", property(lambda self, s=step: s))
+        monkeypatch.setattr(AdversarialTraining, "global_step", property(lambda self, s=step: s))
         assert model.train_eps() == pytest.approx(expected)
+
+
+# --- the deprecated AdversarialTrainer: the same training as the new classes, a warning that names them ------------
+
+OLD_ARGS = {"clean": {}, "fgsm": {"adv_ratio": 0.25, "fgsm_labels": "true"}, "pgd": {"pgd_steps": 2, "pgd_alpha": None},
+            "fast": {"fast_alpha": 0.2}, "gat": {"snapshot_steps": 1, "bag_size": 2, "seed": 2}}
+NEW = {"clean": ("AdversarialTraining", lambda: _module("clean")),
+       "fgsm": ("AdversarialTraining", lambda: _module("fgsm", FGSMTraining(adv_ratio=0.25, labels="true"))),
+       "pgd": ("AdversarialTraining", lambda: _module("pgd", PGDTraining(steps=2, alpha=None))),
+       "fast": ("AdversarialTraining", lambda: _module("fast", FastTraining(alpha=0.2))),
+       "gat": ("GrayBoxAdversarialTraining", lambda: _module("gat", snapshot_steps=1, bag_size=2, seed=2))}
+
+
+def _fit3(model: AdversarialTraining) -> AdversarialTraining:
+    """Three optimisation steps on fixed batches, the global RNG (random eps, PGD's start) seeded alike."""
+    x, y = _blobs(48, seed=5)
+    torch.manual_seed(11)
+    L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    return model
+
+
+@pytest.mark.parametrize("regime", sorted(OLD_ARGS))
+def test_deprecated_regime_warns_and_trains_as_the_new_class(regime: str) -> None:
+    name, build = NEW[regime]
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning, match=f"AdversarialTrainer is deprecated.*{name}"):
+        old = AdversarialTrainer(regime=regime, **TINY, **OLD_ARGS[regime])
+    new = build()
+    assert type(new).__name__ == name
+    for (k, a), b in zip(_fit3(old).state_dict().items(), _fit3(new).state_dict().values()):
+        assert torch.equal(a, b), f"{regime}: {k} differs after 3 steps"
+    if regime == "gat":  # the snapshot path was taken: steps 1 and 2 seeded from the bag
+        assert old.bag.steps == new.bag.steps == [1, 2]
+        assert old.last_seed == new.last_seed and old.last_seed[0] == 2
+    else:
+        assert len(old.bag) == 0  # the non-GAT regimes take no snapshots
+
+
+def test_checkpoints_load_weights_only_old_and_new(tmp_path: Path) -> None:
+    for model, cls in ((AdversarialTrainer(regime="gat", snapshot_steps=1, **TINY), AdversarialTrainer),
+                       (_module("gat", FGSMTraining(labels="true"), snapshot_steps=1), GrayBoxAdversarialTraining),
+                       (_module("pgd", PGDTraining(steps=2, alpha=None)), AdversarialTraining)):
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        x, y = _blobs(48, seed=5)
+        trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+        trainer.save_checkpoint(tmp_path / "x.ckpt")
+        ckpt = torch.load(tmp_path / "x.ckpt", map_location="cpu", weights_only=True)  # plain values only
+        loaded = cls.load_from_checkpoint(tmp_path / "x.ckpt", map_location="cpu", weights_only=True)
+        assert type(loaded.adversary) is type(model.adversary) and vars(loaded.adversary) == vars(model.adversary)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, loaded.state_dict()[k]), k
+        if isinstance(model, GrayBoxAdversarialTraining):
+            assert ckpt["gat_bag"]["steps"] == [1, 2] and loaded.bag.steps == [1, 2]

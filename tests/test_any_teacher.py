@@ -119,7 +119,7 @@ def test_outside_teacher_drives_zskd_kd_lra_and_idlg(name: str, tmp_path: Path, 
                 f"--data.init_args.task.init_args.data_dir={data_root}",
                 "--run.test_after_fit=false"]
     if name == "torchscript":
-        lra_args.append("--model.init_args.weight_activation=0")
+        lra_args.append("--model.init_args.generator_loss.activation=0")
     lra_cfg = f"experiments/lra/{ds}/lra.yaml"
     lra = run_cli("fit", f"--config={lra_cfg}", teacher_cfg, *SHRINK, *lra_args, run_dir=tmp_path / "lra")
     assert lra.trainer.global_step == 1 and torch.isfinite(torch.tensor(lra.trainer.callback_metrics["train/kd"]))

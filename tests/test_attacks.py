@@ -10,7 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_modules.nets import InputNormalization
-from lit_modules.robustness.attacks import AttackError, fgsm, ifgsm, mifgsm, pgd, rfgsm, transfer
+from lit_modules.robustness.attacks import (
+    AttackError,
+    attack_names,
+    check_attack_names,
+    fgsm,
+    ifgsm,
+    make_attack,
+    mifgsm,
+    pgd,
+    rfgsm,
+    sign_noise,
+    transfer,
+)
 
 EPS = 0.15  # the fixture model: clean 100%, FGSM ~73%, PGD-20 ~64% at this eps
 
@@ -219,3 +231,48 @@ def test_pgd_restarts_keep_per_image_the_strongest(trained: TinyNet) -> None:
         wrong_one, wrong_three = trained(one).argmax(-1) != y, trained(three).argmax(-1) != y
     assert (wrong_three | ~wrong_one).all(), "an image broken by restart 1 came back"
     assert wrong_three.sum() >= wrong_one.sum()
+
+
+# --- the registry: every named attack equals the direct call of its function -----------------------------------------
+
+#: name -> (the registry's budget keywords, the direct call with a generator ``g`` seeded alike)
+DIRECT = {
+    "fgsm": ({}, lambda m, x, y, g: fgsm(m, x, y, EPS)),
+    "rfgsm": ({"alpha": 0.05}, lambda m, x, y, g: rfgsm(m, x, y, EPS, alpha=0.05, generator=g)),
+    "ifgsm": ({"steps": 4}, lambda m, x, y, g: ifgsm(m, x, y, EPS, steps=4)),
+    "pgd": ({"steps": 4, "alpha": 0.05, "restarts": 3},
+            lambda m, x, y, g: pgd(m, x, y, EPS, alpha=0.05, steps=4, restarts=3, generator=g)),
+    "mifgsm": ({"steps": 4}, lambda m, x, y, g: mifgsm(m, x, y, EPS, steps=4)),
+    "noise": ({}, lambda m, x, y, g: sign_noise(m, x, y, EPS, generator=g)),
+}
+
+
+def test_the_registry_names_every_attack_once() -> None:
+    assert sorted(DIRECT) == attack_names()
+
+
+@pytest.mark.parametrize("name", sorted(DIRECT))
+def test_registry_attack_equals_the_direct_call(name: str, trained: TinyNet) -> None:
+    x, y = _blobs(32, seed=7)
+    budget, direct = DIRECT[name]
+    got = make_attack(name, EPS, generator=torch.Generator().manual_seed(4), **budget)(trained, x, y)
+    torch.testing.assert_close(got, direct(trained, x, y, torch.Generator().manual_seed(4)), rtol=0, atol=0)
+    assert not torch.equal(got, x)
+
+
+def test_registry_fgsm_random_eps_and_predicted_labels_equal_the_direct_call(trained: TinyNet) -> None:
+    x, y = _blobs(32, seed=8)
+    got = make_attack("fgsm", EPS, random_eps=True, generator=torch.Generator().manual_seed(2))(trained, x, None)
+    expected = fgsm(trained, x, None, EPS, random_eps=True, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_unknown_attack_names_fail_with_one_line_listing_the_known_ones() -> None:
+    with pytest.raises(AttackError) as e:
+        make_attack("pgdd", EPS)
+    assert str(e.value) == "unknown attack 'pgdd'; available: fgsm, ifgsm, mifgsm, noise, pgd, rfgsm"
+    with pytest.raises(AttackError, match=r"unknown attacks \['cw'\]; available: fgsm, .*, rfgsm, uap$") as e:
+        check_attack_names(["pgd", "cw"], extra=("uap",))
+    assert "\n" not in str(e.value)
+    with pytest.raises(AttackError, match="eps must be in"):
+        make_attack("fgsm", 8.0)

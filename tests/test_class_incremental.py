@@ -97,7 +97,7 @@ def test_datamodule_keeps_new_classes_for_training_and_seen_ones_for_evaluation(
 def _args(root: Path, *extra: str) -> list[str]:
     return ["fit", "--config=experiments/data_impressions/mnist/cl_step.yaml",
             f"--data.init_args.task.init_args.data_dir={root}", "--data.init_args.batch_size=32",
-            "--model.init_args.num_impressions=20", "--model.init_args.impression_iterations=5",
+            "--model.init_args.num_impressions=20", "--model.init_args.impressions.iterations=5",
             "--model.init_args.replay_batch=8", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1", "--run.logger=csv", *extra]
 

@@ -109,3 +109,23 @@ def test_command_line_model_keys_beat_the_checkpoints_hyper_parameters(tmp_path:
     assert "--model.init_args.lr from the command line overrides" in capsys.readouterr().out
     same = run_cli("test", f"--config={QUICKSTART}", *TINY_SHAPES, f"--ckpt_path={ckpt}", run_dir=tmp_path / "test2")
     assert same.model.hparams.lr != pytest.approx(0.123)
+
+
+def test_names_that_moved_to_the_command_layers_ground_keep_their_old_paths() -> None:
+    """experiments.command_line holds what cli, lightning_cli, pipeline and sweep share; the old paths still work."""
+    from experiments import cli, command_line, lightning_cli, pipeline
+
+    assert cli.user_error_line is command_line.user_error_line
+    assert cli.check_config_files is command_line.check_config_files
+    assert cli.parse_arguments_only is lightning_cli.parse_arguments_only
+    assert pipeline.OneLineArgumentParser is command_line.OneLineArgumentParser
+    from cvlab.errors import CvlabError
+
+    assert command_line.user_error_line(RuntimeError("x")) is None  # a bug keeps its traceback
+    assert command_line.user_error_line(ValueError("y", CvlabError("a\n  b"))) is None
+    try:
+        raise ValueError("wrapped") from CvlabError("the \x1b[31mreason\x1b[0m\n  here")
+    except ValueError as e:
+        assert command_line.user_error_line(e) == "the reason here"
+    with pytest.raises(CvlabError, match=r"unrecognized arguments: --x \(`cvlab run --help` lists the options\)"):
+        command_line.OneLineArgumentParser(prog="cvlab run").parse_args(["--x"])

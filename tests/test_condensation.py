@@ -1,4 +1,5 @@
-"""Dataset Condensation (issue 5): the distance, batched class gradients, the module, DDP, evaluation."""
+"""Dataset Condensation (issues 5, 34): the distance, batched class gradients, class-balanced pixel draws, the
+pixel-space update, the module, DDP, the evaluation callback."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from torch import nn
 
 from cvlab.image_ops import dc_augment
 from datamodules import CvlabError
+from datamodules.class_balanced import ClassBalancedImages, class_image_source
 from datamodules.synthetic import ShapesDataModule
+from lit_modules.condensation import CondensationEvaluation
 from lit_modules.condensation.dc import DatasetCondensation, load_condensed
 from lit_modules.condensation.dc_eval import EvalRecipe, herding_subset, train_and_test
 from lit_modules.condensation.gradient_matching import (
@@ -24,6 +27,7 @@ from lit_modules.condensation.gradient_matching import (
     class_gradients_loop,
     gradient_match_distance,
 )
+from lit_modules.condensation.pixel_net import create_pixel_net, pixel_preconditioner
 from lit_modules.nets import create_net
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +129,7 @@ def test_module_class_modes_give_the_same_images(tmp_path):
         L.seed_everything(0)
         trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path / mode,
                             enable_progress_bar=False)
-        model = _module(ipc=2, outer_loop=2, inner_loop=1, class_mode=mode, eval_num_nets=1)
+        model = _module(ipc=2, outer_loop=2, inner_loop=1, class_mode=mode)
         trainer.fit(model, datamodule=_shapes())
         out[mode] = model.images.detach()
     torch.testing.assert_close(out["loop"], out["batched"], rtol=1e-3, atol=1e-4)
@@ -209,10 +213,15 @@ def _shapes(n=60) -> ShapesDataModule:
 
 
 def _module(**kw) -> DatasetCondensation:
-    args = dict(ipc=1, in_channels=3, image_size=16, arch_kwargs=TINY, batch_real=4, eval_num_nets=2,
-                eval_epochs=1, eval_test_size=10, eval_baselines=["random", "herding"], herding_pool=5)
+    args = dict(ipc=1, in_channels=3, image_size=16, arch_kwargs=TINY, batch_real=4)
     args.update(kw)
     return DatasetCondensation(**args)
+
+
+def _evaluation(**kw) -> CondensationEvaluation:
+    args = dict(num_nets=2, epochs=1, test_size=10, baselines=["random", "herding"], herding_pool=5)
+    args.update(kw)
+    return CondensationEvaluation(**args)
 
 
 def test_ipc_larger_than_a_class_fails_clearly(tmp_path):
@@ -225,12 +234,14 @@ def test_ipc_larger_than_a_class_fails_clearly(tmp_path):
 def test_module_condenses_saves_and_evaluates(tmp_path):
     L.seed_everything(0)
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        enable_progress_bar=False)
+                        enable_progress_bar=False, callbacks=[_evaluation()])
     dm, model = _shapes(), _module(ipc=2, outer_loop=2, inner_loop=1)
     trainer.fit(model, datamodule=dm)
     saved = load_condensed(tmp_path / "condensed.pt")
     assert saved["images"].shape == (20, 3, 16, 16) and saved["labels"].tolist() == [k // 2 for k in range(20)]
-    assert saved["step"] == 3 and saved["config"]["ipc"] == 2
+    assert saved["step"] == 3 and saved["config"]["ipc"] == 2 and saved["space"] == "pixels"
+    assert saved["mean"] == list(dm.task_spec.mean) and model.hparams.std == list(dm.task_spec.std)
+    torch.testing.assert_close(saved["images"], model.images.detach())  # pixels, what the networks see
     assert list((tmp_path / "images").glob("condense_images_*.png"))
     out = trainer.test(model, datamodule=dm, verbose=False)[0]
     for key in ("eval/acc_mean", "eval/acc_std", "eval/random_convnet_acc_mean", "eval/herding_convnet_acc_mean"):
@@ -267,17 +278,27 @@ def test_evaluation_options_are_checked():
     with pytest.raises(CvlabError, match="compile"):
         EvalRecipe(parallel="vmap", compile=True)
     with pytest.raises(CvlabError, match="parallel"):
-        _module(eval_parallel="threads")
+        _evaluation(parallel="threads")
     with pytest.raises(CvlabError, match="evaluate nothing"):
-        _module(eval_condensed=False, eval_baselines=[])
+        _evaluation(condensed=False, baselines=[])
+    with pytest.raises(CvlabError, match="unknown evaluation baseline"):
+        _evaluation(baselines=["kmeans"])
+
+
+def test_old_evaluation_arguments_name_their_new_place():
+    """The evaluation's arguments left the system (issue 34): an old key is one line naming the callback."""
+    with pytest.raises(CvlabError, match=r"eval_num_nets moved .* `num_nets` of .*CondensationEvaluation"):
+        _module(eval_num_nets=3)
+    with pytest.raises(CvlabError, match="has no argument 'bogus'"):
+        _module(bogus=1)
+    assert set(DatasetCondensation.moved_args) >= {"eval_epochs", "eval_archs", "herding_pool", "whole_nets"}
 
 
 def test_evaluation_can_skip_the_condensed_set(tmp_path):
-    """eval_condensed=False evaluates only the baselines (adding one to a finished run)."""
+    """condensed=False evaluates only the baselines (adding one to a finished run)."""
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path)
-    out = trainer.test(_module(eval_condensed=False, eval_baselines=["random"], outer_loop=1, inner_loop=1),
-                       datamodule=_shapes(), verbose=False)[0]
+                        default_root_dir=tmp_path, callbacks=[_evaluation(condensed=False, baselines=["random"])])
+    out = trainer.test(_module(outer_loop=1, inner_loop=1), datamodule=_shapes(), verbose=False)[0]
     assert "eval/random_convnet_acc_mean" in out
     assert not any(k.startswith("eval/dc_") or k == "eval/acc_mean" for k in out), out
 
@@ -307,6 +328,109 @@ def test_dc_configs_parse():
         if "stages" in cfg:  # a pipeline (pipeline_ipc1.yaml): its stage configs are among the files
             continue
         assert cfg["model"]["class_path"] == "lit_modules.condensation.DatasetCondensation", f
+
+
+# --- pixels in, normalisation inside (issue 34) ------------------------------------------------------------
+def test_class_balanced_draw_worked_example():
+    """9 images (image i is all 25 * i) of classes 2 0 1 0 2 0 1 2 2: per class 3, 2, 4 images. A draw of 2 per class
+    gives, per row, 2 distinct images of that class as [0, 1] pixels; the same seed gives the same draw."""
+    labels = torch.tensor([2, 0, 1, 0, 2, 0, 1, 2, 2])
+    images = (torch.arange(9, dtype=torch.uint8) * 25).view(9, 1, 1, 1).expand(9, 1, 2, 2).contiguous()
+    src = ClassBalancedImages(images, labels, 3)
+    assert src.counts.tolist() == [3, 2, 4]
+    assert src.table.tolist() == [[1, 3, 5, -1], [2, 6, -1, -1], [0, 4, 7, 8]]
+    x = src.draw(2, seed=5)
+    assert x.shape == (3, 2, 1, 2, 2) and x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+    idx = (x[:, :, 0, 0, 0] * 255 / 25).round().long()  # back to the image index
+    assert (labels[idx] == torch.arange(3)[:, None]).all()  # row k holds class k only
+    assert all(len(set(row)) == 2 for row in idx.tolist())  # distinct images
+    assert torch.equal(src.draw(2, seed=5), x)
+    assert len({tuple(src.draw_indices(2, seed).flatten().tolist()) for seed in range(8)}) > 1  # the seed matters
+    assert src.draw(2, seed=5).shape == (3, 2, 1, 2, 2) and src.draw_indices(1, 0)[1].item() in (2, 6)
+    with pytest.raises(CvlabError, match="class 1 has 2"):
+        src.draw(3, seed=0)
+
+
+def test_datamodule_offers_its_images_per_class():
+    dm = _shapes(60)
+    src = class_image_source(dm, "test").class_images("train")
+    assert tuple(src.counts.tolist()) == dm.task_spec.train_class_counts
+    x = src.draw(2, seed=0)
+    assert x.shape == (10, 2, 3, 16, 16) and 0 <= x.min() and x.max() <= 1
+    assert class_image_source(dm, "test").class_images("test").labels.numel() == 30
+    with pytest.raises(CvlabError, match="draws real images per class, which object does not offer"):
+        class_image_source(object(), "DatasetCondensation")
+
+
+def test_pixel_space_step_equals_the_normalised_step_under_std_squared_preconditioning():
+    """Three SGD-with-momentum steps of gradient matching on [0, 1] pixels, with the gradient scaled by std ** 2 per
+    channel, land on the same images as the paper's steps on normalised images (same lr); unscaled they do not."""
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    u_of = lambda x: (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)  # noqa: E731
+    torch.manual_seed(0)
+    plain = create_net("convnet", 3, 3, S, width=4, depth=2)  # the paper's network on normalised images
+    torch.manual_seed(0)
+    pixel = create_pixel_net("convnet", 3, 3, S, mean, std, width=4, depth=2)  # the same weights, normalising inside
+    g = torch.Generator().manual_seed(1)
+    x_real, y_real = torch.rand(3, 8, 3, S, S, generator=g), torch.arange(3)[:, None].expand(3, 8)
+    x0, y_syn = torch.rand(3, 3, S, S, generator=g), torch.arange(3)[:, None]
+
+    def run(net: nn.Module, start: torch.Tensor, real: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        p, b = _params(net)
+        g_real = class_gradients(net, p, b, real, y_real)
+        img = start.clone().requires_grad_()
+        opt = torch.optim.SGD([img], lr=0.1, momentum=0.5)
+        for _ in range(3):
+            loss = gradient_match_distance(class_gradients(net, p, b, img[:, None], y_syn), g_real, batched=True)
+            (grad,) = torch.autograd.grad(loss, img)
+            img.grad = grad * scale
+            opt.step()
+        return img.detach()
+
+    u = run(plain, u_of(x0), u_of(x_real.flatten(0, 1)).view_as(x_real), torch.ones(()))
+    x = run(pixel, x0, x_real, pixel_preconditioner(std, 3))
+    assert (u - u_of(x0)).abs().max() > 1e-2  # the images moved
+    torch.testing.assert_close(u_of(x), u, rtol=1e-4, atol=1e-5)
+    x_plain = run(pixel, x0, x_real, torch.ones(()))
+    assert (u_of(x_plain) - u).abs().max() > 1e-3  # without the preconditioner: a different (smaller) step
+    assert pixel_preconditioner(std, 3).flatten().tolist() == pytest.approx([0.04, 0.0625, 0.09])
+
+
+def test_pixel_evaluation_reproduces_the_normalised_protocol_numbers():
+    """The protocol on [0, 1] pixels with normalisation inside the networks gives what it gave on normalised
+    images before issue 34 (commit 7c078ca, same seeds): correct test images of 3 nets out of 40, with the
+    geometric augmentations (which commute with the per-channel normalisation) and with noise (sd x std)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 3, 8, 8, generator=g), torch.arange(3).repeat_interleave(2)
+    tx, ty = torch.rand(40, 3, 8, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
+    for augment, old in (("crop_scale_rotate", [12, 19, 9]), ("crop_noise", [10, 19, 9])):
+        acc = train_and_test(x, y, tx, ty, "convnet", 3, {"width": 4, "depth": 2}, num_nets=3, seed=1,
+                             recipe=EvalRecipe(epochs=4, augment=augment, batch_size=4),
+                             mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
+        assert (acc * 40).round().int().tolist() == old, augment
+
+
+def test_evaluation_callback_logs_what_the_protocol_gives_on_the_condensed_set(tmp_path):
+    L.seed_everything(0)
+    dm, model, ev = _shapes(), _module(outer_loop=1, inner_loop=1), _evaluation(baselines=[], num_nets=2, epochs=2)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, callbacks=[ev])
+    trainer.fit(model, datamodule=dm)
+    out = trainer.test(model, datamodule=dm, verbose=False)[0]
+    x, y = model.condensed_set()
+    test = dm.class_images("test")
+    acc = train_and_test(x, y, test.pixels(torch.arange(10)), test.labels[:10], "convnet", 10, TINY, num_nets=2,
+                         recipe=ev.recipe(), seed=0, mean=dm.task_spec.mean, std=dm.task_spec.std)
+    assert out["eval/acc_mean"] == pytest.approx(acc.mean().item() * 100)
+    assert out["eval/dc_convnet_acc_std"] == pytest.approx(acc.std(unbiased=False).item() * 100)
+
+
+def test_old_normalised_condensed_files_load_as_pixels(tmp_path):
+    px = torch.rand(2, 3, 4, 4)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    u = (px - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    torch.save({"images": u, "mean": mean, "std": std, "labels": torch.arange(2)}, tmp_path / "old.pt")
+    torch.testing.assert_close(load_condensed(tmp_path / "old.pt")["images"], px)
 
 
 # --- distributed ----------------------------------------------------------------------------------------

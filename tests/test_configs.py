@@ -2,20 +2,39 @@
 
 Configs are CLI configs (``cvlab <subcommand> --config X``), pipelines (``cvlab run X``, they have a
 ``stages`` key) or sweeps (``cvlab sweep X``, under ``experiments/sweeps/``: every value a trial would use
-is parsed by the CLI and must land at its key). A method whose configs need another subcommand or extra shrinking
-adds a line to ``SMOKE``; the rest are run with ``fit``.
+is parsed by the CLI and must land at its key).
+
+A CLI config runs with ``GENERIC`` (two steps, CPU, fp32, CSV), ``DATA_SHRINK`` and the shrinking of its method's
+smoke file ``tests/smoke/<paper>.yaml`` for ``experiments/<paper>/[<dataset>/]<stage>.yaml``; a method without
+one runs with ``fit``. A smoke file is a section::
+
+    command: predict                 # the subcommand (default fit)
+    args: {model.init_args.iterations: 2}   # dotted overrides, values as YAML; $VARS from the fixtures below
+    inherit: false                   # optional: drop the args of the sections above (start from none)
+    datasets: {shapes: SECTION}      # by the config's dataset folder
+    stages: {synthesize: SECTION}    # by the config's file name; a stage's ``base: mnist/train.yaml`` makes it
+                                     # an overlay, run stacked on that config (of the same paper)
+
+applied from the top down: a section's command and args, then its ``datasets`` entry for the config's dataset
+folder, then its ``stages`` entry for its file name, each of them the same way (the more specific wins key by
+key). An overlay config is shrunk as its base, then by its own ``stages`` entry. A new shrink override is one line
+of YAML in the right section. The smoke files live under tests/, not beside the configs: they name the generated
+teachers and impressions of the fixtures (``$CVLAB_TEST_*``) and budgets no real run would use, and a file under
+experiments/ would be a config that users find beside the paper's (a user's fast run is the paper's cpu overlay).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from experiments.command_line import as_overrides
 from experiments.pipeline import run_pipeline
 from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
@@ -33,120 +52,55 @@ from tests.fakedata import (
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml"))
 
-#: glob -> (subcommand, extra overrides); first match wins, default ("fit", []); $VARS are expanded
-#: (the zskd_artifacts fixture sets CVLAB_TEST_TEACHER_* and CVLAB_TEST_IMPRESSIONS_*)
-_ZSKD_SYNTH = ["--model.init_args.iterations=2", "--data.init_args.num_impressions=20",
-               "--data.init_args.batch_size=10", "--model.init_args.grid_per_class=1"]
-_SHAPES_TASK = ["--data.init_args.task.init_args.num_train=100", "--data.init_args.task.init_args.num_test=50"]
-_IDLG = ["--model.init_args.iterations=2", "--data.init_args.num_trials=3", "--data.init_args.trials_per_batch=3"]
-_DC = ["--model.init_args.ipc=1", "--model.init_args.outer_loop=2", "--model.init_args.inner_loop=1",
-       "--model.init_args.batch_real=4", "--model.init_args.eval_num_nets=1", "--model.init_args.eval_epochs=1",
-       "--model.init_args.herding_pool=4", "--model.init_args.eval_test_size=10",
-       "--model.init_args.arch_kwargs={width: 8}"]
-_LRA = ["--model.init_args.batch_size=8", "--model.init_args.student_steps=1", "--model.init_args.latent_dim=8",
-        "--model.init_args.generator_kwargs={widths: [8, 4]}", "--data.init_args.steps_per_epoch=2",
-        "--data.init_args.eval_batch_size=8"]
-_CBGAN = ["--model.init_args.generator_kwargs={width: 4}", "--model.init_args.discriminator_kwargs={width: 4}",
-          "--model.init_args.latent_dim=8", "--model.init_args.inception_fid_on=[]",
-          "--data.init_args.eval_batch_size=8"]
-SMOKE: list[tuple[str, str, list[str]]] = [
-    # three wnids of tests.fakedata.DATA_NOUN in <fake root>/imagenet/val (see fake_root)
-    ("experiments/severity/imagenet/report.yaml", "test", [
-        "--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x3}",
-        "--model.init_args.hierarchy=wordnet:$CVLAB_TEST_DATA_NOUN",
-        "--model.init_args.eps=[0.1]", "--model.init_args.steps=2", "--data.init_args.num_classes=3",
-        "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--data.init_args.batch_size=3"]),
-    ("experiments/attribution/shapes/study.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x10}",
-     "--data.init_args.num_images=20", "--model.init_args.methods=[gradcam, scorecam]"]),
-    ("experiments/attribution/imagenet_cs/study.yaml", "test", ["--data.init_args.image_size=32",  # generated
-     "--data.init_args.num_workers=0", "--model.init_args.methods=[gradcam]", "--model.init_args.random_init=false"]),
-    ("experiments/attribution/imagenet9/study.yaml", "test", ["--data.init_args.image_size=32",  # generated IN-9
-     "--data.init_args.num_workers=0", "--model.init_args.methods=[gradcam]", "--model.init_args.random_init=false"]),
-    # three categories of generated iNaturalist 2019 files (see fake_root)
-    ("experiments/cbgan/inaturalist2019/classifier.yaml", "fit", ["--model.init_args.drw_epoch=0",
-     "--model.init_args.num_classes=3", "--data.init_args.num_classes=3", "--data.init_args.num_workers=0"]),
-    ("experiments/cbgan/inaturalist2019/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x3",
-     *_CBGAN, "--data.init_args.num_classes=3", "--data.init_args.num_workers=0", "--data.init_args.val_size=3"]),
-    ("experiments/cbgan/*/classifier.yaml", "fit", ["--model.init_args.drw_epoch=0"]),
-    ("experiments/cbgan/[mf]*/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_1x10", *_CBGAN]),
-    ("experiments/cbgan/cifar100_lt/*.yaml", "fit",
-     ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x100", *_CBGAN]),
-    ("experiments/cbgan/cifar10_lt/*.yaml", "fit", ["--model.init_args.classifier=$CVLAB_TEST_TEACHER_3x10", *_CBGAN]),
-    ("experiments/severity/cifar100/report.yaml", "test", ["--model.init_args.models={c: $CVLAB_TEST_TEACHER_3x100}",
-                                                           "--model.init_args.eps=[0.1]", "--model.init_args.steps=2"]),
-    ("experiments/severity/*/report.yaml", "test", ["--model.init_args.models={lenet5: $CVLAB_TEST_TEACHER_1x10}",
-                                                    "--model.init_args.eps=[0.1]", "--model.init_args.steps=2"]),
-    # the gray-box test (PGD-40 and more) after fit is covered by tests/test_adversarial_training.py
-    ("experiments/gat/*", "fit", ["--model.init_args.pgd_steps=2", "--model.init_args.regime=gat",
-                                  "--run.test_after_fit=false"]),
-    ("experiments/lra/[mf]*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA]),
-    ("experiments/lra/generative_replay.yaml", "fit",
-     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA, "--model.init_args.memory_generator_updates=1"]),
-    ("experiments/lra/cifar100/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x100", *_LRA]),
-    ("experiments/lra/*/*.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_LRA]),
-    ("experiments/dc/cpu.yaml", "fit", [*_DC, "--model.init_args.compile_real=false"]),  # compile: a slow test
-    ("experiments/dc/*", "fit", _DC),
-    ("experiments/idlg/shapes/*.yaml", "predict", [*_IDLG, "--data.init_args.source.init_args.num_train=100",
-                                                   "--data.init_args.source.init_args.num_test=20"]),
-    ("experiments/idlg/*/*.yaml", "predict", _IDLG),
-    ("experiments/teachers/evaluate.yaml", "test", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10",
-                                                    "--data.init_args.image_size=32"]),
-    ("experiments/zskd/shapes/synthesize.yaml", "predict",
-     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
-    ("experiments/zskd/cifar10/synthesize.yaml", "predict",
-     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
-    ("experiments/zskd/*/synthesize.yaml", "predict",
-     ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_ZSKD_SYNTH]),
-    ("experiments/zskd/shapes/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
-     "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", *_SHAPES_TASK]),
-    ("experiments/zskd/cifar10/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
-     "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10"]),
-    ("experiments/zskd/*/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10",
-     "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_1x10"]),
-    ("experiments/zskd/[cs][ih]*/student_real.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10"]),
-    ("experiments/zskd/*/student_real.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10"]),
-    ("experiments/data_impressions/*/uap_impressions.yaml", "fit", ["--model.init_args.model=$CVLAB_TEST_TEACHER_1x10",
-     "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_1x10"]),
-    ("experiments/data_impressions/*/uap_real.yaml", "fit", ["--model.init_args.model=$CVLAB_TEST_TEACHER_1x10",
-     "--data.init_args.pool.init_args.max_size=16"]),
-    ("experiments/data_impressions/*/cl_step.yaml", "fit", ["--model.init_args.num_impressions=10",
-     "--model.init_args.impression_iterations=2", "--model.init_args.replay_batch=4"]),
-    ("experiments/data_impressions/svhn_mnist/sfda_impressions.yaml", "fit",
-     ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_3x10",
-      "--model.init_args.source.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", "--model.init_args.source_batch=4"]),
-    ("experiments/data_impressions/svhn_mnist/sfda_real.yaml", "fit",
-     ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_3x10",
-      "--model.init_args.source.init_args.max_size=16", "--model.init_args.source_batch=4"]),
-    ("experiments/data_impressions/*/sfda_impressions.yaml", "fit",
-     ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_1x10",
-      "--model.init_args.source.init_args.folder=$CVLAB_TEST_IMPRESSIONS_1x10", "--model.init_args.source_batch=4"]),
-    ("experiments/data_impressions/*/sfda_real.yaml", "fit", ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_1x10",
-     "--model.init_args.source.init_args.max_size=16", "--model.init_args.source_batch=4"]),
-    ("experiments/data_impressions/*/sfda_im_only.yaml", "fit",
-     ["--model.init_args.source_model=$CVLAB_TEST_TEACHER_1x10"]),
-    ("experiments/transfer_sets/shapes/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
-     "--data.init_args.pool.init_args.size=32", *_SHAPES_TASK]),
-    ("experiments/transfer_sets/cifar100/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x100",
-     "--data.init_args.pool.init_args.size=32"]),
-    ("experiments/transfer_sets/cifar10/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
-     "--data.init_args.pool.init_args.size=32"]),
-    ("experiments/transfer_sets/*/student.yaml", "fit", ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10",
-     "--data.init_args.pool.init_args.size=32"]),
-]
+SMOKE_DIR = REPO / "tests" / "smoke"
+_SECTION_KEYS = {"command", "args", "inherit", "datasets", "stages", "base"}
 
-#: overlay configs (budget settings to stack after a full config) -> the config they are tested on top of
-OVERLAYS = {
-    "experiments/cbgan/cpu.yaml": "experiments/cbgan/mnist_lt/cbgan.yaml",
-    "experiments/lra/mnist/cpu_hour.yaml": "experiments/lra/mnist/lra.yaml",
-    "experiments/dc/cpu.yaml": "experiments/dc/mnist/ipc1.yaml",
-    "experiments/lra/generative_replay.yaml": "experiments/lra/mnist/lra.yaml",
-    "experiments/zskd/tf_port_impressions.yaml": "experiments/zskd/mnist/synthesize.yaml",
-    "experiments/zskd/smooth_impressions.yaml": "experiments/zskd/fashion_mnist/synthesize.yaml",
-    "experiments/gat/cpu.yaml": "experiments/gat/mnist/train.yaml",
-    "experiments/gat/gat.yaml": "experiments/gat/mnist/train.yaml",
-    "experiments/gat/mnist/madry_cnn.yaml": "experiments/gat/mnist/train.yaml",
-    "experiments/gat/cifar10/wrn.yaml": "experiments/gat/cifar10/train.yaml",
-}
+
+@dataclass
+class Smoke:
+    """How a config runs shrunk: ``cvlab <command> --config <base> [--config <config>] <args>``."""
+
+    command: str = "fit"
+    base: str = ""  # the config an overlay config is stacked on ("" for a full config)
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def _apply(section: dict[str, Any], dataset: str | None, stage: str, out: Smoke, where: str) -> None:
+    """A section's command and args over ``out``, then its ``datasets`` entry for ``dataset``, then its ``stages``
+    entry for ``stage`` (each the same way: the more specific wins)."""
+    if not isinstance(section, dict) or set(section) - _SECTION_KEYS:
+        raise ValueError(f"{where}: a section is a mapping of {sorted(_SECTION_KEYS)}, got {section!r}")
+    if section.get("inherit") is False:
+        out.args = {}
+    out.command = section.get("command", out.command)
+    out.args.update(section.get("args") or {})
+    if dataset in (section.get("datasets") or {}):
+        _apply(section["datasets"][dataset], dataset, stage, out, f"{where}.datasets.{dataset}")
+    if stage in (section.get("stages") or {}):
+        _apply(section["stages"][stage], dataset, stage, out, f"{where}.stages.{stage}")
+
+
+def _place(config: str) -> tuple[str, str | None, str]:
+    """(paper, dataset folder or None, stage) of ``experiments/<paper>/[<dataset>/]<stage>.yaml``."""
+    parts = Path(config).parts
+    return (parts[1] if len(parts) > 2 else ""), (parts[2] if len(parts) == 4 else None), Path(config).stem
+
+
+def smoke_plan(config: str) -> Smoke:
+    """How ``config`` runs shrunk, from ``tests/smoke/<paper>.yaml`` (none: ``fit`` with the generic shrinking)."""
+    paper, dataset, stage = _place(config)
+    path = SMOKE_DIR / f"{paper}.yaml"
+    spec = (yaml.safe_load(path.read_text()) or {}) if paper and path.is_file() else {}
+    own = (spec.get("stages") or {}).get(stage) or {}
+    out = Smoke(base=f"experiments/{paper}/{own['base']}" if "base" in own else "")
+    if not out.base:
+        _apply(spec, dataset, stage, out, path.name)
+        return out
+    _, base_dataset, base_stage = _place(out.base)
+    _apply(spec, base_dataset, base_stage, out, path.name)  # shrunk as its base, then as itself
+    _apply({k: v for k, v in own.items() if k != "base"}, base_dataset, stage, out, f"{path.name}.stages.{stage}")
+    return out
+
 
 GENERIC = [
     "--trainer.max_steps=2",
@@ -243,23 +197,63 @@ def test_config_runs_shrunk(config: str, fake_root: Path, tmp_path: Path, monkey
         sweep = load_sweep(REPO / config)
         validate(sweep, expand_trials(sweep, count=3 if sweep.method == "random" else None))
         return
-    base = OVERLAYS.get(config, config)
-    sub, extra = "fit", []
-    # the config's own smoke arguments, else (an overlay) its base config's
-    found = [(s, e) for p, s, e in SMOKE if fnmatch.fnmatch(config, p)] or \
-        [(s, e) for p, s, e in SMOKE if fnmatch.fnmatch(base, p)]
-    if found:
-        sub, extra = found[0]
+    plan = smoke_plan(config)
+    base = plan.base or config
     if base != config:
         spec = yaml.safe_load((REPO / base).read_text())
     data_cls = (spec.get("data") or {}).get("class_path", "")
     configs = [f"--config={base}"] + ([f"--config={config}"] if base != config else [])
-    args = [sub, *configs, *GENERIC, *DATA_SHRINK.get(data_cls, [])]
+    args = [plan.command, *configs, *GENERIC, *DATA_SHRINK.get(data_cls, [])]
     if "batch_size" in _init_params(data_cls) and data_cls != "datamodules.ShapesDataModule":
         args.append("--data.init_args.batch_size=8")
-    cli = run_cli(*args, *[os.path.expandvars(e) for e in extra], run_dir=tmp_path / "run")
+    cli = run_cli(*args, *[os.path.expandvars(a) for a in as_overrides(plan.args)], run_dir=tmp_path / "run")
     assert (tmp_path / "run" / "metrics.json").is_file(), "the run wrote no metrics.json"
     assert cli.trainer is not None
+
+
+def test_smoke_files_name_only_configs_that_exist() -> None:
+    """A dataset or stage of a smoke file that no config has (renamed, deleted) shrinks nothing: it fails here."""
+    bad = []
+    for path in sorted(SMOKE_DIR.glob("*.yaml")):
+        paper = REPO / "experiments" / path.stem
+        configs = sorted(paper.rglob("*.yaml"))
+        datasets = {c.parent.name for c in configs if c.parent != paper}
+        stages = {c.stem for c in configs}
+        todo = [(path.name, yaml.safe_load(path.read_text()) or {})]
+        bad += [f"{path.name}: no folder experiments/{path.stem}/"] if not paper.is_dir() else []
+        while todo:
+            where, section = todo.pop()
+            bad += [f"{where}.datasets.{d}" for d in section.get("datasets") or {} if d not in datasets]
+            bad += [f"{where}.stages.{t}" for t in section.get("stages") or {} if t not in stages]
+            if "base" in section and not (paper / section["base"]).is_file():
+                bad.append(f"{where}.base: {section['base']} is no config of experiments/{path.stem}/")
+            todo += [(f"{where}.{k}.{name}", sub) for k in ("datasets", "stages")
+                     for name, sub in (section.get(k) or {}).items()]
+    assert not bad, "smoke sections that match no config:\n" + "\n".join(bad)
+
+
+def test_smoke_plan_worked_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "args: {a: 1, b: 2}\n"
+        "datasets: {d: {args: {a: 3}, stages: {s: {args: {c: [1]}}}}}\n"
+        "stages:\n"
+        "  s: {command: test, args: {a: 4}, datasets: {d: {args: {b: 5}}}}\n"
+        "  t: {inherit: false, args: {e: false}}\n"
+        "  o: {base: d/s.yaml, args: {f: x}}\n"
+        "  bad: {arg: {a: 1}}\n")
+    monkeypatch.setattr(f"{__name__}.SMOKE_DIR", tmp_path)
+    # top, then datasets.d (and its stages.s), then stages.s (and its datasets.d): the more specific wins
+    assert smoke_plan("experiments/p/d/s.yaml") == Smoke("test", "", {"a": 4, "b": 5, "c": [1]})
+    assert smoke_plan("experiments/p/e/s.yaml") == Smoke("test", "", {"a": 4, "b": 2})
+    assert smoke_plan("experiments/p/d/t.yaml") == Smoke("fit", "", {"e": False})
+    assert smoke_plan("experiments/p/d/u.yaml") == Smoke("fit", "", {"a": 3, "b": 2})
+    # an overlay: shrunk as its base (d/s.yaml), then by its own stage
+    assert smoke_plan("experiments/p/o.yaml") == Smoke("test", "experiments/p/d/s.yaml",
+                                                       {"a": 4, "b": 5, "c": [1], "f": "x"})
+    assert smoke_plan("experiments/q/d/s.yaml") == Smoke()  # no smoke file: fit, nothing
+    with pytest.raises(ValueError, match="p.yaml.stages.bad"):
+        smoke_plan("experiments/p/d/bad.yaml")
+    assert as_overrides({"a": [1], "e": False, "f": "x"}) == ["--a=[1]", "--e=false", "--f=x"]
 
 
 #: what a measured result looks like in a comment: a mean +- sd, a measured percentage compared with another, or a

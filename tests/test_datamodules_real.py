@@ -377,3 +377,101 @@ def test_real_mnist(tmp_path, no_network):
     assert torch.bincount(torch.cat([dm.train_y, dm.val_y])).tolist()[:2] == [5923, 6742]
     mean = dm.train_x.float().div(255).mean().item()
     assert abs(mean - 0.1307) < 1e-3
+
+
+# --- the CIFAR-10 JPEG stand-in's quirks (../shared/data/cifar10_jpeg): files in the release's layout whose MD5s
+# are not the release's, written with Python 2 string opcodes; no test here needs the stand-in itself ---------------
+def _py2_str(v: str | bytes) -> bytes:
+    b = v.encode("latin1") if isinstance(v, str) else v
+    return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + len(b).to_bytes(4, "little") + b
+
+
+def _py2_int(v: int) -> bytes:
+    return b"K" + bytes([v]) if v < 256 else b"M" + v.to_bytes(2, "little")
+
+
+def _py2_batch(labels: list[int], data: np.ndarray) -> bytes:
+    """One batch as the stand-in's builder (and the Python 2 release) lays it out: protocol 2, Python 2 strings,
+    ``numpy.core.multiarray._reconstruct`` with the pixels as one latin-1 string."""
+    n = data.shape[0]
+    array = b"".join([
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85", _py2_str("b"), b"\x87R(K\x01",
+        _py2_int(n), _py2_int(3072), b"\x86cnumpy\ndtype\n", _py2_str("u1"), b"K\x00K\x01\x87R(K\x03",
+        _py2_str("|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89", _py2_str(data.tobytes()), b"tb",
+    ])
+    names = b"".join(_py2_str(f"train/cat/{i:04d}.jpg") for i in range(n))
+    return b"".join([
+        b"\x80\x02}(", _py2_str("batch_label"), _py2_str("training batch"), _py2_str("labels"),
+        b"](" + b"".join(_py2_int(v) for v in labels) + b"e", _py2_str("data"), array,
+        _py2_str("filenames"), b"](" + names + b"e", b"u.",
+    ])
+
+
+def test_unofficial_cifar_files_warn_naming_each_file_and_still_load(tmp_path):
+    ref = write_cifar(tmp_path, 10, n_train=20, n_test=10, seed=3)
+    folder = tmp_path / "cifar-10-batches-py"
+    x1, y1 = ref["train"][0][:4].reshape(4, 3072), ref["train"][1][:4].tolist()
+    (folder / "data_batch_1").write_bytes(_py2_batch(y1, x1))  # the stand-in's layout, same 4 images
+    with pytest.warns(vision.UnofficialDataWarning) as caught:
+        x, y = CIFAR10DataModule(data_dir=str(tmp_path)).load_split(train=True)
+    warned = {str(w.message).split(" is not the official release")[0] for w in caught}
+    files = [f"data_batch_{b}" for b in range(1, 6)] + ["batches.meta"]
+    assert warned == {f"CIFAR-10 file {folder / n}" for n in files}
+    assert "MD5 " in str(caught[0].message) and "reading it all the same" in str(caught[0].message)
+    np.testing.assert_array_equal(x.numpy(), ref["train"][0])  # the Python 2 batch decodes to the same pixels
+    assert y.tolist() == ref["train"][1].tolist()
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), val_size=2)
+    with pytest.warns(vision.UnofficialDataWarning):
+        dm.setup()  # loading goes on: the warning never stops it
+    assert (len(dm.train_x), len(dm.val_x), len(dm.test_x)) == (18, 2, 10)
+
+
+def test_official_cifar_md5_reads_without_a_warning(tmp_path):
+    import warnings
+
+    write_cifar(tmp_path, 10, n_train=10, n_test=4)
+    f = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vision.UnofficialDataWarning)
+        assert len(vision.read_pickled_batch(f, "CIFAR-10", official_md5=vision.file_md5(f))["labels"]) == 4
+        vision.read_pickled_batch(f, "CIFAR-10")  # no MD5 to compare: nothing to report
+    with pytest.warns(vision.UnofficialDataWarning, match=f"CIFAR-10 file {f} is not the official release"):
+        vision.read_pickled_batch(f, "CIFAR-10", official_md5="0" * 32)
+
+
+def test_cifar10_lt_counts_for_imbalance_100_are_taken_before_the_validation_hold_out(tmp_path):
+    # CIFAR10LTDataModule.target_counts come from the whole 5,000 images per class (long_tail_counts(5000, ...)), i.e.
+    # BEFORE validation is held out; split_indices then draws the validation images (by default a tenth of the 12,406
+    # kept: 1,240) from the 37,594 that the long tail leaves out, so the training profile is still exactly these
+    # counts after the hold-out.
+    want = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert CIFAR10LTDataModule(data_dir=str(tmp_path)).target_counts == want
+    # the same two steps at a hundredth of the scale: 50 per class, factor 100 -> [50, ..., 0]; 100 held out
+    write_cifar(tmp_path, 10, n_train=500, n_test=10, seed=6)
+    dm = CIFAR10LTDataModule(data_dir=str(tmp_path), max_per_class=50, val_size=100)
+    with pytest.warns(vision.UnofficialDataWarning):
+        dm.setup()
+    small = long_tail_counts(50, 10, 100)
+    assert dm.class_counts == small and len(dm.val_x) == 100
+    assert not set(dm.val_indices.tolist()) & set(dm.train_indices.tolist())
+
+
+@pytest.mark.data
+def test_cifar10_stand_in_when_built():
+    """The CIFAR-10 JPEG stand-in (``python ../shared/data/cifar10_jpeg/build_cifar10.py ROOT``, then
+    ``CVLAB_CIFAR10_STAND_IN=ROOT pytest -m data -k stand_in``): every batch warns (its MD5 is not the release's)
+    and loads; the protocol split and the long tail are exact."""
+    root = Path(os.environ.get("CVLAB_CIFAR10_STAND_IN", "/nonexistent"))
+    if not (root / "cifar-10-batches-py" / "data_batch_5").is_file():
+        pytest.skip(f"no cifar-10-batches-py under {root} (set CVLAB_CIFAR10_STAND_IN)")
+    dm = CIFAR10DataModule(data_dir=str(root))
+    with pytest.warns(vision.UnofficialDataWarning, match="data_batch_1 is not the official release"):
+        dm.setup()
+    assert (len(dm.train_x), len(dm.val_x), len(dm.test_x)) == (45000, 5000, 10000)
+    assert torch.bincount(dm.test_y, minlength=10).tolist() == [1000] * 10
+    lt = CIFAR10LTDataModule(data_dir=str(root))
+    with pytest.warns(vision.UnofficialDataWarning):
+        counts = lt.class_counts
+    # the default hold-out is a tenth of the 12,406 kept (1,240), drawn from the 37,594 images the tail leaves out
+    assert counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50] and len(lt.val_x) == 1240
+    assert torch.bincount(lt.val_y, minlength=10)[0] == 0  # class 0 keeps all its images: none left to validate

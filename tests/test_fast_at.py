@@ -15,16 +15,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_modules.nets import create_net
 from lit_modules.optim import build_optimizer, build_schedule, cyclic_factor
-from lit_modules.robustness import AdversarialTrainer, SnapshotModel
+from lit_modules.robustness import AdversarialTraining, FGSMTraining, GrayBoxAdversarialTraining, SnapshotModel
 from lit_modules.robustness.attacks import fgsm, pgd
 from lit_modules.robustness.gray_box import attack_suite, gradient_masking
 from tests.test_adversarial_training import _module as _trainer_module
 from tests.test_attacks import _blobs
 
 
-def _module(regime: str, **kw) -> AdversarialTrainer:
-    """The tiny trainer of tests/test_adversarial_training.py with instance norm (no batch statistics)."""
-    return _trainer_module(regime, **{"arch_kwargs": {"width": 8, "depth": 2, "norm": "instancenorm"}, **kw})
+def _module(regime: str, adversary=None, **kw) -> AdversarialTraining:
+    """The tiny system of tests/test_adversarial_training.py with instance norm (no batch statistics)."""
+    return _trainer_module(regime, adversary,
+                           **{"arch_kwargs": {"width": 8, "depth": 2, "norm": "instancenorm"}, **kw})
 
 
 def _trainer(**kw) -> L.Trainer:
@@ -80,7 +81,7 @@ def test_wong_mnist_net_layout() -> None:
 
 
 def test_fast_regime_is_one_step_of_alpha_from_a_random_start() -> None:
-    model = _module("fast", fast_alpha=None).eval()  # alpha 1.25 eps
+    model = _module("fast").eval()  # FastTraining's default alpha: 1.25 eps
     x, y = _blobs(16, seed=1)
     torch.manual_seed(7)
     got = model.craft(x, y)
@@ -165,8 +166,8 @@ def test_best_robust_weights_are_in_the_checkpoint(tmp_path: Path) -> None:
 
 
 def test_step_snapshot_is_the_model_at_step_k_and_seeds_the_batch_that_uses_it(monkeypatch) -> None:
-    model = _module("gat", snapshot_steps=2, bag_size=10, snapshot_share=0.5, random_eps=False,
-                    fgsm_labels="true", adv_ratio=1.0, seed=3)
+    model = _module("gat", FGSMTraining(adv_ratio=1.0, labels="true", random_eps=False), snapshot_steps=2,
+                    bag_size=10, snapshot_share=0.5, seed=3)
     weights: dict[int, dict[str, Tensor]] = {}
     used: list[tuple] = []
 
@@ -174,7 +175,7 @@ def test_step_snapshot_is_the_model_at_step_k_and_seeds_the_batch_that_uses_it(m
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
 
-    craft = AdversarialTrainer.craft
+    craft = GrayBoxAdversarialTraining.craft
 
     def spy(self, x, y):
         out = craft(self, x, y)
@@ -183,14 +184,14 @@ def test_step_snapshot_is_the_model_at_step_k_and_seeds_the_batch_that_uses_it(m
             used.append((self.global_step, self.bag.steps[i], x.clone(), y.clone(), out.clone()))
         return out
 
-    monkeypatch.setattr(AdversarialTrainer, "craft", spy)
+    monkeypatch.setattr(GrayBoxAdversarialTraining, "craft", spy)
     _trainer(max_steps=9, callbacks=[Weights()]).fit(model, _loader(6 * 32, batch=32, seed=4))
     assert model.bag.steps == [2, 4, 6, 8]  # from the first steps, several per epoch (6 batches)
     for s, k in zip(model.bag.snapshots, model.bag.steps):  # the snapshot of step k is the model at step k
         for name, v in s.items():
             assert torch.equal(v, weights[k][name]), (k, name)
     assert [u[0] for u in used] == [2, 3, 4, 5, 6, 7, 8]  # the bag is used from its first snapshot on
-    current = _module("gat", random_eps=False, fgsm_labels="true")
+    current = _module("gat", FGSMTraining(labels="true", random_eps=False))
     for step, k, x, y, out in used:
         assert k <= step
         snap = SnapshotModel(model.net, model.normalize, weights[k])

@@ -18,26 +18,36 @@ import pytest
 import torch
 
 from experiments.cli import CvlabCLI
+from experiments.command_line import as_overrides
 from tests.cli_runs import REPO
-from tests.test_configs import _DC, _IDLG, _LRA, _SHAPES_TASK, _ZSKD_SYNTH, fake_root, zskd_artifacts  # noqa: F401 (fixtures)
+from tests.test_configs import fake_root, smoke_plan, zskd_artifacts  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 _SHAPES = ["--data.init_args.num_train=200", "--data.init_args.num_test=50"]
+_SHAPES_TASK = ["--data.init_args.task.init_args.num_train=100", "--data.init_args.task.init_args.num_test=50"]
+
+
+def _shrunk(config: str) -> list[str]:
+    """The shrinking overrides tests/smoke/ gives ``config`` (as tests/test_configs.py runs it)."""
+    return as_overrides(smoke_plan(config).args)
+
+
 #: method -> (subcommand, configs (stacked), extra overrides); the smallest config of each method, its GPU settings kept
 METHODS: dict[str, tuple[str, list[str], list[str]]] = {
     "classifier": ("fit", ["experiments/quickstart.yaml"], _SHAPES),
     "teacher_bf16": ("fit", ["experiments/teachers/cifar10_alexnet.yaml"], ["--data.init_args.batch_size=8"]),
-    "dc": ("fit", ["experiments/dc/shapes/ipc1.yaml"], [*_DC, *_SHAPES]),
+    "dc": ("fit", ["experiments/dc/shapes/ipc1.yaml"], [*_shrunk("experiments/dc/shapes/ipc1.yaml"), *_SHAPES]),
     "idlg": ("predict", ["experiments/idlg/shapes/idlg.yaml"],
-             [*_IDLG, "--data.init_args.source.init_args.num_train=100",
+             [*_shrunk("experiments/idlg/shapes/idlg.yaml"), "--data.init_args.source.init_args.num_train=100",
               "--data.init_args.source.init_args.num_test=20"]),
     "dlg": ("predict", ["experiments/idlg/shapes/dlg.yaml"],
-            [*_IDLG, "--data.init_args.source.init_args.num_train=100",
+            [*_shrunk("experiments/idlg/shapes/dlg.yaml"), "--data.init_args.source.init_args.num_train=100",
              "--data.init_args.source.init_args.num_test=20"]),
     "zskd_synthesis_bf16": ("predict",
                             ["experiments/zskd/shapes/synthesize.yaml", "experiments/zskd/tf_port_impressions.yaml"],
-                            ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10", *_ZSKD_SYNTH]),
+                            [*_shrunk("experiments/zskd/shapes/synthesize.yaml"),
+                             "--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10"]),
     "zskd_student": ("fit", ["experiments/zskd/shapes/student.yaml"],
                      ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
                       "--data.init_args.pool.init_args.folder=$CVLAB_TEST_IMPRESSIONS_3x10", *_SHAPES_TASK]),
@@ -45,7 +55,8 @@ METHODS: dict[str, tuple[str, list[str], list[str]]] = {
                              ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_3x10",
                               "--data.init_args.pool.init_args.size=32", *_SHAPES_TASK]),
     "lra_bf16_generator": ("fit", ["experiments/lra/mnist/lra.yaml", "experiments/lra/mnist/cpu_hour.yaml"],
-                           ["--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10", *_LRA]),
+                           [*_shrunk("experiments/lra/mnist/lra.yaml"),
+                            "--model.init_args.teacher=$CVLAB_TEST_TEACHER_1x10"]),
 }
 #: methods whose config sets trainer.precision: bf16-mixed
 BF16 = {"teacher_bf16", "zskd_synthesis_bf16"}

@@ -23,6 +23,7 @@ from lit_modules.condensation.dc import PAPER_LOOPS, DatasetCondensation
 from lit_modules.condensation.dc_eval import EvalRecipe, train_and_test
 from lit_modules.distillation.kd_loss import kd_kl_loss
 from lit_modules.distillation.kd_student import KDStudent
+from lit_modules.distillation.transfer_set_selection import ArbitraryTransferSetSelection
 
 K, SIZE = 4, 16
 
@@ -122,9 +123,14 @@ def test_kd_student_lowers_its_kd_loss_and_learns_the_task(tmp_path: Path) -> No
 def test_transfer_set_student_learns_from_a_balanced_noise_pool(tmp_path: Path) -> None:
     """Arbitrary transfer sets: uniform noise, balanced by the teacher's confidence, is enough for a
     student to learn the teacher's task (the teacher is linear, so its soft labels on noise carry it)."""
-    model = _student(save_stripe_teacher(tmp_path / "t.pt"))
-    dm = TransferSetDataModule(StripesDataModule(val_size=40), NoisePool("uniform", 2000), balance="confidence",
-                               per_class=200, batch_size=50)
+    teacher = save_stripe_teacher(tmp_path / "t.pt")
+    pool = dict(task=StripesDataModule(val_size=40), pool=NoisePool("uniform", 2000), batch_size=50)
+    select = L.Trainer(logger=False, default_root_dir=tmp_path / "select", enable_progress_bar=False,
+                       enable_model_summary=False, accelerator="cpu", devices=1)
+    select.predict(ArbitraryTransferSetSelection(teacher, per_class=200), datamodule=TransferSetDataModule(**pool),
+                   return_predictions=False)  # the selection stage writes select/selection.pt
+    model = _student(teacher)
+    dm = TransferSetDataModule(**pool, balance="confidence", selection=str(tmp_path / "select" / "selection.pt"))
     m = _fit_and_test(model, dm, tmp_path, epochs=5)
     assert torch.bincount(model.teacher(dm.train_x.float() / 255).argmax(-1), minlength=K).tolist() == [200] * K
     assert m["test/acc"] > 0.9, m
@@ -135,11 +141,12 @@ def test_dc_evaluation_protocol_reaches_full_accuracy_on_a_separable_set() -> No
     every net classifies the 200 test images perfectly; untrained nets score about chance."""
     x, y = stripes(20, seed=2)
     tx, ty = stripes(200, seed=3)
-    norm = lambda u: (u.float() / 255 - 0.5) / 0.3  # noqa: E731
-    arch = {"class_path": "tests.test_methods_learn.TinyStudent"}
-    acc = train_and_test(norm(x), y, norm(tx), ty, arch, K, num_nets=3, recipe=EvalRecipe(epochs=20, batch_size=10))
+    px = lambda u: u.float() / 255  # noqa: E731  ([0, 1] pixels; each network normalises its own input)
+    arch, norm = {"class_path": "tests.test_methods_learn.TinyStudent"}, {"mean": [0.5], "std": [0.3]}
+    acc = train_and_test(px(x), y, px(tx), ty, arch, K, num_nets=3, recipe=EvalRecipe(epochs=20, batch_size=10),
+                         **norm)
     assert acc.shape == (3,) and (acc == 1.0).all(), acc
-    untrained = train_and_test(norm(x), y, norm(tx), ty, arch, K, num_nets=3, recipe=EvalRecipe(epochs=0))
+    untrained = train_and_test(px(x), y, px(tx), ty, arch, K, num_nets=3, recipe=EvalRecipe(epochs=0), **norm)
     assert (untrained < 0.6).all(), untrained
 
 

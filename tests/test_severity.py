@@ -318,3 +318,12 @@ def test_report_uap_bad_input(tmp_path: Path) -> None:
     report.hparams.uaps["n"] = str(tmp_path / "other.ckpt")
     with pytest.raises(CvlabError, match="not a UniversalPerturbation checkpoint"):
         report._uaps_for("n")
+
+
+def test_report_unknown_attack_is_one_line_listing_the_registry() -> None:
+    from cvlab.errors import CvlabError
+    from lit_modules.robustness.severity_report import SeverityReport
+
+    with pytest.raises(CvlabError, match=r"^unknown attacks \['cw'\]; available: fgsm, ifgsm, mifgsm, noise, pgd, "
+                                         r"rfgsm, uap$"):
+        SeverityReport(models={"a": "a.ckpt"}, attacks=["pgd", "cw"], hierarchy="mnist")

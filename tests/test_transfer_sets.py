@@ -14,10 +14,10 @@ from datamodules.transfer_sets import (
     NoisePool,
     TransferSetDataModule,
     TransferSetError,
-    balance_by_confidence,
     match_channels,
 )
 from experiments.cli import CvlabCLI
+from lit_modules.distillation.transfer_set_selection import balance_by_confidence
 from tests.test_zskd import save_teacher
 
 
@@ -60,31 +60,42 @@ def test_datamodule_pool_resizes_and_drops_foreign_labels() -> None:
     assert x.shape == (30, 1, 32, 32) and x.dtype == torch.uint8 and (y == -1).all()
 
 
-def test_balancing_needs_per_class() -> None:
-    with pytest.raises(TransferSetError, match="per_class"):
+def test_balancing_needs_a_selection() -> None:
+    with pytest.raises(TransferSetError, match="selection"):
         TransferSetDataModule(ShapesDataModule(), NoisePool(), balance="confidence")
 
 
-def _student_args(teacher: Path, run: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", "experiments/transfer_sets/shapes/student.yaml", f"--run.dir={run}", "--run.logger=csv",
-            f"--model.init_args.teacher={teacher}", "--data.init_args.task.init_args.num_train=100",
-            "--data.init_args.task.init_args.num_test=50", "--data.init_args.batch_size=32", "--trainer.max_epochs=1",
+def _stage_args(config: str, command: str, teacher: Path, run: Path, *extra: str) -> list[str]:
+    return [command, "--config", f"experiments/transfer_sets/shapes/{config}.yaml", f"--run.dir={run}",
+            "--run.logger=csv", f"--model.init_args.teacher={teacher}", "--data.init_args.task.init_args.num_train=100",
+            "--data.init_args.task.init_args.num_test=50", "--data.init_args.batch_size=32",
             "--trainer.enable_progress_bar=false", *extra]
 
 
+def _student_args(teacher: Path, run: Path, *extra: str) -> list[str]:
+    return _stage_args("student", "fit", teacher, run, "--trainer.max_epochs=1", *extra)
+
+
 def test_balanced_noise_transfer_set_through_the_teacher(tmp_path: Path) -> None:
+    """The selection stage (cvlab predict) then the student on its selection.pt, as the pipeline runs them."""
     teacher = save_teacher(tmp_path / "t.ckpt")
+    select = tmp_path / "select"
+    CvlabCLI(args=_stage_args("select", "predict", teacher, select, "--data.init_args.pool.init_args.size=3000",
+                              "--model.init_args.per_class=5"))
     run = tmp_path / "bal"
     cli = CvlabCLI(args=_student_args(teacher, run, "--data.init_args.pool.init_args.size=3000",
-                                      "--data.init_args.balance=confidence", "--data.init_args.per_class=5"))
+                                      "--data.init_args.balance=confidence",
+                                      f"--data.init_args.selection={select}/selection.pt"))
     dm = cli.datamodule
     pool, _ = NoisePool("uniform", 3000).load(dm.task, seed=0)
     with torch.no_grad():
         counts = torch.bincount(cli.model.teacher(dm.train_x.float() / 255).argmax(-1), minlength=10)
         available = torch.bincount(cli.model.teacher(pool.float() / 255).argmax(-1), minlength=10)
     assert counts.max() == 5 and torch.equal(counts, available.clamp(max=5))  # equal, where the pool has enough
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["data/transfer_max_per_class"] == 5 and m["data/pool_size"] == 3000 and "test/acc" in m
+    m = json.loads((select / "metrics.json").read_text())
+    assert m["data/transfer_max_per_class"] == 5 and m["data/pool_size"] == 3000
+    assert m["data/transfer_size"] == dm.train_x.shape[0] == available.clamp(max=5).sum()
+    assert "test/acc" in json.loads((run / "metrics.json").read_text())
     unbal = CvlabCLI(args=_student_args(teacher, tmp_path / "unbal", "--data.init_args.pool.init_args.size=200"))
     assert unbal.datamodule.train_x.shape[0] == 200  # the control keeps the pool as it is
 

@@ -2,9 +2,9 @@
 
 1. Attacks: images/s of our FGSM and PGD-10 (Linf) against torchattacks' on the same model and batch
    (torchattacks is a dev dependency: ``uv sync`` installs it).
-2. Training: seconds per optimisation step of :class:`AdversarialTrainer` in the clean, FGSM-AT, GAT,
-   fast-AT (RS-FGSM) and PGD-AT regimes (GAT with a full snapshot bag and half of its adversaries crafted on a
-   snapshot, so the snapshot path is what is timed).
+2. Training: seconds per optimisation step of :class:`AdversarialTraining` in the clean, FGSM-AT, fast-AT
+   (RS-FGSM) and PGD-AT regimes and of :class:`GrayBoxAdversarialTraining` (with a full snapshot bag and half of
+   its adversaries crafted on a snapshot, so the snapshot path is what is timed).
 3. Evaluation (``--part eval``): images/s of PGD-40 and of PGD-50 x 10 restarts (the restarts as one batch).
 
     uv run cvlab bench robustness --arch lenet5 --channels 1                      # MNIST-like 1x32x32
@@ -21,20 +21,32 @@ import torch
 
 from experiments.benchmarks import register_benchmark
 from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure, random_batch
-from lit_modules.robustness import AdversarialTrainer
+from lit_modules.robustness import (
+    AdversarialTraining,
+    CleanTraining,
+    FastTraining,
+    FGSMTraining,
+    GrayBoxAdversarialTraining,
+    PGDTraining,
+)
 from lit_modules.robustness.attacks import fgsm, pgd
 
 
-def _trainer(args, regime: str, device: torch.device) -> tuple[AdversarialTrainer, torch.optim.Optimizer]:
+def _trainer(args, regime: str, device: torch.device) -> tuple[AdversarialTraining, torch.optim.Optimizer]:
+    """The system of ``regime`` (``gat``: GAT with a full bag, a snapshot seeding every batch from the first step)."""
     torch.manual_seed(0)
-    model = AdversarialTrainer(regime=regime, eps=args.eps, arch=args.arch, in_channels=args.channels,
-                               image_size=args.image_size, num_classes=10, pgd_steps=args.train_pgd_steps,
-                               pgd_alpha=None, snapshot_share=0.5, warmup_epochs=0,
-                               mean=[0.5] * args.channels, std=[0.25] * args.channels).to(device)
+    common = {"eps": args.eps, "arch": args.arch, "in_channels": args.channels, "image_size": args.image_size,
+              "num_classes": 10, "mean": [0.5] * args.channels, "std": [0.25] * args.channels}
     if regime == "gat":
+        model = GrayBoxAdversarialTraining(adversary=FGSMTraining(), snapshot_share=0.5, warmup_epochs=0,
+                                           **common).to(device)
         for e in range(model.bag.size):
             model.bag.add(model.net, e)
-    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        adversary = {"clean": CleanTraining(), "fgsm": FGSMTraining(), "fast": FastTraining(),
+                     "pgd": PGDTraining(steps=args.train_pgd_steps, alpha=None)}[regime]
+        model = AdversarialTraining(adversary=adversary, **common)
+    return model.to(device), torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
 @register_benchmark("robustness")

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-TIMING = ("wall", "per_s", "_s/", "time")
+TIMING = ("wall", "per_s", "_s/", "time", "epoch_s")
 
 
 def compare(before: Path, after: Path) -> list[str]:

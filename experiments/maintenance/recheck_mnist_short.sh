@@ -14,7 +14,7 @@ run synth predict --config experiments/zskd/mnist/synthesize.yaml --config exper
 run student fit --config experiments/zskd/mnist/student.yaml --model.init_args.teacher=$T --data.init_args.pool.init_args.folder=$OUT/synth/shards --trainer.max_epochs=10 --trainer.enable_progress_bar=false
 run student_real fit --config experiments/zskd/mnist/student_real.yaml --model.init_args.teacher=$T --trainer.max_epochs=1 --trainer.enable_progress_bar=false
 run lra fit --config experiments/lra/mnist/lra.yaml --model.init_args.teacher=$T --trainer.max_epochs=1 --data.init_args.steps_per_epoch=5 --model.init_args.batch_size=128 --trainer.enable_progress_bar=false
-run dc fit --config experiments/dc/mnist/ipc1.yaml --trainer.max_steps=5 --model.init_args.eval_num_nets=2 --model.init_args.eval_epochs=20 "--model.init_args.eval_archs=[convnet]" "--model.init_args.eval_baselines=[]" --trainer.enable_progress_bar=false
+run dc fit --config experiments/dc/mnist/ipc1.yaml --trainer.max_steps=5 --trainer.callbacks.init_args.num_nets=2 --trainer.callbacks.init_args.epochs=20 "--trainer.callbacks.init_args.archs=[convnet]" "--trainer.callbacks.init_args.baselines=[]" --trainer.enable_progress_bar=false
 run idlg predict --config experiments/idlg/mnist/idlg.yaml --data.init_args.num_trials=20 --data.init_args.trials_per_batch=20 --model.init_args.iterations=50 --trainer.enable_progress_bar=false
 run uap fit --config experiments/data_impressions/mnist/uap_real.yaml --model.init_args.model=$T --data.init_args.pool.init_args.max_size=500 --trainer.max_epochs=1 --trainer.enable_progress_bar=false
 echo done >> $OUT/summary.txt

@@ -1,7 +1,9 @@
-"""Dataset Condensation with gradient matching (:class:`DatasetCondensation` in ``dc``), the matching
-math in ``gradient_matching`` and the evaluation protocol (random / herding baselines, batched
-evaluation nets) in ``dc_eval``."""
+"""Dataset Condensation with gradient matching: the system (:class:`DatasetCondensation` in ``dc``), the
+matching math in ``gradient_matching``, the networks with their input normalisation in ``pixel_net``, and
+the evaluation protocol: the :class:`CondensationEvaluation` callback (``evaluation``) over the recipe and
+the random / herding baselines (``dc_eval``)."""
 
 from lit_modules.condensation.dc import DatasetCondensation, load_condensed
+from lit_modules.condensation.evaluation import CondensationEvaluation
 
-__all__ = ["DatasetCondensation", "load_condensed"]
+__all__ = ["CondensationEvaluation", "DatasetCondensation", "load_condensed"]

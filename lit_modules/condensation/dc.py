@@ -18,6 +18,12 @@ local module (not a submodule of this one) called with ``torch.func.functional_c
 its share of the classes (``rank::world``) and the image gradient is summed with one explicit
 all-reduce, so every rank applies the same update. ``trainer.global_step`` counts outer iterations.
 
+Pixels in, normalisation inside (issue 34): the real batches are class-balanced [0, 1] pixel draws from
+the datamodule (``class_images``), S is kept in [0, 1] pixel space and every network normalises its own
+input. The image gradient is scaled by ``std ** 2`` per channel, so one SGD step (momentum included) on the
+pixels equals the paper's step on normalised images with the same ``lr_img``. The evaluation protocol is a
+callback, :class:`lit_modules.condensation.CondensationEvaluation`, run by ``test``.
+
 Departure (BatchNorm networks only; the default ConvNet uses instance norm): before each match the
 BatchNorm statistics are the *exact* mean and variance of 16 real images per class, then frozen. The
 public code runs the same batch once in train mode with PyTorch's default momentum 0.1 from freshly
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -39,10 +45,10 @@ from torch import Tensor, nn
 from cvlab.artifacts import atomic_torch_save
 from cvlab.errors import CvlabError
 from cvlab.image_log import log_image_grid
-from cvlab.image_ops import to_float
+from cvlab.image_ops import denormalize
 from cvlab.seeding import fold_seed
 from cvlab.task import check_task, task_of
-from lit_modules.condensation.dc_eval import EvalRecipe, herding_subset, random_subset, train_and_test
+from datamodules.class_balanced import ClassBalancedImages, class_image_source
 from lit_modules.condensation.gradient_matching import (
     ClassMode,
     Metric,
@@ -51,7 +57,8 @@ from lit_modules.condensation.gradient_matching import (
     match_loss,
     resolve_class_mode,
 )
-from lit_modules.nets import NetSpec, create_net, net_name
+from lit_modules.condensation.pixel_net import PixelNet, create_pixel_net, pixel_preconditioner
+from lit_modules.nets import NetSpec
 
 #: the paper's (outer_loop, inner_loop) per images-per-class (DC code's get_loops)
 PAPER_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -86,23 +93,57 @@ class _Engine:
     inner: nn.Module
 
 
+#: constructor arguments that moved to the evaluation callback (issue 34): old key -> where it lives now
+MOVED_TO_EVALUATION = {
+    "eval_num_nets": "num_nets", "eval_archs": "archs", "eval_epochs": "epochs", "eval_augment": "augment",
+    "eval_lr": "lr", "eval_batch_size": "batch_size", "eval_baselines": "baselines", "herding_pool": "herding_pool",
+    "eval_test_size": "test_size", "eval_parallel": "parallel", "eval_compile": "compile",
+    "eval_condensed": "condensed", "whole_epochs": "whole_epochs", "whole_nets": "whole_nets",
+}
+
+
+def moved_argument_line(key: str) -> str:
+    """One line naming where a removed ``DatasetCondensation`` argument lives now."""
+    return (f"DatasetCondensation's {key} moved to the evaluation callback: set it as `{MOVED_TO_EVALUATION[key]}` "
+            "of lit_modules.condensation.CondensationEvaluation under trainer.callbacks "
+            "(e.g. --trainer.callbacks.init_args." + MOVED_TO_EVALUATION[key] + ")")
+
+
 def load_condensed(path: str | Path) -> dict[str, Any]:
-    """Read a ``condensed.pt`` written by :class:`DatasetCondensation` (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a ``condensed.pt`` written by :class:`DatasetCondensation` (``weights_only=True``).
+
+    ``images`` are [0, 1] pixel space (not clamped); a file written before issue 34 kept them normalised
+    and is converted with its own ``mean``/``std``."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("space") != "pixels":  # the old format: normalised images
+        saved["images"] = denormalize(saved["images"], saved["mean"], saved["std"])
+        saved["space"] = "pixels"
+    return saved
 
 
 class DatasetCondensation(L.LightningModule):
     """Learn ``ipc`` synthetic images per class by gradient matching (see the module docstring).
 
+    The synthetic images are a parameter in [0, 1] pixel space, not clamped (the paper's code does not clamp
+    in its normalised space either); every network normalises its own input with ``mean``/``std``. The
+    image gradient is scaled by ``std ** 2`` per channel before SGD, which makes ``lr_img`` mean what it
+    means in the paper's normalised space (:func:`~lit_modules.condensation.pixel_net.pixel_preconditioner`).
+    Real images come from the datamodule as class-balanced [0, 1] batches
+    (:class:`datamodules.class_balanced.ClassImageSource`). The evaluation protocol (fresh networks trained
+    on the condensed set and on baselines) is the :class:`~lit_modules.condensation.CondensationEvaluation`
+    callback, run by ``test``.
+
     Args:
         ipc: images per class.
-        num_classes, in_channels, image_size: the task (checked against the datamodule).
+        num_classes, in_channels, image_size: the task (checked against the datamodule's task spec).
+        mean, std: the networks' input normalisation (None: the task's, taken at setup).
         arch, arch_kwargs: the matching network, a name from :func:`lit_modules.nets.available_nets` or any
             ``nn.Module`` as ``{class_path, init_args}`` (it must work with ``torch.func``: no in-place
             buffer updates outside BatchNorm).
         init: ``real`` (random real images) or ``noise`` (standard normal in normalised space).
         outer_loop, inner_loop: default: the paper's per ipc (1: (1, 1), 10: (10, 50), 50: (50, 10)).
-        lr_img, momentum_img: SGD on the images. lr_net, momentum_net, batch_train: SGD on the network.
+        lr_img, momentum_img: SGD on the images (lr in normalised units, see above). lr_net, momentum_net,
+            batch_train: SGD on the network.
         batch_real: real images per class per match.
         distance: ``ours`` (Eq. 10), ``mse`` or ``cos``.
         class_mode: ``batched`` (one vmapped computation for all classes), ``loop`` (the paper's loop
@@ -117,21 +158,12 @@ class DatasetCondensation(L.LightningModule):
             epochs between matches, most of an ipc >= 10 iteration; the weights and the SGD update
             stay float32). compile_inner: ``torch.compile`` that network's forward (and backward).
         image_every_n_steps, save_every_n_steps: grid image / ``condensed.pt`` cadence (and at the end).
-        eval_*: the evaluation protocol run by ``test`` (after ``fit`` by default): ``eval_num_nets``
-            fresh networks of each of ``eval_archs`` trained with the paper's recipe on the condensed
-            set and on each of ``eval_baselines`` (``random``, ``herding``, ``whole``).
-        herding_pool: real examples per class considered by herding (None: all); herding uses the
-            penultimate features of a randomly initialised ``arch`` network (seeded).
-        eval_test_size: test images used by the protocol (None: the whole test set; the first N).
-        eval_parallel, eval_compile: how the evaluation networks train (``EvalRecipe.parallel``:
-            ``vmap`` all at once, ``loop`` one at a time, ``auto`` vmap on CUDA only) and whether the
-            loop's per-network step is ``torch.compile``d (``experiments/dc/cpu.yaml`` turns it on).
-        eval_condensed: evaluate the condensed set (False: only ``eval_baselines``, e.g. to add a
-            baseline to a finished run with ``cvlab test --model.init_args.condensed_path ...``).
         condensed_path: a ``condensed.pt`` to start from / evaluate (``cvlab test`` without fitting).
-        whole_epochs, whole_nets: the ``whole`` baseline's budget (the full training set is large).
-        seed: seeds image init, the fresh networks, the real batches and the evaluation.
+        seed: seeds image init, the fresh networks and the real batches.
     """
+
+    #: the CLI's one line for a config that still sets an evaluation argument here (issue 34)
+    moved_args: ClassVar[dict[str, str]] = {name: moved_argument_line(name) for name in MOVED_TO_EVALUATION}
 
     def __init__(
         self,
@@ -139,6 +171,8 @@ class DatasetCondensation(L.LightningModule):
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 28,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
         arch: NetSpec = "convnet",
         arch_kwargs: dict[str, Any] | None = None,
         init: Literal["real", "noise"] = "real",
@@ -159,24 +193,14 @@ class DatasetCondensation(L.LightningModule):
         compile_inner: bool = False,
         image_every_n_steps: int = 100,
         save_every_n_steps: int = 100,
-        eval_num_nets: int = 10,
-        eval_archs: list[NetSpec] | None = None,
-        eval_epochs: int = 300,
-        eval_augment: str = "none",
-        eval_lr: float = 0.01,
-        eval_batch_size: int = 256,
-        eval_baselines: list[str] | None = None,
-        herding_pool: int | None = None,
-        eval_test_size: int | None = None,
-        eval_parallel: str = "auto",
-        eval_compile: bool = False,
-        eval_condensed: bool = True,
         condensed_path: str | None = None,
-        whole_epochs: int = 2,
-        whole_nets: int = 1,
         seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
+        for key in kwargs:  # an old key: one line naming its new place
+            raise CvlabError(moved_argument_line(key) if key in MOVED_TO_EVALUATION
+                             else f"DatasetCondensation has no argument {key!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         if ipc < 1:
@@ -188,86 +212,81 @@ class DatasetCondensation(L.LightningModule):
             )
         self.outer_loop = outer_loop or PAPER_LOOPS[ipc][0]
         self.inner_loop = inner_loop if inner_loop is not None else PAPER_LOOPS[ipc][1]
-        self.eval_archs = eval_archs or ["convnet"]
-        self.eval_baselines = eval_baselines if eval_baselines is not None else ["random", "herding"]
-        check_matchable(self._make_net(), distance)
+        check_matchable(self.make_net(), distance)
         resolve_class_mode(class_mode, torch.device("cpu"))  # a bad value fails here, not mid-run
-        EvalRecipe(parallel=eval_parallel, compile=eval_compile)  # likewise for the evaluation options
-        if not eval_condensed and eval_baselines == []:
-            raise CvlabError("eval_condensed is false and eval_baselines is empty: the test stage would evaluate "
-                             "nothing; set --model.init_args.eval_baselines '[random]' (or herding, whole)")
         self._engine_: _Engine | None = None  # built on first use, on the module's device; not a submodule
-        # S: (K * ipc, C, H, W), class-major ([0]*ipc, [1]*ipc, ...), normalised pixel space
+        self.real: ClassBalancedImages | None = None  # the training images per class (setup)
+        # S: (K * ipc, C, H, W), class-major ([0]*ipc, [1]*ipc, ...), [0, 1] pixel space (not clamped)
         self.images = nn.Parameter(torch.zeros(num_classes * ipc, in_channels, image_size, image_size))
         self.register_buffer("labels", torch.arange(num_classes).repeat_interleave(ipc), persistent=False)
+        # std ** 2 per channel (set at setup): scales the pixel-space image gradient (pixel_preconditioner)
+        self.register_buffer("_precondition", pixel_preconditioner(std, in_channels), persistent=False)
 
     # --- data ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None:
-            raise CvlabError("DatasetCondensation needs a datamodule (--data ...) with train_x / train_y tensors")
-        dm.setup(stage)
+        task = task_of(self._trainer)
+        if task is None:
+            raise CvlabError("DatasetCondensation needs a datamodule (--data ...) that offers its images per class")
         hp = self.hparams
-        check_task("DatasetCondensation", task_of(self.trainer), num_classes=hp.num_classes,
-                   in_channels=hp.in_channels, image_size=hp.image_size)
-        self.dm = dm
-        y = dm.train_y
-        counts = torch.bincount(y, minlength=hp.num_classes)  # (K,)
-        if int(counts.min()) < hp.ipc:
-            k = int(counts.argmin())
+        check_task("DatasetCondensation", task, num_classes=hp.num_classes, in_channels=hp.in_channels,
+                   image_size=hp.image_size)
+        if hp.get("mean") is None and task.mean is not None:
+            hp["mean"], hp["std"] = list(task.mean), list(task.std)
+        real = class_image_source(self.trainer.datamodule, "DatasetCondensation").class_images("train")
+        least = int(real.counts.min())
+        if least < hp.ipc:
+            k = int(real.counts.argmin())
             raise CvlabError(
-                f"ipc {hp.ipc} is larger than the {int(counts[k])} real training images of class {k}; "
-                f"lower --model.init_args.ipc to at most {int(counts.min())}"
+                f"ipc {hp.ipc} is larger than the {least} real training images of class {k}; "
+                f"lower --model.init_args.ipc to at most {least}"
             )
-        # (K, Nmax) table of training indices per class, padded with -1
-        order = torch.argsort(y, stable=True)
-        nmax = int(counts.max())
-        table = torch.full((hp.num_classes, nmax), -1, dtype=torch.long)
-        pos = torch.arange(y.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        table[y[order], pos] = order
-        self._class_table = table.to(self.device)
-        self._train_x = dm.train_x.to(self.device)  # uint8 (N, C, H, W)
-        self._batch_real = min(hp.batch_real, int(counts.min()))  # equal per-class batches for vmap
+        self.real = real.to(self.device)  # uint8 images stay uint8; drawn as [0, 1] floats
+        self._batch_real = min(hp.batch_real, least)  # equal per-class batches for vmap
+        self._precondition = pixel_preconditioner(hp.std, hp.in_channels).to(self.device)
         if hp.condensed_path:
             with torch.no_grad():
                 self.images.copy_(load_condensed(hp.condensed_path)["images"].to(self.device))
         elif stage == "fit" and self.global_step == 0:
             self._init_images()
 
-    def _real(self, idx: Tensor) -> Tensor:
-        """uint8 training images at ``idx`` (any shape) -> normalised float ``(*idx.shape, C, H, W)``."""
-        x = self.dm.normalize(to_float(self._train_x[idx.flatten()]))
-        return x.view(*idx.shape, *x.shape[1:])
-
     def _sample_real(self, n: int, key: tuple[int, ...]) -> Tensor:
-        """``n`` distinct random real images per class: ``(K, n, C, H, W)``, seeded by ``key`` (same on all ranks)."""
-        g = torch.Generator(device=self.device).manual_seed(fold_seed(self.hparams.seed, *key))
-        u = torch.rand(self._class_table.shape, generator=g, device=self.device)
-        u = u.masked_fill(self._class_table < 0, 2.0)  # padding is never picked
-        pick = u.topk(n, dim=1, largest=False).indices  # (K, n)
-        return self._real(self._class_table.gather(1, pick))
+        """``n`` distinct random real images per class, [0, 1] pixels ``(K, n, C, H, W)``, seeded by ``key``
+        (the same on all ranks)."""
+        return self.real.draw(n, fold_seed(self.hparams.seed, *key))
 
     def _init_images(self) -> None:
         hp = self.hparams
         with torch.no_grad():
             if hp.init == "real":
                 x = self._sample_real(hp.ipc, (-1,))  # (K, ipc, C, H, W)
-            else:
+            else:  # standard normal in the normalised space, as the paper's code
                 g = torch.Generator(device=self.device).manual_seed(fold_seed(hp.seed, -2))
-                x = torch.randn(self.images.shape, generator=g, device=self.device)
+                u = torch.randn(self.images.shape, generator=g, device=self.device)
+                x = u if hp.mean is None else denormalize(u, hp.mean, hp.std)
             self.images.copy_(x.reshape(self.images.shape))
 
     # --- the algorithm ---------------------------------------------------------------------------
-    def _make_net(self) -> nn.Module:
+    def make_net(self, key: int | None = None) -> PixelNet:
+        """A new matching-architecture network with the input normalisation inside; seeded by
+        ``(seed, key)`` when ``key`` is given (the same on every rank), else from the global generator."""
         hp = self.hparams
-        return create_net(hp.arch, hp.num_classes, hp.in_channels, hp.image_size, **(hp.arch_kwargs or {}))
+
+        def build() -> PixelNet:
+            return create_pixel_net(hp.arch, hp.num_classes, hp.in_channels, hp.image_size, hp.get("mean"),
+                                    hp.get("std"), **(hp.arch_kwargs or {}))
+
+        if key is None:
+            return build()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(fold_seed(hp.seed, key, 7))
+            return build()
 
     @property
     def _engine(self) -> _Engine:
         if self._engine_ is None:
             hp = self.hparams
             mode = resolve_class_mode(hp.class_mode, self.device)
-            net = self._make_net().to(self.device)
+            net = self.make_net().to(self.device)
             real = RealGradients(net, mode, bf16=hp.bf16_real, compile=hp.compile_real, chunk=hp.real_chunk)
             inner = torch.compile(net, dynamic=False) if hp.compile_inner else net
             self._engine_ = _Engine(net, real, mode, inner)
@@ -275,11 +294,8 @@ class DatasetCondensation(L.LightningModule):
 
     def _fresh_net(self, it: int) -> nn.Module:
         """A randomly initialised network, identical on every rank (seeded by the iteration)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(fold_seed(self.hparams.seed, it, 7))
-            fresh = self._make_net()
         net = self._engine.net
-        net.load_state_dict(fresh.state_dict())
+        net.load_state_dict(self.make_net(it).state_dict())
         return net.train()
 
     def _my_classes(self) -> Tensor:
@@ -305,7 +321,8 @@ class DatasetCondensation(L.LightningModule):
             m.eval()
 
     def match(self, net: nn.Module, key: tuple[int, ...]) -> Tensor:
-        """Eq. (10) for this rank's classes; sets ``images.grad`` (summed over ranks). Returns D."""
+        """Eq. (10) for this rank's classes; sets ``images.grad`` (summed over ranks, scaled by ``std ** 2``
+        per channel). Returns D."""
         hp = self.hparams
         real_grads, mode = self._engine.real, self._engine.mode
         cls = self._my_classes()  # (k,)
@@ -323,7 +340,7 @@ class DatasetCondensation(L.LightningModule):
             both = torch.cat([grad_img.flatten(), loss.detach()[None]])
             dist.all_reduce(both)  # sum over ranks: each rank holds its classes' part
             grad_img, loss = both[:-1].view_as(grad_img), both[-1]
-        self.images.grad = grad_img
+        self.images.grad = grad_img * self._precondition  # the normalised-space step (pixel_preconditioner)
         return loss.detach()
 
     def train_net(self, opt: torch.optim.Optimizer, key: tuple[int, ...]) -> None:
@@ -359,7 +376,12 @@ class DatasetCondensation(L.LightningModule):
 
     # --- artifacts --------------------------------------------------------------------------------
     def images01(self) -> Tensor:
-        return self.dm.denormalize(self.images.detach()).clamp(0, 1)
+        """The condensed images clamped to [0, 1] (for viewing; the networks train on them unclamped)."""
+        return self.images.detach().clamp(0, 1)
+
+    def condensed_set(self) -> tuple[Tensor, Tensor]:
+        """``(images, labels)``: the condensed set as the networks see it, [0, 1] pixel space (not clamped)."""
+        return self.images.detach(), self.labels
 
     def _save(self) -> None:
         if not self.trainer.is_global_zero:
@@ -369,11 +391,12 @@ class DatasetCondensation(L.LightningModule):
         log_image_grid(self.trainer, "condense/images", self.images01(), nrow=nrow)
         atomic_torch_save(
             {
-                "images": self.images.detach().cpu(),  # normalised, what the networks see
-                "images01": self.images01().cpu(),  # [0, 1] pixels
+                "images": self.images.detach().cpu(),  # [0, 1] pixel space, not clamped: what the networks see
+                "space": "pixels",
+                "images01": self.images01().cpu(),  # clamped to [0, 1]
                 "labels": self.labels.cpu(),
-                "mean": list(self.dm.mean),
-                "std": list(self.dm.std),
+                "mean": list(hp.mean) if hp.get("mean") is not None else None,
+                "std": list(hp.std) if hp.get("std") is not None else None,
                 "step": int(self.global_step),
                 "config": {k: v for k, v in dict(hp).items()
                            if isinstance(v, (int, float, str, bool, list, dict, type(None)))},
@@ -389,61 +412,5 @@ class DatasetCondensation(L.LightningModule):
     def on_train_end(self) -> None:
         self._save()
 
-    # --- evaluation protocol (the ``test`` stage) ---------------------------------------------------
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Nothing per batch: the protocol trains networks in :meth:`on_test_epoch_end`."""
-
-    def evaluation_sets(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{name: (normalised images, labels)}``: the condensed set and the requested baselines."""
-        hp, dm = self.hparams, self.dm
-        sets = {"dc": (self.images.detach(), self.labels)} if hp.eval_condensed else {}
-        y = dm.train_y.to(self.device)
-        if "random" in self.eval_baselines:
-            idx = random_subset(y, hp.ipc, hp.num_classes, seed=hp.seed)
-            sets["random"] = (self._real(idx), y[idx])
-        if "herding" in self.eval_baselines:
-            sets["herding"] = self._herding_set(y)
-        if "whole" in self.eval_baselines:
-            sets["whole"] = (self._real(torch.arange(y.numel(), device=self.device)), y)
-        return sets
-
-    @torch.no_grad()
-    def _herding_set(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        hp = self.hparams
-        pool = self._class_table if hp.herding_pool is None else self._class_table[:, : hp.herding_pool]
-        pool = pool[pool >= 0]  # (n,) training indices
-        net = self._fresh_net(-1).eval()
-        feats = torch.cat([net.forward_features(self._real(pool[i : i + 1000])) for i in range(0, pool.numel(), 1000)])
-        sel = pool[herding_subset(feats, y[pool], hp.ipc, hp.num_classes)]
-        return self._real(sel), y[sel]
-
-    def on_test_epoch_end(self) -> None:
-        hp, dm = self.hparams, self.dm
-        n = hp.eval_test_size or dm.test_x.shape[0]
-        test_x = dm.normalize(to_float(dm.test_x[:n].to(self.device)))
-        test_y = dm.test_y[:n].to(self.device)
-        for name, (x, y) in self.evaluation_sets().items():
-            whole = name == "whole"
-            recipe = EvalRecipe(
-                epochs=hp.whole_epochs if whole else hp.eval_epochs, lr=hp.eval_lr,
-                batch_size=hp.eval_batch_size, augment=hp.eval_augment,
-                parallel=hp.eval_parallel, compile=hp.eval_compile,
-            )
-            for arch in self.eval_archs:
-                kw = (hp.arch_kwargs or {}) if arch == hp.arch else {}
-                show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
-                acc = train_and_test(
-                    x, y, test_x, test_y, arch, hp.num_classes, kw,
-                    num_nets=hp.whole_nets if whole else hp.eval_num_nets, recipe=recipe, seed=hp.seed,
-                    progress=f"eval {name} {arch}" if show else None,
-                )
-                mean, std = acc.mean() * 100, (acc.std(unbiased=False) * 100 if acc.numel() > 1 else acc.new_zeros(()))
-                if show:
-                    print(f"cvlab dc eval: {name} {arch}: {mean.item():.2f} +- {std.item():.2f} % "
-                          f"({acc.numel()} nets, {x.shape[0]} training images)", flush=True)
-                label = net_name(arch).rsplit(".", 1)[-1]
-                self.log(f"eval/{name}_{label}_acc_mean", mean)
-                self.log(f"eval/{name}_{label}_acc_std", std)
-                if name == "dc" and arch == self.eval_archs[0]:
-                    self.log("eval/acc_mean", mean)
-                    self.log("eval/acc_std", std)
+        """Nothing per batch: the evaluation protocol is the ``CondensationEvaluation`` callback's (test epoch end)."""

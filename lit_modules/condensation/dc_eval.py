@@ -15,6 +15,7 @@ the baselines' subset selection: random real images and herding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 from cvlab.errors import CvlabError
 from cvlab.image_ops import dc_augment
 from cvlab.seeding import mix_seed
-from lit_modules.nets import NetSpec, create_net
+from lit_modules.condensation.pixel_net import create_pixel_net
+from lit_modules.nets import NetSpec
 
 
 @dataclass
@@ -44,6 +46,7 @@ class EvalRecipe:
     max_parallel_images: int = 1024  # nets trained together x batch: bounds the activation memory
     parallel: str = "auto"  # "vmap" (one step for all nets), "loop" (one per net); auto: vmap on CUDA only
     compile: bool = False  # torch.compile the per-network step of the loop (first epoch compiles, ~30 s)
+    noise: float = 0.001  # the "noise" augmentation's sd in normalised units (DC code); x std per channel on pixels
 
     def __post_init__(self) -> None:
         if self.parallel not in ("auto", "vmap", "loop"):
@@ -81,21 +84,26 @@ def train_and_test(
     recipe: EvalRecipe | None = None,
     seed: int = 0,
     progress: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Tensor:
     """Train ``num_nets`` fresh ``arch`` networks on ``(x, y)``, return their test accuracies ``(N,)``.
 
-    ``x``: normalised float ``(n, C, H, W)``; ``test_x``: normalised float
-    ``(M, C, H, W)``. Seeded: the same arguments give the same accuracies. ``progress``: a progress bar
-    over the training epochs with this description (None: silent).
+    ``x``: float ``(n, C, H, W)``, ``test_x``: float ``(M, C, H, W)``, both [0, 1] pixels; each network
+    normalises its input with ``mean``/``std`` (None: no normalisation, for inputs already normalised).
+    Seeded: the same arguments give the same accuracies. ``progress``: a progress bar over the training
+    epochs with this description (None: silent).
     """
     r = recipe or EvalRecipe()
     c, h = x.shape[1], x.shape[-1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        nets = [create_net(arch, num_classes, c, h, **(arch_kwargs or {})).to(x.device) for _ in range(num_nets)]
+        nets = [create_pixel_net(arch, num_classes, c, h, mean, std, **(arch_kwargs or {})).to(x.device)
+                for _ in range(num_nets)]
     group = max(1, r.max_parallel_images // min(r.batch_size, x.shape[0]))
+    noise = r.noise if std is None else r.noise * torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return torch.cat([
-        _train_group(nets[i : i + group], x, y, test_x, test_y, r, mix_seed(seed, i),
+        _train_group(nets[i : i + group], x, y, test_x, test_y, r, mix_seed(seed, i), noise,
                      None if progress is None
                      else f"{progress} (nets {i + 1}-{min(i + group, num_nets)} of {num_nets})")
         for i in range(0, num_nets, group)
@@ -104,9 +112,10 @@ def train_and_test(
 
 @torch.no_grad()
 def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tensor, r: EvalRecipe, seed: int,
-                 progress: str | None = None) -> Tensor:
+                 noise: float | Tensor, progress: str | None = None) -> Tensor:
     """Train and test ``nets`` together: one vmapped step for all of them, or a loop over them
-    (``EvalRecipe.mode``); the same shuffles, augmentations and updates either way."""
+    (``EvalRecipe.mode``); the same shuffles, augmentations and updates either way. ``noise``: the
+    augmentation's noise amplitude in the units of ``x`` (``std`` times the normalised one for pixels)."""
     dev, num_nets, base = x.device, len(nets), nets[0]
     mode = r.mode(dev)
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -136,7 +145,7 @@ def _train_group(nets: list, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tenso
             idx = order[:, i : i + bs]  # (N, b)
             xb = x[idx]  # (N, b, C, H, W)
             if r.augment != "none":
-                xb = dc_augment(xb.flatten(0, 1), r.augment, g).view_as(xb)
+                xb = dc_augment(xb.flatten(0, 1), r.augment, g, noise=noise).view_as(xb)  # type: ignore[arg-type]
             with torch.enable_grad():
                 grads = step(params, buffers, xb, y[idx])
             _sgd_(params, grads, buf, lr, r)

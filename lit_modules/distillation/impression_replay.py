@@ -29,8 +29,9 @@ gradient averaged, 2 processes on half batches of new data take the single proce
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -42,10 +43,12 @@ from cvlab.image_log import log_image_grid
 from cvlab.seeding import mix_seed
 from cvlab.task import task_of
 from datamodules.class_incremental import ClassIncrementalDataModule
-from lit_modules.classifier import ClassifierModule
 from lit_modules.distillation.class_incremental import class_incremental_loss, seen_logits
 from lit_modules.distillation.data_impressions import class_similarity, dirichlet_targets, final_linear
+from lit_modules.distillation.student import Student, create_student_net, legacy_fields
 from lit_modules.distillation.zskd import initial_images, synthesize
+from lit_modules.nets import InputNormalization, NetSpec
+from lit_modules.optim import OptimizerName, ScheduleName
 from lit_modules.teacher import FrozenTeacher, load_teacher
 
 
@@ -69,8 +72,33 @@ class OldNewAccuracy(Metric):
         return {"old_acc": acc[0], "new_acc": acc[1], "acc": self.correct.sum() / self.total.sum().clamp_min(1)}
 
 
-class ClassIncrementalLearner(ClassifierModule):
-    """One class-incremental step (a :class:`ClassifierModule` over all classes; its checkpoint is a teacher).
+@dataclass(frozen=True)
+class ImpressionRecipe:
+    """How the previous network's Data Impressions are mined: the TF-port recipe of
+    ``experiments/zskd/tf_port_impressions.yaml`` (300 -> 200 ``iterations`` of Adam at ``lr`` with an ``l2`` pixel
+    penalty, softmax ``temperature``) and the paper's Dirichlet concentrations ``betas`` 1.0 / 0.1, half each
+    (``beta_split``)."""
+
+    iterations: int = 200
+    lr: float = 3.0
+    l2: float = 1e-3
+    temperature: float = 20.0
+    betas: tuple[float, ...] = (1.0, 0.1)
+    beta_split: tuple[float, ...] = (0.5, 0.5)
+
+    def as_hparams(self) -> dict[str, Any]:
+        """Plain values for the hyper-parameters (lists: YAML- and weights-only-safe)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+#: the flat arguments that ``impressions`` groups (old checkpoints still carry them)
+LEGACY_IMPRESSIONS = {"impression_iterations": "iterations", "impression_lr": "lr", "impression_l2": "l2",
+                      "impression_temperature": "temperature", "betas": "betas", "beta_split": "beta_split"}
+
+
+class ClassIncrementalLearner(Student):
+    """One class-incremental step: a student over all classes (:class:`lit_modules.distillation.student.Student`:
+    network, normalisation, optimizer; evaluated over the classes seen so far); its checkpoint is a teacher.
 
     Args:
         previous: the previous step's checkpoint (any cvlab classifier of the same classes); required after step 0.
@@ -80,12 +108,16 @@ class ClassIncrementalLearner(ClassifierModule):
             network's old class for it (``distill: impressions`` only; 0: distillation alone).
         num_impressions: Data Impressions mined from the previous network per step.
         replay_batch: impressions per training step.
-        impression_iterations, impression_lr, impression_l2, impression_temperature, betas, beta_split: the
-            impression recipe (defaults: the TF-port recipe of ``experiments/zskd/tf_port_impressions.yaml``,
-            300 -> 200 iterations; ``betas`` the paper's 1.0 / 0.1, half each).
+        impressions: the impression recipe (:class:`ImpressionRecipe`), e.g.
+            ``--model.init_args.impressions.iterations=50``.
         seed: seeds the impressions and the replay batches.
-        (the rest): as :class:`ClassifierModule`.
+        arch, num_classes, in_channels, image_size, arch_kwargs, mean, std: the network over all classes and its
+            input normalisation (``None``: the task's statistics), as :class:`lit_modules.classifier.ClassifierModule`.
+        optimizer, lr, momentum, weight_decay, lr_schedule, milestones, gamma: its optimizer and per-step schedule.
+        channels_last: channels-last memory format (faster convolutions on GPU).
     """
+
+    reference_attr = None  # evaluated on old and new classes apart (OldNewAccuracy), with no reference network
 
     def __init__(
         self,
@@ -96,35 +128,32 @@ class ClassIncrementalLearner(ClassifierModule):
         replay_ce_weight: float = 1.0,
         num_impressions: int = 1000,
         replay_batch: int = 128,
-        impression_iterations: int = 200,
-        impression_lr: float = 3.0,
-        impression_l2: float = 1e-3,
-        impression_temperature: float = 20.0,
-        betas: list[float] = [1.0, 0.1],  # noqa: B006  (a CLI default, never mutated)
-        beta_split: list[float] = [0.5, 0.5],  # noqa: B006
+        impressions: ImpressionRecipe = ImpressionRecipe(),
         seed: int = 0,
-        arch: str | dict = "lenet5",
+        arch: NetSpec = "lenet5",
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 32,
         arch_kwargs: dict | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
-        optimizer: Literal["sgd", "adam", "adamw"] = "adam",
+        optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        lr_schedule: Literal["none", "cosine", "step"] = "none",
+        lr_schedule: ScheduleName = "none",
         milestones: list[float] | None = None,
         gamma: float = 0.1,
-        label_smoothing: float = 0.0,
         channels_last: bool = False,
     ) -> None:
-        super().__init__(arch=arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                         arch_kwargs=arch_kwargs, mean=mean, std=std, optimizer=optimizer, lr=lr, momentum=momentum,
-                         weight_decay=weight_decay, lr_schedule=lr_schedule, milestones=milestones, gamma=gamma,
-                         label_smoothing=label_smoothing, channels_last=channels_last)
-        self.save_hyperparameters()
+        super().__init__()
+        self.save_hyperparameters(ignore=["impressions"])
+        if isinstance(impressions, dict):  # from a checkpoint's hyper-parameters
+            impressions = ImpressionRecipe(**impressions)
+        self.impressions = impressions
+        self.hparams["impressions"] = impressions.as_hparams()
+        self.init_student(create_student_net(self.hparams, channels_last), InputNormalization(mean, std), num_classes,
+                          image_size, channels_last)
         self.val_old_new, self.test_old_new = OldNewAccuracy(), OldNewAccuracy()
         self.previous: FrozenTeacher | None = None
         self.replay_x: Tensor | None = None  # (N, C, H, W) impressions, pixels
@@ -132,7 +161,7 @@ class ClassIncrementalLearner(ClassifierModule):
 
     # --- set-up: the step's classes and the previous network ------------------------------------------------
     def setup(self, stage: str) -> None:
-        super().setup(stage)
+        self.check_student_task("the class-incremental learner", image_size=True)
         dm = self.trainer.datamodule
         if not isinstance(dm, ClassIncrementalDataModule):
             raise CvlabError(
@@ -158,6 +187,12 @@ class ClassIncrementalLearner(ClassifierModule):
         if stage == "fit":  # continue from the previous weights (a resumed step then loads its own checkpoint)
             self.net.load_state_dict(prev.net.state_dict())
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        legacy = legacy_fields(checkpoint.get("hyper_parameters", {}), LEGACY_IMPRESSIONS)
+        if legacy:  # a checkpoint of the flat impression_* arguments (before impressions)
+            self.impressions = replace(self.impressions, **legacy)
+            self.hparams["impressions"] = self.impressions.as_hparams()
+
     def on_fit_start(self) -> None:
         if self.previous is None:
             return
@@ -174,13 +209,15 @@ class ClassIncrementalLearner(ClassifierModule):
         hp, prev, t0 = self.hparams, self.previous, time.perf_counter()
         old = self.old
         sim = class_similarity(final_linear(prev).weight.index_select(0, old))  # (O, O)
-        targets, classes, _ = dirichlet_targets(sim, hp.num_impressions, hp.betas, hp.beta_split, "paper", hp.seed)
+        recipe = self.impressions
+        targets, classes, _ = dirichlet_targets(sim, hp.num_impressions, list(recipe.betas), list(recipe.beta_split),
+                                                "paper", hp.seed)
         shape = prev.input_shape or tuple(task_of(self.trainer).input_shape)
         u0 = initial_images(torch.arange(hp.num_impressions), shape, "gaussian", hp.seed).to(self.device)
         fn = self._old_logits_fn()
         with torch.inference_mode(False), torch.enable_grad():
-            u, _ = synthesize(fn, u0, targets.to(self.device), hp.impression_iterations, hp.impression_lr,
-                              hp.impression_temperature, pixel_l2=hp.impression_l2)
+            u, _ = synthesize(fn, u0, targets.to(self.device), recipe.iterations, recipe.lr, recipe.temperature,
+                              pixel_l2=recipe.l2)
         with torch.no_grad():
             x = prev.normalization.inverse(u).clamp(0, 1)  # stored as pixels in [0, 1], as the synthesis stage does
             logits = prev(x)  # (N, K)

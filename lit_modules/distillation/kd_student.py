@@ -4,7 +4,7 @@ natural pools (balanced or not), or the real training data.
 * ZSKD: Nayak, Mopuri, Shaj, Babu, Chakraborty, ICML 2019 (arXiv 1905.08114), Sec. 3.3: KD on the
   Data Impressions only, ``tau = 20``, Adam, with scale/translate/rotate/flip augmentation.
 * Arbitrary transfer sets: Nayak, Mopuri, Chakraborty, WACV 2021 (arXiv 2011.09113): the same KD on
-  a target-class balanced pool (see :mod:`datamodules.transfer_sets`).
+  a target-class balanced pool chosen by the selection stage (:mod:`.transfer_set_selection`).
 
 The teacher labels every (augmented) training batch on the fly; the student is validated on real images
 held out of the teacher's task's training set and tested once, after fit, on its test split. Batches are
@@ -15,28 +15,23 @@ statistics (recorded in its hyper-parameters). A student checkpoint is itself a 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor
 
-from cvlab.artifacts import merge_metrics
 from cvlab.errors import CvlabError
 from cvlab.image_ops import random_affine, random_mix
-from cvlab.task import check_task, task_of
-from lit_modules.classifier import adopt_data_normalization
 from lit_modules.distillation.kd_loss import distillation_loss
-from lit_modules.nets import InputNormalization, NetSpec, create_net
-from lit_modules.optim import OptimizerName, ScheduleName, build_optimizer, build_schedule
-from lit_modules.teacher import TeacherArg, load_teacher, shape_from_teacher
+from lit_modules.distillation.student import Student, create_student_net, teacher_handshake
+from lit_modules.nets import InputNormalization, NetSpec
+from lit_modules.optim import OptimizerName, ScheduleName
+from lit_modules.teacher import TeacherArg, load_teacher
 
 
-class KDStudent(L.LightningModule):
-    """Temperature-scaled KD from a frozen teacher checkpoint into a fresh student.
+class KDStudent(Student):
+    """Temperature-scaled KD from a frozen teacher checkpoint into a fresh student (network, normalisation,
+    evaluation: :class:`lit_modules.distillation.student.Student`).
 
     Args:
         teacher: the teacher: a cvlab checkpoint or TorchScript path, or a
@@ -86,38 +81,12 @@ class KDStudent(L.LightningModule):
             raise CvlabError(f"aug_mix is the partner's largest blend weight, in [0, 0.5]; got {aug_mix}")
         self.save_hyperparameters()
         self.teacher = load_teacher(teacher)
-        spec, hp = self.teacher.spec, self.hparams
-        shape_from_teacher(hp, self.teacher)  # the student's shape: the teacher's unless given
-        if spec.num_classes is not None and spec.num_classes != hp.num_classes:
-            raise CvlabError(f"teacher {spec.weights} has {spec.num_classes} classes but the student is configured "
-                             f"for {hp.num_classes}")
-        self.net = create_net(arch, num_classes=hp.num_classes, in_channels=hp.in_channels, image_size=hp.image_size,
-                              **(arch_kwargs or {}))
-        self.normalize = InputNormalization(mean, std)
-        num_classes = hp.num_classes
-        acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc, self.test_acc, self.test_teacher_acc = acc.clone(), acc.clone(), acc.clone()
-        self.test_class_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average=None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        size = self.hparams.image_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return self.net(self.normalize(x))
+        hp = self.hparams
+        teacher_handshake(hp, self.teacher)  # the student's shape: the teacher's unless given
+        self.init_student(create_student_net(hp), InputNormalization(mean, std), hp.num_classes, hp.image_size)
 
     def setup(self, stage: str) -> None:
-        task = task_of(self._trainer)
-        if task is None:
-            return
-        hp = self.hparams
-        check_task("the student", task, num_classes=hp.num_classes, in_channels=hp.in_channels)
-        adopt_data_normalization(self, task)
-        dm = self.trainer.datamodule
-        if stage == "fit" and hasattr(dm, "select_with_teacher"):  # target-class balancing of a pool
-            device = self.trainer.strategy.root_device  # setup runs before the module is moved there
-            dm.select_with_teacher(self.teacher.to(device), device)
-            if self.trainer.is_global_zero and getattr(dm, "selection_stats", None):
-                merge_metrics(Path(self.trainer.default_root_dir) / "metrics.json", dm.selection_stats)
+        self.check_student_task("the student")
 
     def augment(self, x: Tensor) -> Tensor:
         hp = self.hparams
@@ -137,31 +106,3 @@ class KDStudent(L.LightningModule):
         if self.hparams.hard_label_weight:
             self.log("train/ce", ce)
         return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        out = self(x)
-        self.test_acc(out, y)
-        self.test_class_acc.update(out, y)
-        self.test_teacher_acc(self.teacher(x), y)
-        self.log("test/acc", self.test_acc)
-        self.log("test/teacher_acc", self.test_teacher_acc)
-
-    def on_test_epoch_end(self) -> None:
-        # which classes transfer: a zero-shot student can miss a whole class the teacher knows
-        per_class = self.test_class_acc.compute()  # (K,), reduced over processes
-        self.test_class_acc.reset()
-        self.log_dict({f"test/acc_class/{k}": a for k, a in enumerate(per_class)})
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        opt = build_optimizer(self.net.parameters(), hp.optimizer, hp.lr, weight_decay=hp.weight_decay)
-        sched = build_schedule(opt, hp.lr_schedule, self.trainer.estimated_stepping_batches)
-        if sched is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -62,12 +62,11 @@ generator step, student step)``, so a run resumed from ``last.ckpt`` continues a
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
-import torchmetrics
 from torch import Tensor
 
 from cvlab.artifacts import atomic_write_json
@@ -75,8 +74,7 @@ from cvlab.distributed import Reduce, all_reduce_mean, no_reduce
 from cvlab.errors import CvlabError
 from cvlab.image_log import log_image_grid
 from cvlab.seeding import fold_seed
-from cvlab.task import check_task, task_of
-from lit_modules.classifier import adopt_data_normalization
+from cvlab.task import task_of
 from lit_modules.distillation.lra_losses import (
     GeneratorLossWeights,
     adam_first_step,
@@ -88,22 +86,33 @@ from lit_modules.distillation.lra_losses import (
 )
 from lit_modules.distillation.lra_memory import CyclicMemory
 from lit_modules.distillation.lra_update import MetaMode, student_gradients
-from lit_modules.nets import InputNormalization, LatentEncoder, NetSpec, create_generator, create_net
+from lit_modules.distillation.student import (
+    ImageSizeMismatchError,
+    Student,
+    create_student_net,
+    legacy_fields,
+    teacher_handshake,
+)
+from lit_modules.nets import InputNormalization, LatentEncoder, NetSpec, create_generator
 from lit_modules.optim import ScheduleName, build_optimizer, build_schedule
-from lit_modules.teacher import TeacherArg, load_teacher, shape_from_teacher
+from lit_modules.teacher import TeacherArg, load_teacher
+
+__all__ = ["LRA", "AdversarialKD", "ImageSizeMismatchError"]
 
 
-class ImageSizeMismatchError(CvlabError):
-    """The teacher, the generator and the data disagree about the image shape."""
+#: the flat arguments that ``generator_loss`` groups (old checkpoints still carry them)
+LEGACY_GENERATOR_LOSS = {"weight_one_hot": "one_hot", "weight_balance": "balance", "weight_activation": "activation",
+                         "weight_disagreement": "disagreement"}
 
 
-class LRA(L.LightningModule):
-    """Adversarial data-free KD with the LRA student update (see the module docstring).
+class LRA(Student):
+    """Adversarial data-free KD with the LRA student update (see the module docstring; the student's network,
+    normalisation and evaluation: :class:`lit_modules.distillation.student.Student`).
 
     Args:
         teacher: the teacher: a cvlab checkpoint or TorchScript path, or a
             :class:`lit_modules.teacher.TeacherSpec` (weights, architecture, input contract, key map). With
-            ``weight_activation > 0`` it must expose penultimate features (not TorchScript).
+            ``generator_loss.activation > 0`` it must expose penultimate features (not TorchScript).
         arch, arch_kwargs: the student (LRA: ``lenet5_half`` for MNIST/FMNIST, ``resnet18`` for CIFAR/SVHN), a
             zoo name or ``{class_path: ..., init_args: ...}``.
         num_classes, in_channels, image_size: the generator makes ``in_channels x image_size^2`` images for the
@@ -119,8 +128,10 @@ class LRA(L.LightningModule):
         generator_lr: Adam learning rate of the generator (0.02).
         inner_lr, inner_weight_decay: the acquisition step (0.9; 5e-4 as the public code's inner SGD).
         retain_weight: weight of the retention term in the meta objective (1.0 in the paper; see lra_update).
-        weight_one_hot, weight_balance, weight_activation, weight_disagreement: generator loss weights
-            (1, 5, 0.1, 1); ``js_temperature``: temperature of the disagreement term (3).
+        generator_loss: the generator loss weights ``{one_hot, balance, activation, disagreement}`` (1, 5, 0.1, 1;
+            :class:`lit_modules.distillation.lra_losses.GeneratorLossWeights`), e.g.
+            ``--model.init_args.generator_loss.activation=0``; ``js_temperature``: temperature of the disagreement
+            term (3).
         memory_slots: slots of the cyclic memory (10; 0 disables memory and replay).
         memory_per_push: images pushed per device (default ``batch_size // 8``).
         memory_push_every_n_epochs: push at the end of epochs 0, n, 2n, ... (5).
@@ -161,10 +172,7 @@ class LRA(L.LightningModule):
         inner_lr: float = 0.9,
         inner_weight_decay: float = 5e-4,
         retain_weight: float = 1.0,
-        weight_one_hot: float = 1.0,
-        weight_balance: float = 5.0,
-        weight_activation: float = 0.1,
-        weight_disagreement: float = 1.0,
+        generator_loss: GeneratorLossWeights = GeneratorLossWeights(),
         js_temperature: float = 3.0,
         memory_slots: int = 10,
         memory_per_push: int | None = None,
@@ -179,7 +187,11 @@ class LRA(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["generator_loss"])
+        if isinstance(generator_loss, dict):  # from a checkpoint's hyper-parameters
+            generator_loss = GeneratorLossWeights(**generator_loss)
+        self.loss_weights = generator_loss
+        self.hparams["generator_loss"] = asdict(generator_loss)  # plain values: checkpoints load weights-only
         self.automatic_optimization = False
         if meta not in ("none", "first_order", "second_order"):
             raise CvlabError(f"meta must be none, first_order or second_order; got {meta!r}")
@@ -200,13 +212,12 @@ class LRA(L.LightningModule):
             raise CvlabError(f"memory_per_push must be in [1, batch_size={batch_size}]; got {self.memory_per_push}")
 
         self.teacher = load_teacher(teacher)
-        shape_from_teacher(self.hparams, self.teacher)  # the generator's and student's: the teacher's unless given
-        num_classes, in_channels, image_size = (self.hparams.num_classes, self.hparams.in_channels,
-                                                self.hparams.image_size)
-        self._check_teacher(num_classes, in_channels, image_size)
-        self.normalize = InputNormalization(mean, std)  # the student's; None: the task's (setup)
-        self.net = create_net(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                              **(arch_kwargs or {}))
+        hp = self.hparams
+        teacher_handshake(hp, self.teacher, probe=True)  # the generator's and student's: the teacher's unless given
+        in_channels, image_size = hp.in_channels, hp.image_size
+        # the student's normalisation; None: the task's (setup)
+        self.init_student(create_student_net(hp, channels_last), InputNormalization(mean, std), hp.num_classes,
+                          image_size, channels_last)
         gkw = {"channels_last": channels_last, **(generator_kwargs or {})}
         self.generator = create_generator(generator, latent_dim=latent_dim, out_channels=in_channels,
                                           image_size=image_size, **gkw)
@@ -217,11 +228,7 @@ class LRA(L.LightningModule):
                                                      image_size=image_size, **gkw)
             self.encoder = LatentEncoder(latent_dim, in_channels)
         if channels_last:
-            self.net.to(memory_format=torch.channels_last)
             self.teacher.to(memory_format=torch.channels_last)
-        self.loss_weights = GeneratorLossWeights(weight_one_hot, weight_balance, weight_activation, weight_disagreement)
-        acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc, self.test_acc, self.test_teacher_acc = acc.clone(), acc.clone(), acc.clone()
 
         self.memory = CyclicMemory(memory_slots if replay == "buffer" else 0)
         self.memory_generator_steps = 0  # updates of the memory generator so far (generative replay)
@@ -231,35 +238,15 @@ class LRA(L.LightningModule):
         self._last_mem: Tensor | None = None  # the last replayed memory samples (image grids)
         self._reduce: Reduce = no_reduce
 
-    # --- construction checks ----------------------------------------------------------------------
-    def _check_teacher(self, k: int, c: int, s: int) -> None:
-        spec = self.teacher.spec
-        try:
-            with torch.no_grad():
-                out = self.teacher(torch.zeros(2, c, s, s))
-        except RuntimeError as e:
-            raise ImageSizeMismatchError(
-                f"the teacher {spec.weights} cannot take the generator's {c}x{s}x{s} images "
-                f"({str(e).strip().splitlines()[0]}); set the teacher's image_size / in_channels to what it was "
-                "trained on"
-            ) from None
-        if out.shape[-1] != k:
-            raise CvlabError(
-                f"teacher {spec.weights} has {out.shape[-1]} classes but the student is configured for {k}")
-
     def setup(self, stage: str) -> None:
-        task = task_of(self._trainer)
         self._reduce = all_reduce_mean if self.trainer.world_size > 1 else no_reduce
-        if task is None:
-            return
-        hp = self.hparams
-        if task.image_size != hp.image_size:
+        task, size = task_of(self._trainer), self.hparams.image_size
+        if task is not None and task.image_size != size:
             raise ImageSizeMismatchError(
-                f"the generator and teacher use {hp.image_size}x{hp.image_size} images but {task.name} gives "
-                f"{task.image_size}x{task.image_size}; set the task's image_size to {hp.image_size}"
+                f"the generator and teacher use {size}x{size} images but {task.name} gives "
+                f"{task.image_size}x{task.image_size}; set the task's image_size to {size}"
             )
-        check_task("LRA's student", task, num_classes=hp.num_classes, in_channels=hp.in_channels)
-        adopt_data_normalization(self, task)
+        self.check_student_task("LRA's student")
 
     def student_view(self, u: Tensor) -> Tensor:
         """Generated images live in the teacher's normalised input space (DAFL's generator ends in an
@@ -352,7 +339,8 @@ class LRA(L.LightningModule):
         with torch.enable_grad():
             z.requires_grad_(True)
             t = self.teacher.forward_normalized(self.generate(z, self.memory_generator))
-            loss = (hp.weight_one_hot * one_hot_loss(t) + hp.weight_balance * class_balance_loss(t)
+            w = self.loss_weights
+            loss = (w.one_hot * one_hot_loss(t) + w.balance * class_balance_loss(t)
                     + latent_prior_loss(z))
             (grad,) = torch.autograd.grad(loss, z)
         return self.generate(adam_first_step(z.detach(), grad, hp.generator_lr), self.memory_generator)
@@ -437,14 +425,8 @@ class LRA(L.LightningModule):
         log_image_grid(self.trainer, key, x.clamp(0, 1), nrow=10, caption="sorted by the teacher's class")
 
     # --- retention: accuracy on the task's validation split (held-out real training images) ------------
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc.update(self(x), y)
-
     def on_validation_epoch_end(self) -> None:
-        acc = self.val_acc.compute()  # synced over ranks
-        self.val_acc.reset()
-        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
+        acc = self.log_validation_accuracy()  # synced over ranks (Student's validation_step accumulates it)
         if self.trainer.sanity_checking:
             return
         self.record_accuracy(self.global_step, float(acc))
@@ -469,17 +451,6 @@ class LRA(L.LightningModule):
         return {"generator_step": [int(s) for s, _ in self.acc_curve], "acc": [a for _, a in self.acc_curve],
                 "drops": self.drops, "drop_total": self.drop_total, "max_drop": self.max_drop}
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.test_teacher_acc(self.teacher(x), y)
-        self.log("test/acc", self.test_acc)
-        self.log("test/teacher_acc", self.test_teacher_acc)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The student's logits of [0, 1] pixels."""
-        return self.net(self.normalize(x))
-
     # --- optimizers and checkpoint state ---------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
@@ -501,6 +472,10 @@ class LRA(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        legacy = legacy_fields(checkpoint.get("hyper_parameters", {}), LEGACY_GENERATOR_LOSS)
+        if legacy:  # a checkpoint of the flat weight_* arguments (before generator_loss)
+            self.loss_weights = replace(self.loss_weights, **legacy)
+            self.hparams["generator_loss"] = asdict(self.loss_weights)
         state = checkpoint.get("lra")
         if state is None:
             return

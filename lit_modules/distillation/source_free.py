@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import torch
-import torchmetrics
 from torch import Tensor
 
 from cvlab.errors import CvlabError
@@ -33,12 +31,14 @@ from cvlab.task import check_task, task_of
 from datamodules.transfer_sets import TransferPool
 from lit_modules.distillation.adaptation_losses import coral_loss, information_maximization
 from lit_modules.distillation.kd_loss import kd_kl_loss
+from lit_modules.distillation.student import Student
 from lit_modules.nets import classifier_layer
 from lit_modules.teacher import TeacherArg, load_teacher
 
 
-class SourceFreeAdaptation(L.LightningModule):
-    """Adapt a source model to the datamodule's (unlabelled) target domain.
+class SourceFreeAdaptation(Student):
+    """Adapt a source model to the datamodule's (unlabelled) target domain (the adapted network's evaluation:
+    :class:`lit_modules.distillation.student.Student`, with the source model as the reference).
 
     Args:
         source_model: the trained source model (a cvlab checkpoint, TorchScript, or a TeacherSpec).
@@ -50,6 +50,9 @@ class SourceFreeAdaptation(L.LightningModule):
         lr: Adam learning rate of the adapted network.
         seed: seeds the source batches.
     """
+
+    reference_attr = "source_model"  # tested beside the adapted network: the no-adaptation baseline
+    reference_key = "test/source_only_acc"
 
     def __init__(
         self,
@@ -67,25 +70,20 @@ class SourceFreeAdaptation(L.LightningModule):
         self.save_hyperparameters(ignore=["source"])
         self.source = source
         self.source_model = load_teacher(source_model)
-        self.net = copy.deepcopy(self.source_model.net)  # the network being adapted, from the source weights
-        for p in self.net.parameters():
+        # the network being adapted, from the source weights and with the source model's normalisation
+        net = copy.deepcopy(self.source_model.net)
+        for p in net.parameters():
             p.requires_grad_(True)
-        self.normalize = copy.deepcopy(self.source_model.normalization)
+        self.init_student(net, copy.deepcopy(self.source_model.normalization), self.source_model.num_classes or 10)
         fc = classifier_layer(self.net)
         if fc is None:
             raise CvlabError(f"source model {source_model} has no final linear layer: CORAL aligns its input features")
         self._features: Tensor | None = None
         fc.register_forward_pre_hook(self._keep_features)
         self.source_x: Tensor | None = None  # (N, C, H, W) pixels
-        acc = torchmetrics.classification.MulticlassAccuracy(num_classes=self.source_model.num_classes or 10,
-                                                             average="micro")
-        self.val_acc, self.test_acc, self.test_source_acc = acc.clone(), acc.clone(), acc.clone()
 
     def _keep_features(self, module, inputs) -> None:
         self._features = inputs[0]  # (B, d): the final layer's input
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(self.normalize(x))
 
     def setup(self, stage: str) -> None:
         task = check_task(f"source model {self.hparams.source_model}", task_of(self.trainer),
@@ -126,18 +124,6 @@ class SourceFreeAdaptation(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({"train/kd": kd, "train/coral": coral, "train/entropy": entropy, "train/diversity": diversity})
         return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.test_source_acc(self.source_model(x), y)
-        self.log("test/acc", self.test_acc)
-        self.log("test/source_only_acc", self.test_source_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)

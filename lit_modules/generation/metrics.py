@@ -113,13 +113,15 @@ def nv_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 class ClassifierFeatures(_HiddenNet):
     """A cvlab classifier's (a :class:`~lit_modules.teacher.FrozenTeacher`'s) penultimate features on [0, 1]
-    pixels: the ``feature`` module of a domain FID."""
+    pixels: the ``feature`` module of a domain FID (``num_features``; ``num_classes``: the classifier's outputs)."""
 
     def __init__(self, classifier: nn.Module, in_channels: int, image_size: int) -> None:
         super().__init__(classifier)
+        dev = next(classifier.parameters(), torch.empty(0)).device
         with torch.no_grad():
-            self.num_features = int(
-                classifier.features_and_logits(torch.zeros(2, in_channels, image_size, image_size))[0].shape[1])
+            feats, logits = classifier.features_and_logits(torch.zeros(2, in_channels, image_size, image_size,
+                                                                       device=dev))
+        self.num_features, self.num_classes = int(feats.shape[1]), int(logits.shape[-1])
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():

@@ -1,29 +1,32 @@
 """Adversarial training of any cvlab network: clean, FGSM-AT, PGD-AT, fast-AT and Gray-box Adversarial Training.
 
-:class:`AdversarialTrainer` is a :class:`lit_modules.ClassifierModule` whose ``training_step`` trains on
-adversarial examples; ``regime`` picks the adversary, so the five regimes are one config key apart and
-every checkpoint is a teacher for every method.
+:class:`AdversarialTraining` is a :class:`lit_modules.ClassifierModule` whose ``training_step`` trains on the
+adversaries of its ``adversary``, a small strategy object with its own hyper-parameters (``craft(model, x, y,
+eps)``, how many of a batch it attacks, the loss), built from the attack registry
+(:func:`lit_modules.robustness.attacks.make_attack`); every checkpoint is a teacher for every method.
 
-- ``clean``: cross-entropy on clean images (the undefended baseline).
-- ``fgsm`` (FGSM-AT; Goodfellow et al. 2015, Kurakin et al., "Adversarial Machine Learning at Scale", ICLR
-  2017, arXiv 1611.01236): in each batch a fraction ``adv_ratio`` (k of m images) is replaced by FGSM
+- :class:`CleanTraining`: cross-entropy on clean images (the undefended baseline).
+- :class:`FGSMTraining` (FGSM-AT; Goodfellow et al. 2015, Kurakin et al., "Adversarial Machine Learning at Scale",
+  ICLR 2017, arXiv 1611.01236): in each batch a fraction ``adv_ratio`` (k of m images) is replaced by FGSM
   adversaries of the current model, and the loss is Kurakin et al.'s mixed loss
   ``(sum_clean CE + adv_weight * sum_adv CE) / (m - k + adv_weight * k)``.
-- ``pgd`` (PGD-AT; Madry et al., ICLR 2018, arXiv 1706.06083): every image replaced by its PGD adversary
-  (``pgd_steps`` steps of ``pgd_alpha`` from a random start), plain CE.
-- ``fast`` (RS-FGSM, "fast is better than free"; Wong, Rice, Kolter, ICLR 2020, arXiv 2001.03994): every image
-  replaced by one FGSM step of ``fast_alpha`` (default 1.25 eps: 0.375 at MNIST's eps 0.3) from a uniform random
-  start in the eps ball, projected back onto the ball; true labels, plain CE. With Wong's one-cycle lr
+- :class:`PGDTraining` (PGD-AT; Madry et al., ICLR 2018, arXiv 1706.06083): every image replaced by its PGD
+  adversary (``steps`` steps of ``alpha`` from a random start), plain CE.
+- :class:`FastTraining` (RS-FGSM, "fast is better than free"; Wong, Rice, Kolter, ICLR 2020, arXiv 2001.03994):
+  every image replaced by one FGSM step of ``alpha`` (default 1.25 eps: 0.375 at MNIST's eps 0.3) from a uniform
+  random start in the eps ball, projected back onto the ball; true labels, plain CE. With Wong's one-cycle lr
   (``lr_schedule: cyclic``) and robust validation (below) to catch catastrophic overfitting.
-- ``gat`` (Gray-box Adversarial Training; Vivek B.S., Mopuri, Babu, ECCV 2018, arXiv 1808.01753): as FGSM-AT,
-  but a share of each batch's adversaries is crafted on a *bag of snapshots* of the model taken earlier in the
-  same run, so the model cannot escape its adversaries by learning to make its own gradients weak.
+
+:class:`GrayBoxAdversarialTraining` (GAT; Vivek B.S., Mopuri, Babu, ECCV 2018, arXiv 1808.01753) is its own system:
+FGSM-AT's adversary, but a share of each batch's adversaries is crafted on a *bag of snapshots* of the model taken
+earlier in the same run, so the model cannot escape its adversaries by learning to make its own gradients weak.
+``AdversarialTrainer`` (``regime: clean | fgsm | pgd | fast | gat``) is the old name, kept one release.
 
 Choices where the GAT paper's text could not be checked (all configurable):
 
-- adversary: FGSM with ``fgsm_labels: predicted`` (the crafting model's own predictions: no label leaking)
-  and ``random_eps``: per-image eps uniform in (0, eps] (FGSM-AT uses the same adversary, so the two
-  regimes differ only in the crafting model).
+- adversary: :class:`FGSMTraining` with ``labels: predicted`` (the crafting model's own predictions: no label
+  leaking) and ``random_eps``: per-image eps uniform in (0, eps] (FGSM-AT uses the same adversary, so the two
+  systems differ only in the crafting model).
 - loss: ``adv_ratio`` 0.5 and ``adv_weight`` 0.3 (Kurakin et al.'s k = m / 2 and lambda = 0.3); the
   adversarial images are the first ``round(adv_ratio * m)`` of each device's batch (batches are shuffled).
 - snapshots (``snapshot_steps``): ``0``: one at the end of every ``snapshot_every`` epochs (taken at the epoch's
@@ -57,6 +60,7 @@ for resuming) with the best ones under ``robust_best``.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -68,7 +72,7 @@ from cvlab.errors import CvlabError
 from cvlab.seeding import mix_seed
 from lit_modules.classifier import ClassifierModule
 from lit_modules.nets import InputNormalization
-from lit_modules.robustness.attacks import check_eps, fgsm, pgd
+from lit_modules.robustness.attacks import Model, check_eps, make_attack
 
 Regime = Literal["clean", "fgsm", "pgd", "fast", "gat"]
 
@@ -162,30 +166,135 @@ class SnapshotBag:
         self.snapshots = [{k: v.to(device) for k, v in s.items()} for s in state["snapshots"]]
 
 
-class AdversarialTrainer(ClassifierModule):
-    """Adversarial training of any network (see the module docstring for the regimes and GAT's choices).
+# --- the training adversaries: one small object per regime ---------------------------------------------------------
+
+
+class TrainingAdversary:
+    """How a training batch is attacked: the first :meth:`count` images of each batch are replaced by
+    :meth:`craft`'s adversaries and :meth:`loss` reduces the per-image cross-entropy. Hyper-parameters are the
+    constructor's (plain values, so a checkpoint stores them as :meth:`config`)."""
+
+    def count(self, m: int) -> int:
+        """How many of a batch of ``m`` images are attacked (the first ones; batches are shuffled)."""
+        return m
+
+    def craft(self, model: Model, x: Tensor, y: Tensor, eps: float, eps_max: float) -> Tensor:
+        """Adversarial pixels of ``x`` against ``model`` at this step's ``eps`` (``eps_max``: the run's full eps,
+        which the step sizes are given for)."""
+        raise NotImplementedError
+
+    def loss(self, losses: Tensor, k: int) -> Tensor:
+        """The batch loss from per-image CE ``losses (m,)``, of which the first ``k`` are adversarial."""
+        return losses.mean()
+
+    def config(self) -> dict[str, Any]:
+        """``{class_path, init_args}``: LightningCLI's form, what the system's hyper-parameters hold."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": dict(vars(self))}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class CleanTraining(TrainingAdversary):
+    """No adversary: cross-entropy on clean images (the undefended baseline)."""
+
+    def count(self, m: int) -> int:
+        return 0
+
+
+class FGSMTraining(TrainingAdversary):
+    """FGSM-AT (Goodfellow et al., ICLR 2015; Kurakin et al., "Adversarial Machine Learning at Scale", ICLR 2017,
+    arXiv 1611.01236): a fraction ``adv_ratio`` of each batch (k of m) replaced by FGSM adversaries, and Kurakin's
+    mixed loss ``(sum_clean CE + adv_weight * sum_adv CE) / (m - k + adv_weight * k)``.
 
     Args:
-        regime: ``clean``, ``fgsm`` (FGSM-AT), ``pgd`` (PGD-AT) or ``gat``.
+        adv_ratio: the fraction of each batch replaced by adversaries (Kurakin's k / m).
+        adv_weight: the weight lambda of the adversarial images in the mixed loss.
+        labels: ``predicted`` (the crafting model's own predictions: no label leaking) or ``true``.
+        random_eps: a per-image eps uniform in (0, eps] instead of eps.
+    """
+
+    def __init__(self, adv_ratio: float = 0.5, adv_weight: float = 0.3,
+                 labels: Literal["predicted", "true"] = "predicted", random_eps: bool = True) -> None:
+        if not 0.0 < adv_ratio <= 1.0 or adv_weight < 0:
+            raise CvlabError(f"need 0 < adv_ratio <= 1 and adv_weight >= 0; got {adv_ratio}, {adv_weight}")
+        if labels not in ("predicted", "true"):
+            raise CvlabError(f"FGSM labels must be predicted or true; got {labels!r}")
+        self.adv_ratio, self.adv_weight, self.labels, self.random_eps = adv_ratio, adv_weight, labels, random_eps
+
+    def count(self, m: int) -> int:
+        return max(1, round(self.adv_ratio * m))
+
+    def craft(self, model: Model, x: Tensor, y: Tensor, eps: float, eps_max: float) -> Tensor:
+        attack = make_attack("fgsm", eps, random_eps=self.random_eps)
+        return attack(model, x, None if self.labels == "predicted" else y)
+
+    def loss(self, losses: Tensor, k: int) -> Tensor:
+        m, w = losses.shape[0], self.adv_weight
+        return (w * losses[:k].sum() + losses[k:].sum()) / (w * k + (m - k))
+
+
+class PGDTraining(TrainingAdversary):
+    """PGD-AT (Madry et al., ICLR 2018, arXiv 1706.06083): every image replaced by its PGD adversary (``steps``
+    steps of ``alpha`` from a random start; alpha ``None``: ``2.5 * eps / steps``; Madry's MNIST: 40 of 0.01),
+    plain CE. Under an eps ramp the step scales with eps."""
+
+    def __init__(self, steps: int = 40, alpha: float | None = 0.01) -> None:
+        if steps < 1:
+            raise CvlabError(f"PGD-AT needs steps >= 1; got {steps}")
+        self.steps, self.alpha = steps, alpha
+
+    def craft(self, model: Model, x: Tensor, y: Tensor, eps: float, eps_max: float) -> Tensor:
+        alpha = None if self.alpha is None else self.alpha * eps / eps_max if eps_max > 0 else self.alpha
+        return make_attack("pgd", eps, steps=self.steps, alpha=alpha)(model, x, y)
+
+
+class FastTraining(TrainingAdversary):
+    """Fast AT, RS-FGSM ("fast is better than free"; Wong, Rice, Kolter, ICLR 2020, arXiv 2001.03994): every image
+    replaced by one FGSM step of ``alpha`` (``None``: 1.25 eps, 0.375 at MNIST's eps 0.3) from a uniform random start
+    in the eps ball, projected back onto the ball; true labels, plain CE. With Wong's one-cycle lr
+    (``lr_schedule: cyclic``) and robust validation to catch catastrophic overfitting."""
+
+    def __init__(self, alpha: float | None = None) -> None:
+        self.alpha = alpha
+
+    def craft(self, model: Model, x: Tensor, y: Tensor, eps: float, eps_max: float) -> Tensor:
+        alpha = 1.25 * eps if self.alpha is None else self.alpha * eps / eps_max if eps_max > 0 else 0.0
+        return make_attack("pgd", eps, steps=1, alpha=alpha)(model, x, y)
+
+
+def as_adversary(spec: TrainingAdversary | dict[str, Any] | None, default: TrainingAdversary) -> TrainingAdversary:
+    """A :class:`TrainingAdversary` from itself, from its :meth:`~TrainingAdversary.config` (hyper-parameters read
+    back from a checkpoint) or ``None`` (``default``)."""
+    if spec is None:
+        return default
+    if isinstance(spec, TrainingAdversary):
+        return spec
+    if isinstance(spec, dict) and "class_path" in spec:
+        from lit_modules.nets.registry import import_class
+
+        cls = import_class(str(spec["class_path"]))
+        if isinstance(cls, type) and issubclass(cls, TrainingAdversary):
+            return cls(**dict(spec.get("init_args") or {}))
+    raise CvlabError(f"adversary must be a training adversary (CleanTraining, FGSMTraining, PGDTraining, "
+                     f"FastTraining) or its {{class_path, init_args}}; got {spec!r}")
+
+
+# --- the systems -----------------------------------------------------------------------------------------------------
+
+
+class AdversarialTraining(ClassifierModule):
+    """Adversarial training of any network: every batch attacked by ``adversary`` (see the module docstring).
+
+    Args:
+        adversary: the regime: :class:`CleanTraining`, :class:`FGSMTraining` (the default), :class:`PGDTraining`
+            or :class:`FastTraining`, with its own hyper-parameters.
         eps: the Linf budget in [0, 1] pixel units (0.3 MNIST, 0.1/0.2 Fashion-MNIST, 8/255 CIFAR-10).
-        adv_ratio: FGSM-AT / GAT: fraction of each batch replaced by adversaries (Kurakin's k / m).
-        adv_weight: FGSM-AT / GAT: weight lambda of the adversarial images in the mixed loss.
-        fgsm_labels: ``predicted`` (the crafting model's predictions) or ``true`` labels for FGSM.
-        random_eps: FGSM with a per-image eps uniform in (0, eps] instead of eps.
-        pgd_steps, pgd_alpha: PGD-AT's adversary (alpha default ``2.5 * eps / pgd_steps``; Madry's MNIST: 40
-            steps of 0.01).
-        snapshot_every: GAT with ``snapshot_steps: 0``: epochs between snapshots.
-        snapshot_steps: GAT: global steps between snapshots (0: epoch-end snapshots, ``snapshot_every``).
-        bag_size: GAT: snapshots kept.
-        bag_refresh: GAT: ``fifo`` (the latest), ``reservoir`` (a uniform sample of all) or ``first``.
-        snapshot_share: GAT: share of each batch's adversaries crafted on a snapshot (the rest: current model).
-        warmup_epochs: GAT with epoch snapshots: epochs of FGSM-AT on the current model before the bag is
-            used (``None``: ``snapshot_every``, when the first snapshot exists).
-        seed: GAT: seed of the per-step model draw.
         eps_warmup_epochs: the training adversary's eps grows linearly from 0 to ``eps`` over this many epochs
             (0: the full eps from the first step); a small network trained by PGD at MNIST's eps 0.3 from the
             first step can stay at chance (LeNet-5, 3 epochs: 11% accuracy).
-        fast_alpha: ``fast`` (RS-FGSM): the step from the random start (``None``: 1.25 * eps, Wong et al.).
+        seed: seeds the robust validation's random starts (and GAT's snapshot draws).
         robust_val_images: PGD-attack this many of the first validation images each validation and log
             ``val/robust_acc`` (0: off).
         robust_val_steps, robust_val_alpha, robust_val_restarts: that PGD (alpha ``None``: 2.5 * eps / steps).
@@ -196,23 +305,10 @@ class AdversarialTrainer(ClassifierModule):
 
     def __init__(
         self,
-        regime: Regime = "fgsm",
+        adversary: TrainingAdversary | None = None,
         eps: float = 0.3,
-        adv_ratio: float = 0.5,
-        adv_weight: float = 0.3,
-        fgsm_labels: Literal["predicted", "true"] = "predicted",
-        random_eps: bool = True,
-        pgd_steps: int = 40,
-        pgd_alpha: float | None = 0.01,
-        snapshot_every: int = 1,
-        snapshot_steps: int = 0,
-        bag_size: int = 5,
-        bag_refresh: BagRefresh = "fifo",
-        snapshot_share: float = 0.5,
-        warmup_epochs: int | None = None,
-        seed: int = 0,
         eps_warmup_epochs: float = 0.0,
-        fast_alpha: float | None = None,
+        seed: int = 0,
         robust_val_images: int = 0,
         robust_val_steps: int = 20,
         robust_val_alpha: float | None = None,
@@ -220,49 +316,20 @@ class AdversarialTrainer(ClassifierModule):
         restore_best: bool = False,
         **kwargs: Any,
     ) -> None:
-        if "current_prob" in kwargs:  # checkpoints before snapshot_share: a per-batch draw of the same expected share
-            snapshot_share = 1.0 - float(kwargs.pop("current_prob"))
         super().__init__(**kwargs)
-        self.save_hyperparameters()
-        if regime not in ("clean", "fgsm", "pgd", "fast", "gat"):
-            raise CvlabError(f"regime must be one of clean, fgsm, pgd, fast, gat; got {regime!r}")
+        self.adversary = as_adversary(adversary, FGSMTraining())
+        self.save_hyperparameters(ignore=["adversary"])
+        self.hparams["adversary"] = self.adversary.config()  # plain values: checkpoints load weights-only
         if robust_val_images < 0 or robust_val_steps < 1 or robust_val_restarts < 1:
             raise CvlabError(f"need robust_val_images >= 0, robust_val_steps >= 1, robust_val_restarts >= 1; got "
                              f"{robust_val_images}, {robust_val_steps}, {robust_val_restarts}")
         if restore_best and robust_val_images == 0:
             raise CvlabError("restore_best keeps the best val/robust_acc weights: set robust_val_images > 0 too")
         check_eps(eps)
-        if not 0.0 < adv_ratio <= 1.0 or adv_weight < 0 or not 0.0 <= snapshot_share <= 1.0:
-            raise CvlabError(f"need 0 < adv_ratio <= 1, adv_weight >= 0, 0 <= snapshot_share <= 1; got "
-                             f"{adv_ratio}, {adv_weight}, {snapshot_share}")
-        if snapshot_steps < 0 or snapshot_every < 1:
-            raise CvlabError(f"need snapshot_steps >= 0 and snapshot_every >= 1; got {snapshot_steps}, "
-                             f"{snapshot_every}")
-        self.bag = SnapshotBag(bag_size, bag_refresh, seed)
-        self.last_seed: tuple[int, int] | None = None  # GAT: (global step, bag index) of the last snapshot drawn
         self._epoch_t0 = 0.0
         self._epoch_s: float | None = None
         self._robust = torch.zeros(2)  # (correct, attacked) of this validation, on the module's device
         self.best_robust: dict[str, Any] | None = None  # {"acc", "epoch", "state"}: restore_best's weights
-
-    # --- the adversary of each regime -------------------------------------------------------------------
-
-    def seed_model(self) -> tuple[nn.Module, int]:
-        """GAT: the snapshot this batch's snapshot share is crafted on, and its bag index; ``(self, -1)``: the
-        current model (during the warm-up, or while the bag is empty with step snapshots)."""
-        hp = self.hparams
-        if hp.snapshot_steps == 0:
-            warmup = hp.snapshot_every if hp.warmup_epochs is None else hp.warmup_epochs
-            if self.current_epoch < warmup:
-                return self, -1
-            if len(self.bag) == 0:
-                self.bag.get(0)  # raises EmptyBagError with what to do
-        elif len(self.bag) == 0:
-            return self, -1
-        g = torch.Generator().manual_seed(mix_seed(hp.seed, self.global_step))  # CPU: no device sync
-        i = int(torch.randint(len(self.bag), (), generator=g))
-        self.last_seed = (self.global_step, i)
-        return SnapshotModel(self.net, self.normalize, self.bag.get(i)), i
 
     def train_eps(self) -> float:
         """This step's eps: ``eps``, ramped up linearly over the first ``eps_warmup_epochs``."""
@@ -273,62 +340,29 @@ class AdversarialTrainer(ClassifierModule):
         return hp.eps * min(1.0, ramp)
 
     def craft(self, x: Tensor, y: Tensor) -> Tensor:
-        """Adversarial pixels of ``x`` for this step's regime (gradients of the crafting model only)."""
-        hp = self.hparams
-        eps = self.train_eps()
-        if hp.regime == "pgd":
-            alpha = None if hp.pgd_alpha is None else hp.pgd_alpha * eps / hp.eps if hp.eps > 0 else hp.pgd_alpha
-            return pgd(self, x, y, eps, alpha=alpha, steps=hp.pgd_steps, check=False)
-        if hp.regime == "fast":  # RS-FGSM: a uniform start in the ball, one step of alpha, projected
-            alpha = 1.25 * eps if hp.fast_alpha is None else hp.fast_alpha * eps / hp.eps if hp.eps > 0 else 0.0
-            return pgd(self, x, y, eps, alpha=alpha, steps=1, check=False)
-        labels = None if hp.fgsm_labels == "predicted" else y
-        model, i = self.seed_model() if hp.regime == "gat" else (self, -1)
-        if i < 0:
-            return fgsm(self, x, labels, eps, random_eps=hp.random_eps, check=False)
-        ks = round(hp.snapshot_share * x.shape[0])  # the first ks on the snapshot, the rest on the current model
-        parts = [fgsm(model, x[:ks], None if labels is None else labels[:ks], eps, random_eps=hp.random_eps,
-                      check=False)] if ks > 0 else []
-        if ks < x.shape[0]:
-            parts.append(fgsm(self, x[ks:], None if labels is None else labels[ks:], eps, random_eps=hp.random_eps,
-                              check=False))
-        return torch.cat(parts)
+        """Adversarial pixels of ``x`` for this step (gradients of the crafting model only)."""
+        return self.adversary.craft(self, x, y, self.train_eps(), self.hparams.eps)
 
     # --- training -----------------------------------------------------------------------------------------
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        hp = self.hparams
-        if hp.regime == "clean":
-            return super().training_step(batch, batch_idx)
         x, y = batch
-        m = x.shape[0]
-        k = m if hp.regime in ("pgd", "fast") else max(1, round(hp.adv_ratio * m))
+        k = self.adversary.count(x.shape[0])
+        if k == 0:
+            return super().training_step(batch, batch_idx)
         x = torch.cat([self.craft(x[:k], y[:k]), x[k:]])  # adversaries first, then the clean rest
-        losses = F.cross_entropy(self(x), y, reduction="none", label_smoothing=hp.label_smoothing)  # (m,)
-        if hp.regime in ("pgd", "fast"):
-            loss = losses.mean()
-        else:  # Kurakin et al.'s mixed loss
-            loss = (hp.adv_weight * losses[:k].sum() + losses[k:].sum()) / (hp.adv_weight * k + (m - k))
+        losses = F.cross_entropy(self(x), y, reduction="none",
+                                 label_smoothing=self.hparams.label_smoothing)  # (m,)
+        loss = self.adversary.loss(losses, k)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def on_train_epoch_start(self) -> None:
         self._epoch_t0 = time.perf_counter()
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # GAT step snapshots: the model at step k (after k updates), before step k crafts its adversaries
-        k, n = self.global_step, self.hparams.snapshot_steps
-        if self.hparams.regime == "gat" and n > 0 and k > 0 and k % n == 0 and k != self.bag.last_step:
-            self.bag.add(self.net, self.current_epoch, k)
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # the epoch's last batch, before validation and the epoch's checkpoint: the checkpoint holds the snapshot
-        if batch_idx + 1 != self.trainer.num_training_batches:
-            return
-        self._epoch_s = time.perf_counter() - self._epoch_t0
-        hp = self.hparams
-        if hp.regime == "gat" and hp.snapshot_steps == 0 and (self.current_epoch + 1) % hp.snapshot_every == 0:
-            self.bag.add(self.net, self.current_epoch, self.global_step)
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            self._epoch_s = time.perf_counter() - self._epoch_t0
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_s is not None:
@@ -341,8 +375,9 @@ class AdversarialTrainer(ClassifierModule):
         attacks its images from the same random starts)."""
         hp = self.hparams
         g = torch.Generator(device=x.device).manual_seed(mix_seed(hp.seed, batch_idx))
-        return pgd(self, x, y, hp.eps, alpha=hp.robust_val_alpha, steps=hp.robust_val_steps,
-                   restarts=hp.robust_val_restarts, generator=g, check=False)
+        attack = make_attack("pgd", hp.eps, steps=hp.robust_val_steps, alpha=hp.robust_val_alpha,
+                             restarts=hp.robust_val_restarts, generator=g)
+        return attack(self, x, y)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
@@ -385,16 +420,149 @@ class AdversarialTrainer(ClassifierModule):
     # --- checkpoints ----------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gat_bag"] = self.bag.state_dict()
         if self.best_robust is not None:
             checkpoint["robust_best"] = self.best_robust
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "gat_bag" in checkpoint:
-            self.bag.load_state_dict(checkpoint["gat_bag"], device=self.device)
         if "robust_best" in checkpoint:
             self.best_robust = checkpoint["robust_best"]
+
+
+class GrayBoxAdversarialTraining(AdversarialTraining):
+    """Gray-box Adversarial Training (Vivek B.S., Mopuri, Babu, ECCV 2018, arXiv 1808.01753): ``adversary``'s
+    adversaries (FGSM-AT's by default), a share of them crafted on a bag of snapshots of the same run (see the
+    module docstring for the snapshot policy and the choices the paper's text leaves open).
+
+    Args:
+        adversary: the adversary crafted on the snapshots and the current model (default :class:`FGSMTraining`:
+            random eps, predicted labels, half of each batch, weight 0.3).
+        snapshot_steps: global steps between snapshots (0: epoch-end snapshots, every ``snapshot_every`` epochs).
+        snapshot_every: with ``snapshot_steps: 0``: epochs between snapshots.
+        bag_size: snapshots kept.
+        bag_refresh: ``fifo`` (the latest), ``reservoir`` (a uniform sample of all) or ``first``.
+        snapshot_share: share of each batch's adversaries crafted on a snapshot (the rest: the current model).
+        warmup_epochs: with epoch snapshots: epochs of plain ``adversary`` training on the current model before the
+            bag is used (``None``: ``snapshot_every``, when the first snapshot exists).
+        **kwargs: :class:`AdversarialTraining`'s arguments (``eps``, ``seed``: the per-step snapshot draw, ...).
+    """
+
+    def __init__(
+        self,
+        adversary: TrainingAdversary | None = None,
+        snapshot_steps: int = 0,
+        snapshot_every: int = 1,
+        bag_size: int = 5,
+        bag_refresh: BagRefresh = "fifo",
+        snapshot_share: float = 0.5,
+        warmup_epochs: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "current_prob" in kwargs:  # checkpoints before snapshot_share: a per-batch draw of the same expected share
+            snapshot_share = 1.0 - float(kwargs.pop("current_prob"))
+        super().__init__(adversary=adversary, **kwargs)
+        self.hparams["snapshot_share"] = snapshot_share
+        if not 0.0 <= snapshot_share <= 1.0:
+            raise CvlabError(f"need 0 <= snapshot_share <= 1; got {snapshot_share}")
+        if snapshot_steps < 0 or snapshot_every < 1:
+            raise CvlabError(f"need snapshot_steps >= 0 and snapshot_every >= 1; got {snapshot_steps}, "
+                             f"{snapshot_every}")
+        self.bag = SnapshotBag(bag_size, bag_refresh, self.hparams.seed)
+        self.last_seed: tuple[int, int] | None = None  # (global step, bag index) of the last snapshot drawn
+        self.snapshots_on = True  # False only for the deprecated AdversarialTrainer's non-GAT regimes
+
+    def seed_model(self) -> tuple[nn.Module, int]:
+        """The snapshot this batch's snapshot share is crafted on, and its bag index; ``(self, -1)``: the
+        current model (during the warm-up, or while the bag is empty with step snapshots)."""
+        hp = self.hparams
+        if hp.snapshot_steps == 0:
+            warmup = hp.snapshot_every if hp.warmup_epochs is None else hp.warmup_epochs
+            if self.current_epoch < warmup:
+                return self, -1
+            if len(self.bag) == 0:
+                self.bag.get(0)  # raises EmptyBagError with what to do
+        elif len(self.bag) == 0:
+            return self, -1
+        g = torch.Generator().manual_seed(mix_seed(hp.seed, self.global_step))  # CPU: no device sync
+        i = int(torch.randint(len(self.bag), (), generator=g))
+        self.last_seed = (self.global_step, i)
+        return SnapshotModel(self.net, self.normalize, self.bag.get(i)), i
+
+    def craft(self, x: Tensor, y: Tensor) -> Tensor:
+        """The first ``round(snapshot_share * k)`` adversaries crafted on a snapshot, the rest on the current model."""
+        if not self.snapshots_on:
+            return super().craft(x, y)
+        eps, eps_max = self.train_eps(), self.hparams.eps
+        model, i = self.seed_model()
+        if i < 0:
+            return self.adversary.craft(self, x, y, eps, eps_max)
+        ks = round(self.hparams.snapshot_share * x.shape[0])
+        parts = [self.adversary.craft(model, x[:ks], y[:ks], eps, eps_max)] if ks > 0 else []
+        if ks < x.shape[0]:
+            parts.append(self.adversary.craft(self, x[ks:], y[ks:], eps, eps_max))
+        return torch.cat(parts)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # step snapshots: the model at step k (after k updates), before step k crafts its adversaries
+        k, n = self.global_step, self.hparams.snapshot_steps
+        if self.snapshots_on and n > 0 and k > 0 and k % n == 0 and k != self.bag.last_step:
+            self.bag.add(self.net, self.current_epoch, k)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # the epoch's last batch, before validation and the epoch's checkpoint: the checkpoint holds the snapshot
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        hp = self.hparams
+        if (self.snapshots_on and batch_idx + 1 == self.trainer.num_training_batches and hp.snapshot_steps == 0
+                and (self.current_epoch + 1) % hp.snapshot_every == 0):
+            self.bag.add(self.net, self.current_epoch, self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["gat_bag"] = self.bag.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "gat_bag" in checkpoint:
+            self.bag.load_state_dict(checkpoint["gat_bag"], device=self.device)
 
     def on_fit_start(self) -> None:
         # a bag restored before the module moved to its device
         self.bag.snapshots = [{k: v.to(self.device) for k, v in s.items()} for s in self.bag.snapshots]
+
+
+# --- the old name, one release ---------------------------------------------------------------------------------------
+
+_NEW_NAMES = {"clean": "AdversarialTraining with adversary CleanTraining",
+              "fgsm": "AdversarialTraining with adversary FGSMTraining",
+              "pgd": "AdversarialTraining with adversary PGDTraining",
+              "fast": "AdversarialTraining with adversary FastTraining",
+              "gat": "GrayBoxAdversarialTraining"}
+
+
+class AdversarialTrainer(GrayBoxAdversarialTraining):
+    """Deprecated (one release): the old one-class system, ``regime`` choosing the adversary. ``regime: gat`` is
+    :class:`GrayBoxAdversarialTraining`; the others are :class:`AdversarialTraining` with :class:`CleanTraining`,
+    :class:`FGSMTraining`, :class:`PGDTraining` or :class:`FastTraining`. Old configs and checkpoints keep working
+    (with a warning that names the new class)."""
+
+    def __init__(
+        self,
+        regime: Regime = "fgsm",
+        adv_ratio: float = 0.5,
+        adv_weight: float = 0.3,
+        fgsm_labels: Literal["predicted", "true"] = "predicted",
+        random_eps: bool = True,
+        pgd_steps: int = 40,
+        pgd_alpha: float | None = 0.01,
+        fast_alpha: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if regime not in _NEW_NAMES:
+            raise CvlabError(f"regime must be one of clean, fgsm, pgd, fast, gat; got {regime!r}")
+        warnings.warn(f"AdversarialTrainer is deprecated and goes in the next release; regime {regime!r} is now "
+                      f"lit_modules.robustness.{_NEW_NAMES[regime]}", FutureWarning, stacklevel=2)
+        kwargs.pop("adversary", None)  # a checkpoint of this class stores it too; the regime's arguments define it
+        fgsm_at = FGSMTraining(adv_ratio, adv_weight, fgsm_labels, random_eps)
+        adversary = {"clean": CleanTraining(), "fgsm": fgsm_at, "gat": fgsm_at,
+                     "pgd": PGDTraining(pgd_steps, pgd_alpha), "fast": FastTraining(fast_alpha)}[regime]
+        super().__init__(adversary=adversary, **kwargs)
+        self.snapshots_on = regime == "gat"

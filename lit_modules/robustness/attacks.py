@@ -12,7 +12,13 @@ attack's eps ball around ``x`` and inside [0, 1].
 - :func:`pgd`: Madry et al., ICLR 2018 (arXiv 1706.06083): random start, projected steps, Linf or L2,
   restarts (per sample, the restart that fools the model, else the one of highest loss).
 - :func:`mifgsm`: Dong et al., CVPR 2018 (arXiv 1710.06081): momentum over L1-normalised gradients.
+- :func:`sign_noise`: the control, a random sign pattern of FGSM's norm (no gradient).
 - :func:`transfer`: craft on one model, evaluate on another (gray-box and black-box attacks).
+
+The registry: every attack by name, built from one :class:`Budget` (``make_attack("pgd", eps=0.3, steps=40,
+alpha=0.01)`` is ``functools.partial(pgd, eps=0.3, steps=40, alpha=0.01, ...)``, a batched ``(model, x, y) ->
+x_adv``); the gray-box report, the severity report and adversarial training all build their attacks here, and an
+unknown name fails with one line listing the known ones.
 
 Every attack crafts with the model in eval mode and restores every submodule's mode after
 (:func:`crafting`), so BatchNorm statistics and dropout never change; it computes gradients with respect
@@ -25,8 +31,10 @@ The step loops make no host synchronisation; the input checks (eps, pixel range,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvlab.errors import CvlabError
+from lit_modules.nets.registry import Registry
 
 Model = Callable[[Tensor], Tensor]
 Norm = Literal["linf", "l2"]
@@ -292,3 +301,86 @@ def transfer(attack: Attack, source: Model, target: Model, x: Tensor, y: Tensor)
             for m, mode in was:
                 m.training = mode
     return x_adv, logits
+
+
+def sign_noise(model: Model, x: Tensor, y: Tensor | None, eps: float, generator: torch.Generator | None = None,
+               check: bool = True) -> Tensor:
+    """The control: ``clip(x + eps * sign(N(0, I)), 0, 1)``, the same norm as an FGSM step, no gradient."""
+    check_eps(eps)
+    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return (x.detach() + eps * noise.sign()).clamp(0.0, 1.0)
+
+
+# --- the registry ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What an attack may spend: ``eps`` (Linf, [0, 1] pixels), ``steps`` and ``alpha`` (iterative attacks; alpha
+    ``None``: each attack's default), ``restarts`` (PGD), ``random_eps`` (FGSM: per-image eps in (0, eps]) and the
+    ``generator`` of the random draws (PGD's start, the noise control, random eps). An attack reads only its own."""
+
+    eps: float
+    steps: int = 10
+    alpha: float | None = None
+    restarts: int = 1
+    random_eps: bool = False
+    generator: torch.Generator | None = None
+
+
+ATTACKS = Registry("attack")  # name -> (Budget -> Attack); true labels, or predicted ones with y = None
+
+
+@ATTACKS.register("fgsm")
+def _fgsm(b: Budget) -> Attack:
+    if b.random_eps:
+        return functools.partial(fgsm, eps=b.eps, random_eps=True, generator=b.generator, check=False)
+    return functools.partial(fgsm, eps=b.eps, check=False)
+
+
+@ATTACKS.register("rfgsm")
+def _rfgsm(b: Budget) -> Attack:
+    return functools.partial(rfgsm, eps=b.eps, alpha=b.alpha, generator=b.generator, check=False)
+
+
+@ATTACKS.register("ifgsm")
+def _ifgsm(b: Budget) -> Attack:
+    return functools.partial(ifgsm, eps=b.eps, steps=b.steps, alpha=b.alpha, check=False)
+
+
+@ATTACKS.register("pgd")
+def _pgd(b: Budget) -> Attack:
+    return functools.partial(pgd, eps=b.eps, steps=b.steps, alpha=b.alpha, restarts=b.restarts,
+                             generator=b.generator, check=False)
+
+
+@ATTACKS.register("mifgsm")
+def _mifgsm(b: Budget) -> Attack:
+    return functools.partial(mifgsm, eps=b.eps, steps=b.steps, alpha=b.alpha, check=False)
+
+
+@ATTACKS.register("noise")
+def _noise(b: Budget) -> Attack:
+    return functools.partial(sign_noise, eps=b.eps, generator=b.generator, check=False)
+
+
+def attack_names() -> list[str]:
+    """Every attack :func:`make_attack` builds."""
+    return ATTACKS.names()
+
+
+def check_attack_names(names: list[str], extra: tuple[str, ...] = ()) -> None:
+    """One line naming the unknown attacks in ``names`` and the known ones (the registry's, plus ``extra``)."""
+    known = [*attack_names(), *extra]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise AttackError(f"unknown attacks {unknown}; available: {', '.join(known)}")
+
+
+def make_attack(name: str, eps: float, **budget: object) -> Attack:
+    """The attack ``name`` with its budget bound (see :class:`Budget` for the keywords): a batched
+    ``(model, x, y) -> x_adv`` on [0, 1] pixels (``y`` ``None``: the model's predicted labels)."""
+    if name not in ATTACKS.names():
+        raise AttackError(f"unknown attack {name!r}; available: {', '.join(attack_names())}")
+    check_eps(eps)
+    return ATTACKS.get(name)(Budget(eps=eps, **budget))  # type: ignore[arg-type]

@@ -36,7 +36,6 @@ Needs ``Trainer(inference_mode=False)``. Counts are summed on each device and re
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,9 +46,10 @@ from torch import Tensor, nn
 from cvlab.errors import CvlabError
 from cvlab.image_log import log_image_grid
 from lit_modules.robustness.adversarial_training import SnapshotModel
-from lit_modules.robustness.attacks import Attack, check_eps, fgsm, ifgsm, pgd
+from lit_modules.robustness.attacks import Attack, check_eps, make_attack
 
 AttackName = Literal["fgsm", "ifgsm", "pgd"]
+GRAYBOX_ATTACKS = ("fgsm", "ifgsm", "pgd")  # the white-box suite's attacks that can also be crafted on a snapshot
 
 
 def attack_suite(eps: float, ifgsm_steps: int, pgd_steps: int, pgd_alpha: float | None,
@@ -58,13 +58,13 @@ def attack_suite(eps: float, ifgsm_steps: int, pgd_steps: int, pgd_alpha: float 
     """The white-box attacks by name, their budgets bound (true labels; pixels are [0, 1] by contract); with
     ``strong_steps > 0`` also ``pgd<strong_steps>x<strong_restarts>`` (restarts batched together)."""
     suite = {
-        "fgsm": functools.partial(fgsm, eps=eps, check=False),
-        "ifgsm": functools.partial(ifgsm, eps=eps, steps=ifgsm_steps, check=False),
-        "pgd": functools.partial(pgd, eps=eps, steps=pgd_steps, alpha=pgd_alpha, restarts=pgd_restarts, check=False),
+        "fgsm": make_attack("fgsm", eps),
+        "ifgsm": make_attack("ifgsm", eps, steps=ifgsm_steps),
+        "pgd": make_attack("pgd", eps, steps=pgd_steps, alpha=pgd_alpha, restarts=pgd_restarts),
     }
     if strong_steps > 0:
-        suite[f"pgd{strong_steps}x{strong_restarts}"] = functools.partial(
-            pgd, eps=eps, steps=strong_steps, alpha=strong_alpha, restarts=strong_restarts, check=False)
+        suite[f"pgd{strong_steps}x{strong_restarts}"] = make_attack("pgd", eps, steps=strong_steps,
+                                                                    alpha=strong_alpha, restarts=strong_restarts)
     return suite
 
 
@@ -97,7 +97,7 @@ class GrayBoxEvaluation(L.Callback):
 
     Args:
         eps: the Linf budget in [0, 1] pixel units; ``None``: the model's ``eps`` hyper-parameter (an
-            :class:`AdversarialTrainer`'s), else an error.
+            :class:`AdversarialTraining`'s), else an error.
         ifgsm_steps: I-FGSM steps (step eps / steps).
         pgd_steps, pgd_alpha, pgd_restarts: the white-box PGD (Madry's MNIST evaluation: 40 steps of 0.01;
             ``pgd_alpha`` ``None``: 2.5 * eps / steps).
@@ -134,9 +134,9 @@ class GrayBoxEvaluation(L.Callback):
         self._stage = "test"
         self.attacks: dict[str, Attack] = {}
         self.graybox_attacks = list(graybox_attacks or ["fgsm", "ifgsm"])
-        unknown = set(self.graybox_attacks) - {"fgsm", "ifgsm", "pgd"}
+        unknown = [a for a in self.graybox_attacks if a not in GRAYBOX_ATTACKS]
         if unknown:
-            raise CvlabError(f"graybox_attacks {sorted(unknown)} unknown; choose from {sorted(self.attacks)}")
+            raise CvlabError(f"graybox_attacks {unknown} unknown; available: {', '.join(GRAYBOX_ATTACKS)}")
         self.sources = list(sources or [])
         self.pictures = pictures
         self.epochs: list[int] = []

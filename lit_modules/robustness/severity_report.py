@@ -5,8 +5,9 @@ CVPR Workshops 2020, arXiv 2004.12771; the metrics are ours: :mod:`lit_modules.r
 loads the trained ``models`` (any cvlab checkpoints, by name), and on every test batch, for each model, attack
 and eps, crafts adversaries with :mod:`lit_modules.robustness.attacks` against that model (white-box, true
 labels) and updates one :class:`~lit_modules.robustness.severity.FoolingSeverity` (synced across devices). The
-attacks: ``fgsm``, ``ifgsm``, ``pgd`` (random start), ``mifgsm``, and ``noise``, the control: a random sign
-pattern of the same Linf (and, before clipping, L2) norm as FGSM's step, ``x + eps * sign(N(0, I))``.
+attacks, by name from the attack registry (:func:`~lit_modules.robustness.attacks.make_attack`): ``fgsm``,
+``ifgsm``, ``pgd`` (random start), ``mifgsm``, ``rfgsm``, and ``noise``, the control: a random sign pattern of the
+same Linf (and, before clipping, L2) norm as FGSM's step, ``x + eps * sign(N(0, I))``; and ``uap``.
 
 At the end of the test it writes into the run folder ``severity_report.md`` and ``severity_report.csv`` (one row
 per model x attack x eps: clean accuracy, fooling rate, mean LCA height and tree distance of the flips, the
@@ -22,7 +23,6 @@ Needs ``Trainer(inference_mode=False)`` (the attacks take input gradients).
 from __future__ import annotations
 
 import csv
-import functools
 import math
 from pathlib import Path
 from typing import Literal
@@ -32,13 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from cvlab.errors import CvlabError
-from lit_modules.robustness.attacks import Attack, Model, check_eps, fgsm, ifgsm, mifgsm, pgd
+from lit_modules.robustness.attacks import Attack, check_attack_names, check_eps, make_attack, sign_noise
 from lit_modules.robustness.hierarchy import load_hierarchy
 from lit_modules.robustness.severity import FoolingSeverity
 from lit_modules.teacher import TeacherArg
 
-AttackName = Literal["fgsm", "ifgsm", "pgd", "mifgsm", "noise", "uap"]
-ATTACKS = ("fgsm", "ifgsm", "pgd", "mifgsm", "noise", "uap")
+AttackName = Literal["fgsm", "ifgsm", "pgd", "mifgsm", "rfgsm", "noise", "uap"]
+__all__ = ["SeverityReport", "apply_uap", "read_uap", "severity_attacks", "sign_noise"]
 
 
 def read_uap(path: str | Path) -> tuple[list[float], Tensor]:
@@ -61,23 +61,10 @@ def apply_uap(x: Tensor, v: Tensor, eps: float) -> Tensor:
     return x + project_linf_box(v.to(x.device, x.dtype), x, eps)
 
 
-def sign_noise(model: Model, x: Tensor, y: Tensor | None, eps: float, generator: torch.Generator | None = None,
-               check: bool = True) -> Tensor:
-    """The control: ``clip(x + eps * sign(N(0, I)), 0, 1)``, the same norm as an FGSM step, no gradient."""
-    check_eps(eps)
-    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-    return (x.detach() + eps * noise.sign()).clamp(0.0, 1.0)
-
-
-def severity_attacks(eps: float, steps: int, generator: torch.Generator | None) -> dict[str, Attack]:
-    """The report's attacks by name, the budget bound (true labels; pixels are [0, 1] by contract)."""
-    return {
-        "fgsm": functools.partial(fgsm, eps=eps, check=False),
-        "ifgsm": functools.partial(ifgsm, eps=eps, steps=steps, check=False),
-        "pgd": functools.partial(pgd, eps=eps, steps=steps, generator=generator, check=False),
-        "mifgsm": functools.partial(mifgsm, eps=eps, steps=steps, check=False),
-        "noise": functools.partial(sign_noise, eps=eps, generator=generator, check=False),
-    }
+def severity_attacks(names: list[str], eps: float, steps: int, generator: torch.Generator | None) -> dict[str, Attack]:
+    """The report's attacks by name from the registry (:func:`~lit_modules.robustness.attacks.make_attack`), the
+    budget bound: ``steps`` for the iterative ones, ``generator`` for PGD's start and the noise control."""
+    return {a: make_attack(a, eps, steps=steps, generator=generator) for a in names}
 
 
 COLUMNS = ["model", "attack", "eps", "images", "clean_accuracy", "adv_accuracy", "fooling_rate", "severity_lca",
@@ -122,14 +109,13 @@ class SeverityReport(L.LightningModule):
         if not models:
             raise CvlabError("SeverityReport needs models: {name: checkpoint path}")
         self.attack_names = list(attacks or ["fgsm", "ifgsm", "pgd", "mifgsm", "noise"])
-        unknown = set(self.attack_names) - set(ATTACKS)
-        if unknown:
-            raise CvlabError(f"unknown attacks {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
+        check_attack_names(self.attack_names, extra=("uap",))
         missing = [m for m in models if "uap" in self.attack_names and m not in (uaps or {})]
         if missing:
             raise CvlabError(f"attack 'uap' needs a UniversalPerturbation checkpoint per model: give "
                              f"--model.init_args.uaps {{{missing[0]}: .../checkpoints/last.ckpt, ...}} "
                              f"(missing: {missing})")
+        self._crafted = [a for a in self.attack_names if a != "uap"]  # built from the registry per eps
         self.eps = [float(e) for e in (eps or [0.05, 0.1, 0.2])]
         for e in self.eps:
             check_eps(e)
@@ -200,7 +186,7 @@ class SeverityReport(L.LightningModule):
             with torch.no_grad():
                 clean = net(x)  # (B, K)
             for i, eps in enumerate(self.eps):
-                suite = severity_attacks(eps, self.hparams.steps, self.generator)
+                suite = severity_attacks(self._crafted, eps, self.hparams.steps, self.generator)
                 for a in self.attack_names:
                     x_adv = apply_uap(x, self.uap_tables[name][i], eps) if a == "uap" else suite[a](net, x, y)
                     with torch.no_grad():
