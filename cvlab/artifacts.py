@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 import warnings
 import zipfile
@@ -109,11 +110,15 @@ class CheckpointReadError(CvlabError):
     """A checkpoint given to resume or evaluate from cannot be used."""
 
 
+#: what ``torch.load`` raises on a truncated, corrupt or foreign file (catch it to turn it into one line)
+UNREADABLE_TORCH_FILE = (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError)
+
+
 def _read_lightning_checkpoint(path: Path) -> str | None:
     """None if ``path`` holds a Lightning checkpoint readable with ``weights_only=True``, else why not."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, __import__("pickle").UnpicklingError) as e:
+    except UNREADABLE_TORCH_FILE as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"it is truncated, corrupt or not a weights-only torch file ({first[:160]})"
     if not isinstance(obj, dict) or "state_dict" not in obj or "global_step" not in obj:

@@ -19,8 +19,6 @@ none; the datamodule normalises them with the task's statistics, as the teacher 
 from __future__ import annotations
 
 import hashlib
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from cvlab.artifacts import load_shards, pending_indices, shard_folder
+from cvlab.artifacts import UNREADABLE_TORCH_FILE, load_shards, pending_indices, shard_folder
 from cvlab.errors import CvlabError
 from cvlab.image_ops import denormalize, resize
 from cvlab.task import TaskSpec, task_spec
@@ -73,7 +71,7 @@ def read_selection(path: str | Path, pool_size: int, fingerprint: str) -> Tensor
                                "(cvlab predict with lit_modules.distillation.ArbitraryTransferSetSelection) first")
     try:
         r = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except UNREADABLE_TORCH_FILE as e:
         raise TransferSetError(f"selection file {path} is truncated or not a torch file ({type(e).__name__}); "
                                "delete it and run the selection stage again") from None
     if not isinstance(r, dict) or r.get("kind") != SELECTION_KIND:

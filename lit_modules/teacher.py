@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import zipfile
 from collections import OrderedDict
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cvlab.artifacts import UNREADABLE_TORCH_FILE
 from cvlab.errors import CvlabError
 from cvlab.task import TaskMismatchError, TaskSpec, check_task
 from lit_modules.nets import (
@@ -209,7 +209,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return _read_safetensors(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except UNREADABLE_TORCH_FILE as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TeacherLoadError(
             f"cannot read checkpoint {p} ({p.stat().st_size} bytes): it is truncated, corrupt or not a "

@@ -24,11 +24,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
 from cvlab.errors import CvlabError
+from cvlab.image_ops import resize
 from cvlab.task import TaskSpec, check_task, task_of
 from lit_modules.classifier import adopt_data_normalization
 from lit_modules.nets import InputNormalization, create_net
@@ -44,11 +44,9 @@ class ImageSizeMismatchError(CvlabError):
 
 
 def resize_to(x: Tensor, size: int | None) -> Tensor:
-    """``x (B, C, H, W)`` resized to ``(B, C, size, size)`` (bilinear, antialiased); unchanged when it already has
-    that size or ``size`` is None."""
-    if size is None or (x.shape[-1] == size and x.shape[-2] == size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    """``x (B, C, H, W)`` resized to ``(B, C, size, size)`` by :func:`cvlab.image_ops.resize`; unchanged when it
+    already has that size or ``size`` is None."""
+    return x if size is None else resize(x, size)
 
 
 def teacher_handshake(hparams: Any, teacher: FrozenTeacher, probe: bool = False) -> None:
