@@ -7,7 +7,8 @@ writes one (:func:`record_from_seeds`); a record kept in the repo lives in ``doc
 
 A *section* is one paper: ``docs/results/<NN>-<key>.md`` holds its prose (a title, what the module and configs are,
 short notes on departures) with ``{{table}}`` (every record of ``docs/results/<NN>-<key>/``) or ``{{table:GROUP}}``
-(only the records whose ``group`` is GROUP) where the tables go. :func:`render_results` joins the sections in file
+(only the records whose ``group`` is GROUP; ``{{arms:GROUP}}``: one row per record, a column per metric, for arms
+of one comparison) where the tables go. :func:`render_results` joins the sections in file
 order under a fixed header; ``cvlab results`` writes the page, ``cvlab results --check`` fails when the committed
 page differs from the rendering (the test suite runs the check).
 
@@ -107,6 +108,44 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, sd
 
 
+def paired_differences(values: dict[str, list[float]], pairs: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Per-seed differences: ``{name: [a_s - b_s per seed]}`` for each ``name: [a, b]`` of ``pairs`` (two metric
+    keys of ``values``, e.g. ``lra-baseline:test/acc: [lra:test/acc, baseline:test/acc]``: a paired comparison of
+    two arms that share seed, teacher and start). A pair naming a metric not in ``values`` is left out (a stage
+    not run)."""
+    out = {}
+    for name, pair in pairs.items():
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise CvlabError(f"difference {name!r}: a difference names two metrics [a, b], got {pair!r}")
+        a, b = pair
+        if a in values and b in values:
+            out[name] = [x - y for x, y in zip(values[a], values[b], strict=True)]
+    return out
+
+
+_ONLY = re.compile(r" --only( [^-]\S*)+")
+
+
+def stage_records(record: Record, settings: dict[str, str], report: list[Metric], group: str = "") -> list[Record]:
+    """One record per stage of a pipeline's record (values keyed ``stage:metric``), e.g. the arms of one
+    comparison for :func:`render_arms`: ``settings`` maps each stage to its row name, ``report`` gives the metrics
+    by their key without the stage; each record's command is the pipeline's with ``--only STAGE``. A stage or a
+    reported metric the record lacks is one line naming it."""
+    out = []
+    for stage, setting in settings.items():
+        values = {k.split(":", 1)[1]: v for k, v in record.values.items() if k.split(":", 1)[0] == stage}
+        if not values:
+            stages = sorted({k.split(":", 1)[0] for k in record.values})
+            raise CvlabError(f"record {record.setting!r} has no stage {stage!r} (has: {', '.join(stages)})")
+        command = f"{_ONLY.sub('', record.command)} --only {stage}"
+        out.append(Record(section=record.section, setting=setting, values=values, report=list(report),
+                          command=command, seeds=list(record.seeds), group=group,
+                          protocol=record.protocol, budget=record.budget, hardware=record.hardware, wall=record.wall,
+                          commit=record.commit, config_hash=record.config_hash, date=record.date,
+                          source=record.source))
+    return out
+
+
 def load_record(path: str | Path) -> Record:
     """Read one record; a missing field, an unknown field or a bad value is one line naming the file."""
     p = Path(path)
@@ -180,23 +219,50 @@ def render_table(records: list[Record]) -> str:
     return "\n".join(rows + ([""] + notes if notes else []))
 
 
-_PLACEHOLDER = re.compile(r"^\{\{table(?::([\w-]+))?\}\}$", re.M)
+def render_arms(records: list[Record]) -> str:
+    """A compact table of arms that report the same metrics: one row per record, one column per metric label
+    (``mean +- sd`` over seeds; ``-`` where a record lacks it), then seeds, wall and command. A row ``paper`` gives
+    the papers' numbers where any record names one."""
+    labels: list[str] = []
+    for r in records:
+        labels += [m.label or m.key for m in r.report if (m.label or m.key) not in labels]
+    rows = ["| arm | " + " | ".join(_cell(x) for x in labels) + " | seeds | wall | command |",
+            "| --- |" + " --- |" * (len(labels) + 3)]
+    papers = {(m.label or m.key): m.paper for r in records for m in r.report if m.paper is not None}
+    for r in records:
+        by_label = {(m.label or m.key): m for m in r.report}
+        cells = []
+        for label in labels:
+            m = by_label.get(label)
+            cells.append("-" if m is None else format_metric(m, r.values[m.key]).split(":")[0])
+        seeds = ", ".join(map(str, r.seeds)) if r.seeds else "-"
+        setting = r.setting if r.protocol == "current" else f"*old protocol:* {r.setting}"
+        rows.append("| " + " | ".join(_cell(c) for c in (setting, *cells, seeds, r.wall, f"`{r.command}`")) + " |")
+    if papers:
+        cells = [str(papers[x]) if x in papers else "" for x in labels]
+        rows.append("| paper | " + " | ".join(_cell(c) for c in cells) + " | | | |")
+    notes = [f"- {r.setting}: {r.note}" for r in records if r.note]
+    return "\n".join(rows + ([""] + notes if notes else []))
+
+
+_PLACEHOLDER = re.compile(r"^\{\{(table|arms)(?::([\w-]+))?\}\}$", re.M)
 
 
 def render_section(prose_path: Path) -> str:
-    """One section: its prose with each ``{{table}}`` / ``{{table:GROUP}}`` replaced by its records' table."""
+    """One section: its prose with each ``{{table}}`` / ``{{table:GROUP}}`` replaced by its records' table
+    (``{{arms:GROUP}}``: the compact one-row-per-record table of :func:`render_arms`)."""
     folder = prose_path.with_suffix("")
     records = [load_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     text = prose_path.read_text()
     used: set[int] = set()
 
     def table(match: re.Match[str]) -> str:
-        group = match.group(1)
+        layout, group = match.group(1), match.group(2)
         chosen = [i for i, r in enumerate(records) if group is None or r.group == group]
         if not chosen:
             raise CvlabError(f"{prose_path}: {match.group(0)} has no records in {folder}/")
         used.update(chosen)
-        return render_table([records[i] for i in chosen])
+        return (render_arms if layout == "arms" else render_table)([records[i] for i in chosen])
 
     out = _PLACEHOLDER.sub(table, text)
     unused = [records[i].setting for i in range(len(records)) if i not in used]
@@ -271,21 +337,27 @@ def record_from_seeds(
     config_hash: str = "",
     wall_s: dict[int, float] | None = None,
 ) -> Record:
-    """A record of a ``--seeds`` run: every test, evaluation and validation metric per seed; the table reports
-    the pipeline's ``record.report`` metrics, else those with a ``paper`` number, else every test metric.
+    """A record of a ``--seeds`` run: every test, evaluation and validation metric per seed (and any other metric
+    that ``record.report`` or ``record.differences`` names); the table reports the pipeline's ``record.report``
+    metrics, else those with a ``paper`` number, else every test metric.
 
     ``spec`` is the pipeline mapping; its optional ``record`` block gives ``section``, ``setting``, ``group``,
-    ``budget``, ``note`` and ``report`` (a list of metric keys or :class:`Metric` mappings); ``paper`` gives the
-    paper's numbers (stored units, so an accuracy fraction is shown x100 when its key ends in ``acc``)."""
+    ``budget``, ``note``, ``report`` (a list of metric keys or :class:`Metric` mappings) and ``differences``
+    (``{name: [a, b]}``: per-seed ``a - b``, :func:`paired_differences`, stored as the metric ``name``); ``paper``
+    gives the paper's numbers (stored units, so an accuracy fraction is shown x100 when its key ends in ``acc``)."""
     seeds = sorted(per_seed)
     values: dict[str, list[float]] = {}
+    block = dict(spec.get("record") or {})
+    pairs = block.pop("differences", None) or {}
+    named = {item["key"] if isinstance(item, dict) else str(item) for item in block.get("report") or []}
+    named |= {k for pair in pairs.values() for k in pair}
     keys = sorted({f"{stage}:{k}" for s in seeds for stage, m in per_seed[s].items() for k in m
-                   if k.startswith(("test/", "eval/", "val/"))})
+                   if k.startswith(("test/", "eval/", "val/")) or f"{stage}:{k}" in named})
     for key in keys:
         stage, k = key.split(":", 1)
         if all(k in per_seed[s].get(stage, {}) for s in seeds):
             values[key] = [float(per_seed[s][stage][k]) for s in seeds]
-    block = dict(spec.get("record") or {})
+    values.update(paired_differences(values, pairs))
     paper = spec.get("paper") or {}
     report_spec = block.pop("report", None) or list(paper) or [k for k in values if ":test/" in k]
     report = []

@@ -61,7 +61,7 @@ from typing import Any
 import yaml
 
 from cvlab.errors import CvlabError
-from cvlab.records import mean_sd, record_from_seeds, save_record
+from cvlab.records import mean_sd, paired_differences, record_from_seeds, save_record
 from experiments.command_line import OneLineArgumentParser, as_overrides
 
 _COMMANDS = ("fit", "validate", "test", "predict")
@@ -522,6 +522,11 @@ def run_seeds(
         stage_walls = [v for m in per_seed[seed].values() for k, v in m.items() if k.endswith("/wall_s")]
         wall_s[seed] = sum(stage_walls) if stage_walls else time.monotonic() - start
     summary = seed_summary(per_seed)
+    pairs = (spec.get("record") or {}).get("differences") or {}  # paired arms: their per-seed difference too
+    full = {k: st["values"] for k, st in summary.items() if st["n"] == len(seeds)}
+    for key, vs in paired_differences(full, pairs).items():
+        mean, sd = mean_sd(vs)
+        summary[key] = {"mean": mean, "sd": sd, "min": min(vs), "max": max(vs), "n": len(vs), "values": vs}
     command = command or f"cvlab run {path} --seeds {len(seeds)}"
     table = seeds_table(spec, summary, seeds, command)
     print(table, flush=True)

@@ -352,12 +352,13 @@ def test_teacher_is_frozen_and_stays_in_eval_mode(tmp_path: Path) -> None:
 
 def test_memory_and_retention_state_survive_checkpoint_and_resume(tmp_path: Path) -> None:
     teacher, data = save_teacher(tmp_path / "t.ckpt"), _fake_mnist(tmp_path / "data")
+    probe = dict(probe_epochs=[0, 1, 2], probe_size=4)  # the retention probe (issue 37) resumes too
     L.seed_everything(0)
-    straight = _module(teacher)
+    straight = _module(teacher, **probe)
     _trainer(tmp_path / "a", 3, enable_checkpointing=False).fit(straight, datamodule=_dm(data))
 
     L.seed_everything(0)
-    first = _module(teacher)  # the same run (3 epochs: same cosine schedule), killed at the start of epoch 2
+    first = _module(teacher, **probe)  # the same run (3 epochs: same cosine schedule), killed at the start of epoch 2
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", save_last=True)
     with pytest.raises(SimulatedKill):
         _trainer(tmp_path / "b", 3, callbacks=[ckpt, KillAtEpoch(2)]).fit(first, datamodule=_dm(data))
@@ -366,10 +367,14 @@ def test_memory_and_retention_state_survive_checkpoint_and_resume(tmp_path: Path
     assert mem["count"] == 2 and mem["pos"] == 0 and mem["images"].shape == (2, 1, 1, 32, 32)
     assert torch.equal(mem["images"], first.memory.images)  # content and slot order as in the run
 
-    resumed = _module(teacher)
+    assert saved["lra"]["probe"]["taken"] == [0, 1] and saved["lra"]["probe"]["images"].shape == (2, 4, 1, 32, 32)
+    resumed = _module(teacher, **probe)
     _trainer(tmp_path / "b", 3,
              callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "checkpoints", save_last=True)]).fit(
         resumed, datamodule=_dm(data), ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    assert resumed.probe.taken == straight.probe.taken == [0, 1, 2]
+    torch.testing.assert_close(resumed.probe.images, straight.probe.images, rtol=0, atol=0)
+    assert torch.equal(resumed.probe.labels, straight.probe.labels) and resumed.probe.acc == straight.probe.acc
     # 3 pushes into 2 slots: slot 0 holds the 3rd push, slot 1 the 2nd, next write goes to slot 1
     assert (resumed.memory.count, resumed.memory.pos) == (straight.memory.count, straight.memory.pos) == (2, 1)
     torch.testing.assert_close(resumed.memory.images, straight.memory.images, rtol=0, atol=0)
@@ -470,12 +475,12 @@ def test_cli_fit_on_fake_mnist_logs_retention_images_and_memory(tmp_path: Path) 
             "--trainer.enable_model_summary=false", "--run.logger=csv", run_dir=run)
     m = read_metrics(run)
     for key in ("val/acc", "test/acc", "test/teacher_acc", "retention/drops", "retention/drop_total", "train/kd",
-                "train/retain", "train/g_balance"):
+                "train/retain", "train/g_balance", "retention/probe_acc", "retention/probe_acc/e0"):  # probe: epoch 0
         assert key in m and math.isfinite(m[key]), key
     assert m["fit/steps"] == 6  # generator steps
     curve = __import__("json").loads((run / "retention_curve.json").read_text())
     assert curve["generator_step"] == [2, 4, 6] and len(curve["acc"]) == 3
-    assert list((run / "images").glob("lra_generated_*.png"))
+    assert list((run / "images").glob("lra_generated_*.png")) and list((run / "images").glob("retention_curve_*.png"))
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["lra"]["memory"]["count"] == 3  # pushed at the end of epochs 0, 1, 2
 

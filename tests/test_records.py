@@ -16,9 +16,11 @@ from cvlab.records import (
     mean_sd,
     portable,
     record_from_seeds,
+    render_arms,
     render_results,
     render_table,
     save_record,
+    stage_records,
 )
 from experiments.results import main as results_main
 
@@ -55,6 +57,40 @@ def test_table_marks_old_protocol_and_judges_the_bar() -> None:
     table = render_table([cur, old])
     assert "| new | acc | **98.00 +- 1.41**: 97.00 / 99.00 | 98.77 (bar 98.5: missed) |" in table
     assert "| *old protocol:* legacy | acc | 99.00 | - (bar 98.5: met) |" in table
+
+
+def test_arms_table_is_one_row_per_record_with_a_column_per_label(tmp_path: Path) -> None:
+    a = Record(section="s", setting="FGSM-AT", values={"f:acc": [0.9, 0.8], "f:pgd": [0.01, 0.03]}, seeds=[0, 1],
+               command="c1", wall="5 min",
+               report=[Metric(key="f:pgd", label="PGD %", scale=100, digits=1, paper=89),
+                       Metric(key="f:acc", label="clean %", scale=100, digits=1)])
+    b = Record(section="s", setting="clean", values={"c:acc": [0.99]}, seeds=[0], command="c2",
+               report=[Metric(key="c:acc", label="clean %", scale=100, digits=1)])
+    table = render_arms([a, b]).splitlines()
+    assert table[0] == "| arm | PGD % | clean % | seeds | wall | command |"
+    assert table[2] == "| FGSM-AT | 2.0 +- 1.4 | 85.0 +- 7.1 | 0, 1 | 5 min | `c1` |"
+    assert table[3] == "| clean | - | 99.0 | 0 |  | `c2` |"
+    assert table[4] == "| paper | 89 |  | | | |"
+    (tmp_path / "01-a").mkdir()
+    save_record(b, tmp_path / "01-a" / "x.json")
+    (tmp_path / "01-a.md").write_text("## A\n\n{{arms}}\n")
+    assert "| clean | 99.0 | 0 |  | `c2` |" in render_results(tmp_path)
+
+
+def test_stage_records_split_a_pipeline_record_into_arms() -> None:
+    rec = Record(section="s", setting="pipe", command="cvlab run p.yaml --seeds 2", seeds=[0, 1],
+                 values={"a:test/acc": [0.5, 0.7], "b:test/acc": [0.9, 0.8], "b:test/x": [1.0, 2.0]},
+                 report=[Metric(key="a:test/acc")])
+    arms = stage_records(rec, {"b": "arm B", "a": "arm A"}, [Metric(key="test/acc", label="acc")], group="g")
+    assert [r.setting for r in arms] == ["arm B", "arm A"]
+    assert arms[0].values == {"test/acc": [0.9, 0.8], "test/x": [1.0, 2.0]} and arms[1].seeds == [0, 1]
+    assert arms[1].command == "cvlab run p.yaml --seeds 2 --only a" and arms[1].group == "g"
+    rec.command = "cvlab run p.yaml --seeds 2 --only a b --set x=1"
+    assert stage_records(rec, {"b": "B"}, [])[0].command == "cvlab run p.yaml --seeds 2 --set x=1 --only b"
+    with pytest.raises(CvlabError, match="no stage 'c'"):
+        stage_records(rec, {"c": "C"}, [])
+    with pytest.raises(CvlabError, match="reported metric 'test/y'"):
+        stage_records(rec, {"a": "A"}, [Metric(key="test/y")])
 
 
 def test_bad_records_are_one_line_naming_the_file(tmp_path: Path) -> None:

@@ -60,6 +60,26 @@ def test_datamodule_pool_resizes_and_drops_foreign_labels() -> None:
     assert x.shape == (30, 1, 32, 32) and x.dtype == torch.uint8 and (y == -1).all()
 
 
+def test_cifar10_pool_for_a_grey_task_is_the_channel_mean_of_its_training_images(tmp_path: Path) -> None:
+    """CIFAR-10 as the arbitrary pool of an MNIST teacher (experiments/transfer_sets/cifar10/pipeline_grey_pool.yaml):
+    each pool image is round(mean of R, G, B) of a training image (the validation hold-out excluded), 32 px."""
+    from datamodules import CIFAR10DataModule
+    from datamodules.vision import UnofficialDataWarning
+    from tests.fakedata import write_cifar
+
+    write_cifar(tmp_path, 10, n_train=40, n_test=10)
+    source = CIFAR10DataModule(data_dir=str(tmp_path), val_size=10)
+    task = MNISTDataModule(data_dir=str(tmp_path), image_size=32)
+    with pytest.warns(UnofficialDataWarning):  # generated files are not the official release
+        x, y = DataModulePool(source).load(task, seed=0)
+    rgb = source.train_x  # (30, 3, 32, 32) uint8, after the hold-out
+    assert x.shape == (30, 1, 32, 32) and x.dtype == torch.uint8 and (y == -1).all()
+    assert torch.equal(x, rgb.float().mean(1, keepdim=True).round().to(torch.uint8))
+    px = rgb[:1, :, :1, :1].clone()
+    px[..., 0, 0] = torch.tensor([10, 20, 31], dtype=torch.uint8)  # mean 20.33 -> 20
+    assert match_channels(px, 1).flatten().tolist() == [20]
+
+
 def test_balancing_needs_a_selection() -> None:
     with pytest.raises(TransferSetError, match="selection"):
         TransferSetDataModule(ShapesDataModule(), NoisePool(), balance="confidence")

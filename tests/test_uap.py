@@ -11,7 +11,14 @@ import torch
 from cvlab.errors import CvlabError
 from lit_modules.classifier import ClassifierModule
 from lit_modules.robustness import UniversalPerturbation
-from lit_modules.robustness.uap_objective import fooling_loss, fooling_rate, project_linf_box, random_sign_noise
+from lit_modules.robustness.uap_objective import (
+    feature_activation_loss,
+    fooling_loss,
+    fooling_rate,
+    project_linf_box,
+    random_sign_noise,
+    rescale_saturated,
+)
 from tests.cli_runs import read_metrics, run_cli, run_cli_subprocess
 from tests.fakedata import save_cvlab_checkpoint, write_mnist_idx
 
@@ -81,6 +88,61 @@ def test_fooling_rate_and_noise_control() -> None:
     torch.testing.assert_close(n.abs().amin(dim=(1, 2, 3)), eps)  # every pixel at the budget: same Linf norm
 
 
+# --- the data-free objective (GD-UAP) ----------------------------------------------------------------------------
+
+
+def _conv1x1(weight: float, bias: float, relu_inplace: bool = False, layers: int = 1) -> torch.nn.Module:
+    """``layers`` 1x1 convolutions (the first ``weight, bias``, the others the identity), each then ReLU, a head."""
+    mods: list[torch.nn.Module] = []
+    for i in range(layers):
+        conv = torch.nn.Conv2d(1, 1, kernel_size=1)
+        with torch.no_grad():
+            conv.weight.fill_(weight if i == 0 else 1.0)
+            conv.bias.fill_(bias if i == 0 else 0.0)
+        mods += [conv, torch.nn.ReLU(inplace=relu_inplace)]
+    return torch.nn.Sequential(*mods, torch.nn.Flatten(), torch.nn.Linear(4, 3))  # the linear head is not a conv
+
+
+def test_feature_activation_loss_value_and_gradient_worked_answer() -> None:
+    # f(x) = relu(2 x - 1) on x = [[1, 0.25], [0.75, 2]]: pre-activation [1, -0.5, 0.5, 3] -> a = [1, 0, 0.5, 3],
+    # ||a||^2 = 1 + 0.25 + 9 = 10.25, loss = -log ||a|| = -log(10.25) / 2;
+    # d loss / dx = -(1 / ||a||^2) a * da/dx = -(2 / 10.25) [1, 0, 0.5, 3] (zero where the ReLU is off)
+    x = torch.tensor([[[[1.0, 0.25], [0.75, 2.0]]]], requires_grad=True)
+    loss = feature_activation_loss(_conv1x1(2.0, -1.0), x)
+    assert loss.shape == (1,)
+    torch.testing.assert_close(loss, torch.tensor([-0.5 * math.log(10.25)]))
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    torch.testing.assert_close(g, -(2 / 10.25) * torch.tensor([[[[1.0, 0.0], [0.5, 3.0]]]]))
+    # unrectified: ||[1, -0.5, 0.5, 3]||^2 = 10.5
+    torch.testing.assert_close(feature_activation_loss(_conv1x1(2.0, -1.0), x, rectify=False),
+                               torch.tensor([-0.5 * math.log(10.5)]))
+
+
+def test_feature_activation_loss_sums_layers_per_input_and_ignores_inplace_relu() -> None:
+    x = torch.tensor([[[[1.0, 0.25], [0.75, 2.0]]], [[[0.0, 0.0], [1.0, 1.0]]]], requires_grad=True)  # (2, 1, 2, 2)
+    # second layer: identity conv of a >= 0, so f_2 = f_1 and the loss doubles; image 2: a = [0, 0, 1, 1] -> -log 2
+    loss = feature_activation_loss(_conv1x1(2.0, -1.0, relu_inplace=True, layers=2), x)
+    torch.testing.assert_close(loss, torch.tensor([-math.log(10.25), -math.log(2.0)]))
+    (g,) = torch.autograd.grad(loss[0], x)  # per input: image 2 gets no gradient from image 1's loss
+    torch.testing.assert_close(g[0], -(4 / 10.25) * torch.tensor([[[1.0, 0.0], [0.5, 3.0]]]))
+    assert (g[1] == 0).all()
+
+
+def test_feature_activation_loss_without_conv_is_a_clear_error() -> None:
+    with pytest.raises(CvlabError, match=r"^_Linear has no nn.Conv1d/2d/3d layer"):
+        feature_activation_loss(_Linear(), torch.rand(1, 1, 4, 4))
+
+
+def test_rescale_saturated_worked_answer() -> None:
+    w = torch.tensor([[1.0, -1.0, 1.0, 0.5],    # 3/4 on the edge, as before: halved
+                      [1.0, -1.0, 1.0, 0.5],    # 3/4 on the edge, was 1/4: moving, kept
+                      [1.0, 0.2, 0.1, -0.5]])   # 1/4 on the edge, unchanged but below 1/2: kept
+    prev = torch.tensor([0.75, 0.25, 0.25])
+    w2, sat = rescale_saturated(w, prev)
+    torch.testing.assert_close(sat, torch.tensor([0.75, 0.75, 0.25]))
+    torch.testing.assert_close(w2, torch.cat([0.5 * w[:1], w[1:]]))
+
+
 # --- the stage -------------------------------------------------------------------------------------------------
 
 
@@ -132,6 +194,80 @@ def test_learned_uap_fools_stays_in_budget_and_beats_noise(tmp_path: Path) -> No
     assert torch.allclose(v[1], torch.full_like(v[1], 0.2))  # the optimum: +eps everywhere
 
 
+class _TinyConv(torch.nn.Module):
+    """A 2-class conv net on 1x4x4 pixels: conv 3x3 (2 channels) -> ReLU -> mean -> linear."""
+
+    num_classes = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, kernel_size=3, padding=1)
+        self.fc = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _data_free_module(tmp_path: Path, **kwargs) -> UniversalPerturbation:
+    from lit_modules.teacher import TeacherSpec
+
+    torch.manual_seed(0)
+    torch.save(_TinyConv().state_dict(), tmp_path / "conv.pth")
+    spec = TeacherSpec(weights=str(tmp_path / "conv.pth"), arch={"class_path": "tests.test_uap._TinyConv"},
+                       image_size=4, in_channels=1, num_classes=2, mean=[0.5], std=[0.25])
+    return UniversalPerturbation(model=spec, objective="feature_activation", **kwargs)
+
+
+def test_data_free_uap_inflates_activations_and_stays_in_its_ball(tmp_path: Path) -> None:
+    m = _data_free_module(tmp_path, budgets=[0.05, 0.2], lr=0.1, saturation_rescale=True)
+    assert m.w.abs().max() <= 1 and m.w.abs().min() > 0  # GD-UAP's start: uniform in the ball
+    v = m.perturbation.detach()
+    torch.testing.assert_close(m.data_free_input(v), v / 0.25)  # the perturbation alone, normalised: v / std
+    opt = m.configure_optimizers()
+    losses, sats = [], []
+    for step in range(60):  # the stage's own step on training ticks (no images), projection and rescaling
+        opt.zero_grad()
+        loss = m.training_step(step, step)
+        loss.backward()
+        opt.step()
+        m.on_train_batch_end(None, step, step)
+        losses.append(loss.item())
+        sats.append(m.saturation.clone())
+        v = m.perturbation.detach()
+        assert (v.abs().amax(dim=(1, 2, 3)) <= m.eps + 1e-7).all()  # each v_e inside its own ball, every step
+    assert min(losses) < losses[0] - 1.0  # activations inflated (the loss is a sum of -log norms)
+    # a 1-channel 3x3 conv's activations grow fastest at the edge of the ball: v saturates, then is halved
+    sat = torch.stack(sats)  # (steps, E)
+    assert (sat > 0.5).any() and ((sat[:-1] > 0.5) & (sat[1:] < 0.5)).any()
+
+
+def test_data_free_uap_runs_without_the_rescaling(tmp_path: Path) -> None:
+    m = _data_free_module(tmp_path, budgets=[0.1], lr=0.1)
+    opt = m.configure_optimizers()
+    for step in range(30):
+        opt.zero_grad()
+        m.training_step(step, step).backward()
+        opt.step()
+        m.on_train_batch_end(None, step, step)
+    assert m.w.abs().max() <= 1 and (m.w.abs() == 1).float().mean() > 0.5  # pushed to the edge and kept inside
+    assert (m.saturation == 0).all()  # not tracked
+
+
+def test_wrong_objective_or_data_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(CvlabError, match=r"^objective must be one of fooling, feature_activation, got 'gduap'$"):
+        UniversalPerturbation(model=str(tmp_path / "none.ckpt"), objective="gduap")  # checked before loading
+    m = _data_free_module(tmp_path, budgets=[0.1])
+    with pytest.raises(CvlabError, match=r"^objective 'feature_activation' is data-free and would ignore the "
+                                         r"training images of tuple batches; use data: datamodules.data_free.Data"):
+        m.training_step((torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)), 0)
+    f = _module([0.1], tmp_path)
+    with pytest.raises(CvlabError, match=r"^objective 'fooling' learns on images but the training data is int "
+                                         r"batches \(no images\)"):
+        f.training_step(0, 0)
+    with pytest.raises(CvlabError, match="has no nn.Conv1d/2d/3d layer"):  # the fooling test model has no conv
+        UniversalPerturbation(model=f.hparams.model, objective="feature_activation").training_step(0, 0)
+
+
 @pytest.mark.parametrize("budgets", [[1.5], [-0.1], [0.1, 2.0], []])
 def test_budget_outside_unit_interval_is_a_clear_error(budgets: list[float], tmp_path: Path) -> None:
     with pytest.raises(CvlabError, match=r"UAP budget must be in \[0, 1\]|budgets is empty"):
@@ -175,6 +311,31 @@ def test_stage_on_impressions_writes_metrics_and_images(fake_mnist: Path, tmp_pa
     assert w.abs().max() <= 1.0 and w.abs().max() > 0  # learned, and inside its ball
     images = {p.name.rsplit("_", 1)[0] for p in (tmp_path / "run" / "images").glob("*.png")}
     assert {"uap_perturbations", "uap_examples"} <= images
+
+
+def _data_free_args(root: Path) -> list[str]:
+    return ["fit", "--config=experiments/data_impressions/mnist/uap_data_free.yaml",
+            f"--model.init_args.model={root / 'lenet_10.ckpt'}", f"--data.init_args.task.init_args.data_dir={root}",
+            "--model.init_args.budgets=[0.1, 0.3]", "--data.init_args.steps_per_epoch=3",
+            "--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--run.logger=csv"]
+
+
+def test_data_free_stage_needs_no_pool_and_writes_metrics(fake_mnist: Path, tmp_path: Path) -> None:
+    run_cli(*_data_free_args(fake_mnist), run_dir=tmp_path / "run")
+    m = read_metrics(tmp_path / "run")
+    for b in ("0.1", "0.3"):
+        assert 0.0 <= m[f"test/fooling_rate_{b}"] <= 1.0 and 0.0 <= m[f"val/fooling_rate_{b}"] <= 1.0
+    w = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
+                   weights_only=True)["state_dict"]["w"]
+    assert w.shape == (2, 1, 32, 32) and w.abs().max() <= 1.0  # inside its ball
+
+
+def test_data_free_objective_with_a_pool_is_a_clear_error(fake_mnist: Path, tmp_path: Path) -> None:
+    with pytest.raises(CvlabError, match="would ignore the training images of TransferSetDataModule"):
+        run_cli(*_args(fake_mnist), "--model.init_args.objective=feature_activation", run_dir=tmp_path / "run")
+    with pytest.raises(CvlabError, match="training data is DataFreeDataModule"):
+        run_cli(*_data_free_args(fake_mnist), "--model.init_args.objective=fooling", run_dir=tmp_path / "run2")
 
 
 @pytest.mark.parametrize(("teacher", "impressions"), [("lenet_100", "di_10"), ("lenet_10", "di_100")])

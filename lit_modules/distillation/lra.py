@@ -44,9 +44,19 @@ accuracy on the validation split of the teacher's task (real images held out of 
 test split is evaluated once, after fit, on the final weights): ``val/acc`` is the accuracy curve over
 generator steps; ``retention/best_acc`` is its maximum (a validation figure, never a test one);
 ``retention/drops`` counts the evaluations where it fell and ``retention/drop_total`` sums the falls
-(accuracy as a fraction, so 0.012 = 1.2 points); ``retention/max_drop`` is the largest. The curve
-is also written to ``<run>/retention_curve.json``. Generated images (sorted by the teacher's class) are
-logged as ``lra/generated`` grids.
+(accuracy as a fraction, so 0.012 = 1.2 points); ``retention/max_drop`` is the largest
+(:func:`lit_modules.distillation.lra_retention.accuracy_drops`).
+
+**Retention probe** (the paper's claim: the student forgets less of what it learned from earlier generator
+distributions). At the end of each epoch in ``probe_epochs`` the first ``probe_size`` images of the last generated
+batch are kept with the teacher's labels on them (:class:`lit_modules.distillation.lra_retention.RetentionProbe`);
+each validation then logs the student's agreement with those labels on every probe taken so far:
+``retention/probe_acc`` (the mean over probes), ``retention/probe_acc/e<epoch>`` (each probe),
+``retention/probe_forgetting`` (the mean fall of each probe from its best so far), ``retention/probe_drops`` and
+``retention/probe_drop_total`` (the drops of the probes' curves, summed over probes). Each arm's probe is its own
+generator's batches, so the measure is what this run forgets of what it was taught. The curves are written to
+``<run>/retention_curve.json`` and drawn as ``retention/curve`` (validation and mean probe accuracy against
+generator steps). Generated images (sorted by the teacher's class) are logged as ``lra/generated`` grids.
 
 **Distributed.** ``batch_size`` and ``memory_per_push`` are per device. Every gradient is taken with
 ``torch.autograd.grad`` on explicit tensors of the unwrapped networks (``torch.func.functional_call`` for
@@ -85,6 +95,13 @@ from lit_modules.distillation.lra_losses import (
     reconstruction_loss,
 )
 from lit_modules.distillation.lra_memory import CyclicMemory
+from lit_modules.distillation.lra_retention import (
+    RetentionProbe,
+    accuracy_drops,
+    probe_accuracy,
+    probe_forgetting,
+    retention_figure,
+)
 from lit_modules.distillation.lra_update import MetaMode, student_gradients
 from lit_modules.distillation.student import (
     ImageSizeMismatchError,
@@ -141,6 +158,9 @@ class LRA(Student):
             ``generator_lr / 40``, as the public code).
         memory_generator_updates: memory-generator updates per generator step, on the first student steps (4).
         memory_kl_weight: weight of the encoder's KL term (1e-5).
+        probe_epochs: the epochs at whose end the last generated batch joins the retention probe (see the module
+            docstring; ``None``: no probe). An epoch at or past ``max_epochs`` is never taken.
+        probe_size: images of that batch kept per probe and device (default ``batch_size``).
         image_every_n_epochs: generated-image grid cadence (and at the end of training).
         channels_last: run generator, teacher and student in channels-last memory format.
         bf16_generator: run the generator under bf16 autocast (its images are cast back to float32
@@ -181,6 +201,8 @@ class LRA(Student):
         memory_generator_lr: float | None = None,
         memory_generator_updates: int = 4,
         memory_kl_weight: float = 1e-5,
+        probe_epochs: list[int] | None = None,
+        probe_size: int | None = None,
         image_every_n_epochs: int = 5,
         channels_last: bool = False,
         bf16_generator: bool = False,
@@ -210,6 +232,10 @@ class LRA(Student):
         self.memory_per_push = memory_per_push if memory_per_push is not None else max(1, batch_size // 8)
         if not 1 <= self.memory_per_push <= batch_size:
             raise CvlabError(f"memory_per_push must be in [1, batch_size={batch_size}]; got {self.memory_per_push}")
+        self.probe_size = probe_size if probe_size is not None else batch_size
+        if not 1 <= self.probe_size <= batch_size:
+            raise CvlabError(f"probe_size must be in [1, batch_size={batch_size}]; got {self.probe_size}")
+        self.probe = RetentionProbe(probe_epochs or ())
 
         self.teacher = load_teacher(teacher)
         hp = self.hparams
@@ -258,6 +284,7 @@ class LRA(Student):
 
     def on_train_start(self) -> None:
         self.memory.to(self.device)
+        self.probe.to(self.device)
 
     # --- the algorithm ------------------------------------------------------------------------------
     def _latent(self, step: int, k: int) -> Tensor:
@@ -395,15 +422,28 @@ class LRA(Student):
         if batch_idx + 1 != self.trainer.num_training_batches:  # the epoch's last generator step
             return
         if hp.replay == "buffer" and hp.memory_slots and self.current_epoch % hp.memory_push_every_n_epochs == 0:
-            x = self._last_new[: self.memory_per_push]
-            if self.trainer.world_size > 1:
-                x = self.all_gather(x).flatten(0, 1)  # (world * m, C, H, W), rank-major
-            self.memory.push(x)
+            self.memory.push(self._last_batch_of_all_ranks(self.memory_per_push))
+        if self.probe.wants(self.current_epoch):
+            x = self._last_batch_of_all_ranks(self.probe_size)
+            with torch.no_grad():
+                self.probe.add(self.current_epoch, x, self.teacher.forward_normalized(x).argmax(-1))
         if self.current_epoch % hp.image_every_n_epochs == 0:
             self._log_images()
 
+    def _last_batch_of_all_ranks(self, n: int) -> Tensor:
+        """The first ``n`` images of the last generated batch of every rank: ``(world * n, C, H, W)``, rank-major
+        (the same tensor on every rank)."""
+        x = self._last_new[:n]
+        if self.trainer.world_size > 1:
+            x = self.all_gather(x).flatten(0, 1)
+        return x
+
     def on_train_end(self) -> None:
         self._log_images()
+        if self.acc_curve and self.trainer.is_global_zero:  # the whole retention curve, once (matplotlib)
+            log_image_grid(self.trainer, "retention/curve",
+                           retention_figure({f"meta: {self.hparams.meta}": self.retention_summary()}), nrow=1,
+                           caption="validation accuracy (solid) and mean probe accuracy (dashed)")
 
     @torch.no_grad()
     def _log_images(self) -> None:
@@ -435,21 +475,52 @@ class LRA(Student):
         self.log("retention/drop_total", self.drop_total, sync_dist=True)
         self.log("retention/max_drop", self.max_drop, sync_dist=True)
         self.log("retention/best_acc", max(a for _, a in self.acc_curve), sync_dist=True)
+        self.record_probe()
         if self.trainer.is_global_zero and self.trainer.default_root_dir:
             atomic_write_json(Path(self.trainer.default_root_dir) / "retention_curve.json", self.retention_summary())
 
     def record_accuracy(self, step: int, acc: float) -> None:
         """Append a point to the accuracy curve; a fall from the previous point is a drop."""
-        if self.acc_curve and acc < self.acc_curve[-1][1]:
-            fall = self.acc_curve[-1][1] - acc
-            self.drops += 1
-            self.drop_total += fall
-            self.max_drop = max(self.max_drop, fall)
         self.acc_curve.append([int(step), acc])
+        d = accuracy_drops([a for _, a in self.acc_curve])
+        self.drops, self.drop_total, self.max_drop = d.count, d.total, d.largest
+
+    @torch.no_grad()
+    def probe_student_accuracy(self) -> Tensor:
+        """The student's accuracy on each probe, ``(P,)`` (one forward per probe: P is small, a probe may not be)."""
+        logits = torch.stack([self.net(self.student_view(x)) for x in self.probe.images])  # (P, n, K)
+        return probe_accuracy(logits, self.probe.labels)
+
+    def record_probe(self) -> None:
+        """Evaluate the probe (when one is configured) and log its retention measures; every validation appends a
+        row (empty before the first probe), so the rows stay aligned with the accuracy curve."""
+        if not self.probe.epochs:
+            return
+        acc = self.probe_student_accuracy().tolist() if len(self.probe) else []  # one host sync per validation
+        self.probe.record(acc)
+        if not acc:
+            return
+        # the same numbers on every rank (every rank holds the whole probe): sync_dist only keeps Lightning quiet
+        self.log("retention/probe_acc", sum(acc) / len(acc), sync_dist=True)
+        for epoch, a in zip(self.probe.taken, acc):
+            self.log(f"retention/probe_acc/e{epoch}", a, sync_dist=True)
+        for key, v in self.probe_measures().items():
+            self.log(f"retention/{key}", v, sync_dist=True)
+
+    def probe_measures(self) -> dict[str, float]:
+        """The forgetting of the probes and the drops of their curves (summed over probes)."""
+        curves = self.probe.curves()
+        drops = [accuracy_drops(c) for c in curves]
+        return {"probe_forgetting": probe_forgetting(curves), "probe_drops": float(sum(d.count for d in drops)),
+                "probe_drop_total": sum(d.total for d in drops)}
 
     def retention_summary(self) -> dict[str, Any]:
-        return {"generator_step": [int(s) for s, _ in self.acc_curve], "acc": [a for _, a in self.acc_curve],
-                "drops": self.drops, "drop_total": self.drop_total, "max_drop": self.max_drop}
+        out = {"generator_step": [int(s) for s, _ in self.acc_curve], "acc": [a for _, a in self.acc_curve],
+               "drops": self.drops, "drop_total": self.drop_total, "max_drop": self.max_drop}
+        if self.probe.epochs:
+            out.update(probe_epochs=list(self.probe.taken), probe_acc=[list(r) for r in self.probe.acc],
+                       **self.probe_measures())
+        return out
 
     # --- optimizers and checkpoint state ---------------------------------------------------------------
     def configure_optimizers(self):
@@ -469,6 +540,7 @@ class LRA(Student):
             "acc_curve": [list(p) for p in self.acc_curve],
             "drops": self.drops, "drop_total": self.drop_total, "max_drop": self.max_drop,
             "memory_generator_steps": self.memory_generator_steps,
+            "probe": self.probe.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -484,6 +556,8 @@ class LRA(Student):
         self.drops, self.drop_total, self.max_drop = (int(state["drops"]), float(state["drop_total"]),
                                                       float(state["max_drop"]))
         self.memory_generator_steps = int(state.get("memory_generator_steps", 0))
+        if "probe" in state:  # checkpoints before the retention probe have none
+            self.probe.load_state_dict(state["probe"])
 
 
 #: the old name of :class:`LRA` (configs and checkpoints that name ``lit_modules.distillation.AdversarialKD`` keep

@@ -4,7 +4,7 @@
 ``AdversarialTrainer`` is the old name, one release) in ``adversarial_training``, gray-box evaluation
 (``gray_box``), and the severity of fooling: class hierarchies (``hierarchy``), the :class:`FoolingSeverity`
 metric (``severity``) and the :class:`SeverityReport` stage (``severity_report``); universal adversarial
-perturbations learned on Data Impressions or real images (:class:`UniversalPerturbation`,
+perturbations learned on Data Impressions or real images, or data-free (GD-UAP) (:class:`UniversalPerturbation`,
 ``universal_perturbation``; math in ``uap_objective``)."""
 
 from lit_modules.robustness.adversarial_training import (

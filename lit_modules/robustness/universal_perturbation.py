@@ -1,5 +1,6 @@
 """Data-free universal adversarial perturbations: one Linf-bounded perturbation per budget that fools a frozen model
-on every image, learned on Data Impressions, on real training images, or not at all (the random-noise control).
+on every image, learned on Data Impressions, on real training images, from the network alone (the data-free
+GD-UAP baseline, below), or not at all (the random-noise control).
 
 "Data Impressions: Mining Deep Models to Extract Samples for Data-free Applications", Nayak, Mopuri, Jain,
 Chakraborty, TPAMI 2022: the impressions of a model stand in for its training data when crafting a UAP. The
@@ -21,6 +22,18 @@ same share of its ball and projecting ``v_e`` onto its ball is clamping ``w_e``.
 parameter: its gradient is all-reduced (averaged), so with the per-rank batch mean every rank takes the step the
 single process takes on the union of their batches.
 
+**The data-free baseline** (``objective: feature_activation``, GD-UAP: Mopuri, Ganeshan, Babu, TPAMI 2018, arXiv
+1801.08092) needs neither images nor impressions: the perturbation alone goes through the network and step 2
+becomes *inflate*: minimise ``-sum_i log ||relu(f_i)||_2`` over the network's convolutional layers
+(:func:`lit_modules.robustness.uap_objective.feature_activation_loss`). "Alone" as in the authors' code: their
+data-free variant feeds a zero image plus ``v`` in the network's mean-subtracted input space, i.e. the mean image
+plus ``v``; here the network's normalised input is ``v / std`` (``v`` itself for a network fed raw pixels). As
+there, ``v`` starts uniform in the ball and (``saturation_rescale``) is halved when more than half of it sits on
+the ball's edge and that share stopped changing (:func:`lit_modules.robustness.uap_objective.rescale_saturated`).
+Its training data is :class:`datamodules.data_free.DataFreeDataModule` (``steps_per_epoch`` steps, no images; its
+task gives the validation and test images); the fooling objective needs images (a
+:class:`datamodules.transfer_sets.TransferSetDataModule` pool). Either one with the other's data is a one-line error.
+
 Validation: fooling rate on the task's held-out training images. Test: fooling rate on the real test set of
 each learned ``v_e`` and of random sign noise of the same Linf norm (``eps_e * sign(N(0, 1))``, the control).
 Metrics ``{val,test}/fooling_rate_<eps>`` and ``test/noise_fooling_rate_<eps>``; the perturbations are logged as
@@ -30,6 +43,8 @@ test images (``uap/examples``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -38,8 +53,30 @@ from torchmetrics import Metric
 from cvlab.errors import CvlabError
 from cvlab.image_log import log_image_grid
 from cvlab.task import check_task, task_of
-from lit_modules.robustness.uap_objective import check_budgets, fooling_loss, project_linf_box, random_sign_noise
+from datamodules.data_free import DataFreeDataModule
+from lit_modules.robustness.uap_objective import (
+    check_budgets,
+    feature_activation_loss,
+    fooling_loss,
+    project_linf_box,
+    random_sign_noise,
+    rescale_saturated,
+)
 from lit_modules.teacher import TeacherArg, load_teacher
+
+OBJECTIVES = ("fooling", "feature_activation")
+
+
+def check_objective_data(objective: str, data_free: bool, what: str) -> None:
+    """The fooling objective needs training images, the feature-activation one none; one-line error otherwise."""
+    if objective == "fooling" and data_free:
+        raise CvlabError(f"objective 'fooling' learns on images but the training data is {what} (no images); give "
+                         "a TransferSetDataModule pool (impressions or real images), or use objective: "
+                         "feature_activation")
+    if objective == "feature_activation" and not data_free:
+        raise CvlabError(f"objective 'feature_activation' is data-free and would ignore the training images of {what}; "
+                         "use data: datamodules.data_free.DataFreeDataModule (its task gives the validation and test "
+                         "images)")
 
 
 class FoolingRate(Metric):
@@ -70,6 +107,9 @@ class UniversalPerturbation(L.LightningModule):
         lr: Adam learning rate on ``w = v / eps`` (a share of the ball per step).
         noise_seed: seeds the same-norm random-noise control.
         examples: perturbed test images logged per budget (0: none).
+        objective: ``fooling`` (learned on images: impressions or real, ``-log(1 - p_c)``) or ``feature_activation``
+            (data-free GD-UAP: no images; its data is a ``DataFreeDataModule``).
+        saturation_rescale: halve ``v_e`` when it saturates (GD-UAP's rescaling; any objective).
     """
 
     def __init__(
@@ -79,9 +119,13 @@ class UniversalPerturbation(L.LightningModule):
         lr: float = 0.01,
         noise_seed: int = 0,
         examples: int = 8,
+        objective: Literal["fooling", "feature_activation"] = "fooling",
+        saturation_rescale: bool = False,
     ) -> None:
         super().__init__()
         check_budgets(budgets)
+        if objective not in OBJECTIVES:
+            raise CvlabError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         self.save_hyperparameters()
         self.model = load_teacher(model)
         shape = self.model.input_shape
@@ -89,7 +133,10 @@ class UniversalPerturbation(L.LightningModule):
             raise CvlabError(f"model {model} has no input contract (in_channels, image_size); "
                              "give a TeacherSpec with them")
         self.register_buffer("eps", torch.tensor(budgets, dtype=torch.float32))  # (E,)
-        self.w = nn.Parameter(torch.zeros(len(budgets), *shape))  # (E, C, H, W), v = eps * w
+        # (E, C, H, W), v = eps * w; GD-UAP starts uniform in the ball (at 0 its loss may have no gradient)
+        w0 = torch.rand(len(budgets), *shape) * 2 - 1 if objective == "feature_activation" else None
+        self.w = nn.Parameter(torch.zeros(len(budgets), *shape) if w0 is None else w0)
+        self.register_buffer("saturation", torch.zeros(len(budgets)), persistent=False)  # (E,) for the rescaling
         g = torch.Generator().manual_seed(noise_seed)
         self.register_buffer("noise", random_sign_noise((len(budgets), *shape), self.eps, g), persistent=False)
         self.val_fooling, self.test_fooling, self.test_noise = (FoolingRate(len(budgets)) for _ in range(3))
@@ -109,14 +156,30 @@ class UniversalPerturbation(L.LightningModule):
         xp = self.perturb(x, v)  # (E, B, C, H, W)
         return self.model(xp.flatten(0, 1)).unflatten(0, xp.shape[:2])
 
+    def data_free_input(self, v: Tensor) -> Tensor:
+        """The perturbations alone ``v (E, C, H, W)`` in the network's normalised input space: ``v / std`` (the
+        mean image plus ``v``, normalised; ``v`` for a network fed raw pixels)."""
+        std = self.model.normalization.std
+        return v if std is None else v / std
+
     def setup(self, stage: str) -> None:
         task = task_of(self._trainer)
         if task is not None:
             check_task(f"model {self.hparams.model}", task, "use impressions and a test set of the model's own task",
                        num_classes=self.model.num_classes)
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and dm is not None:
+            check_objective_data(self.hparams.objective, isinstance(dm, DataFreeDataModule), type(dm).__name__)
 
     # --- fit: perturb, fool, project -------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor] | int, batch_idx: int) -> Tensor:
+        check_objective_data(self.hparams.objective, isinstance(batch, int), f"{type(batch).__name__} batches")
+        if self.hparams.objective == "feature_activation":
+            loss = feature_activation_loss(self.model.net, self.data_free_input(self.perturbation)).sum()  # (E,) summed
+            self.log("train/loss", loss, prog_bar=True)
+            if self.hparams.saturation_rescale:  # the share of v on the ball's edge, as of the previous step
+                self.log("train/saturation", self.saturation.mean())
+            return loss
         x, _ = batch  # labels unused: impressions have none, real images are fooled w.r.t. the model's prediction
         with torch.no_grad():
             clean = self.model(x).argmax(-1)  # (B,)
@@ -130,6 +193,9 @@ class UniversalPerturbation(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         with torch.no_grad():
             self.w.clamp_(-1.0, 1.0)  # v_e back onto its Linf ball of radius eps_e
+            if self.hparams.saturation_rescale:
+                w, self.saturation = rescale_saturated(self.w, self.saturation)
+                self.w.copy_(w)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.w], lr=self.hparams.lr)
