@@ -199,12 +199,22 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _setting_cell(r: Record) -> str:
+    return r.setting if r.protocol == "current" else f"*old protocol:* {r.setting}"
+
+
+def _notes(records: list[Record]) -> list[str]:
+    """The records' notes as a list under a table (a blank line first), or nothing."""
+    notes = [f"- {r.setting}: {r.note}" for r in records if r.note]
+    return [""] + notes if notes else []
+
+
 def render_table(records: list[Record]) -> str:
     """The markdown table of some records: one row per reported metric."""
     rows = ["| setting | metric | ours | paper | budget | seeds | command | hardware | wall |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        setting = r.setting if r.protocol == "current" else f"*old protocol:* {r.setting}"
+        setting = _setting_cell(r)
         n_runs = len(r.seeds) if r.seeds else len(next(iter(r.values.values()), []))
         seeds = ", ".join(map(str, r.seeds)) if r.seeds else f"{n_runs} run{'s' if n_runs != 1 else ''}"
         for i, m in enumerate(r.report):
@@ -215,8 +225,7 @@ def render_table(records: list[Record]) -> str:
                 setting if i == 0 else "", m.label or m.key, ours, _paper_cell(m, r.values[m.key]),
                 r.budget if i == 0 else "", seeds if i == 0 else "", f"`{r.command}`" if i == 0 else "",
                 r.hardware if i == 0 else "", r.wall if i == 0 else "")) + " |")
-    notes = [f"- {r.setting}: {r.note}" for r in records if r.note]
-    return "\n".join(rows + ([""] + notes if notes else []))
+    return "\n".join(rows + _notes(records))
 
 
 def render_arms(records: list[Record]) -> str:
@@ -236,13 +245,12 @@ def render_arms(records: list[Record]) -> str:
             m = by_label.get(label)
             cells.append("-" if m is None else format_metric(m, r.values[m.key]).split(":")[0])
         seeds = ", ".join(map(str, r.seeds)) if r.seeds else "-"
-        setting = r.setting if r.protocol == "current" else f"*old protocol:* {r.setting}"
-        rows.append("| " + " | ".join(_cell(c) for c in (setting, *cells, seeds, r.wall, f"`{r.command}`")) + " |")
+        row = (_setting_cell(r), *cells, seeds, r.wall, f"`{r.command}`")
+        rows.append("| " + " | ".join(_cell(c) for c in row) + " |")
     if papers:
         cells = [str(papers[x]) if x in papers else "" for x in labels]
         rows.append("| paper | " + " | ".join(_cell(c) for c in cells) + " | | | |")
-    notes = [f"- {r.setting}: {r.note}" for r in records if r.note]
-    return "\n".join(rows + ([""] + notes if notes else []))
+    return "\n".join(rows + _notes(records))
 
 
 _PLACEHOLDER = re.compile(r"^\{\{(table|arms)(?::([\w-]+))?\}\}$", re.M)
