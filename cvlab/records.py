@@ -126,18 +126,32 @@ def paired_differences(values: dict[str, list[float]], pairs: dict[str, list[str
 _ONLY = re.compile(r" --only( [^-]\S*)+")
 
 
-def stage_records(record: Record, settings: dict[str, str], report: list[Metric], group: str = "") -> list[Record]:
+def stage_records(record: Record, settings: dict[str, str], report: list[Metric], group: str = "", *,
+                  prefix: bool = False, needs: tuple[str, ...] = ()) -> list[Record]:
     """One record per stage of a pipeline's record (values keyed ``stage:metric``), e.g. the arms of one
     comparison for :func:`render_arms`: ``settings`` maps each stage to its row name, ``report`` gives the metrics
-    by their key without the stage; each record's command is the pipeline's with ``--only STAGE``. A stage or a
-    reported metric the record lacks is one line naming it."""
+    by their key without the stage; each record's command is the pipeline's with ``--only STAGE``.
+
+    ``prefix=True``: each key of ``settings`` is a prefix naming several stages ``<prefix>_<arm>`` (one pool's
+    arms, say): their values become ``<arm>:<metric>``, and values keyed ``<prefix>:<metric>`` (a paired difference)
+    become ``<metric>``; the command runs ``--only`` the stages ``needs`` (a shared teacher) and those stages.
+    A stage or a reported metric the record lacks is one line naming it."""
     out = []
-    for stage, setting in settings.items():
-        values = {k.split(":", 1)[1]: v for k, v in record.values.items() if k.split(":", 1)[0] == stage}
+    for name, setting in settings.items():
+        values: dict[str, list[float]] = {}
+        stages: list[str] = []
+        for key, v in record.values.items():
+            stage, metric = key.split(":", 1)
+            if stage == name:
+                values[metric] = v
+            elif prefix and stage.startswith(f"{name}_"):
+                values[f"{stage[len(name) + 1:]}:{metric}"] = v
+                stages += [stage] if stage not in stages else []
         if not values:
             stages = sorted({k.split(":", 1)[0] for k in record.values})
-            raise CvlabError(f"record {record.setting!r} has no stage {stage!r} (has: {', '.join(stages)})")
-        command = f"{_ONLY.sub('', record.command)} --only {stage}"
+            raise CvlabError(f"record {record.setting!r} has no stage {name!r} (has: {', '.join(stages)})")
+        only = " ".join([*needs, *stages]) if prefix else name
+        command = f"{_ONLY.sub('', record.command)} --only {only}"
         out.append(Record(section=record.section, setting=setting, values=values, report=list(report),
                           command=command, seeds=list(record.seeds), group=group,
                           protocol=record.protocol, budget=record.budget, hardware=record.hardware, wall=record.wall,

@@ -93,6 +93,23 @@ def test_stage_records_split_a_pipeline_record_into_arms() -> None:
         stage_records(rec, {"a": "A"}, [Metric(key="test/y")])
 
 
+
+def test_stage_records_by_prefix_gather_one_pools_arms_and_their_difference() -> None:
+    rec = Record(section="s", setting="pipe", command="cvlab run p.yaml --seeds 2 --set *.x=1", seeds=[0, 1],
+                 values={"teacher:test/acc": [0.99, 0.98], "noise_unbalanced:test/acc": [0.5, 0.6],
+                         "noise_balanced:test/acc": [0.7, 0.9], "noise:balanced-unbalanced": [0.2, 0.3],
+                         "noise_select:data/size": [10.0, 20.0], "natural_balanced:test/acc": [0.8, 0.8],
+                         "noisy_balanced:test/acc": [0.1, 0.1]},
+                 report=[Metric(key="teacher:test/acc")])
+    rows = stage_records(rec, {"noise": "pool: noise"}, [Metric(key="balanced-unbalanced", scale=100)],
+                         group="g", prefix=True, needs=("teacher",))
+    assert rows[0].values == {"unbalanced:test/acc": [0.5, 0.6], "balanced:test/acc": [0.7, 0.9],
+                              "balanced-unbalanced": [0.2, 0.3], "select:data/size": [10.0, 20.0]}
+    assert rows[0].command == ("cvlab run p.yaml --seeds 2 --set *.x=1 "
+                               "--only teacher noise_unbalanced noise_balanced noise_select")
+    with pytest.raises(CvlabError, match="no stage 'shapes'"):
+        stage_records(rec, {"shapes": "S"}, [], prefix=True)
+
 def test_bad_records_are_one_line_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(CvlabError, match="reported metric 'b' has no values"):
         Record(section="s", setting="x", values={"a": [1.0]}, report=[Metric(key="b")], command="c")

@@ -130,3 +130,40 @@ def test_kd_with_real_data_and_hard_labels(tmp_path: Path) -> None:
                    "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
     m = json.loads((run / "metrics.json").read_text())
     assert m["train/ce"] > 0 and 0 <= m["test/acc"] <= 1
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_pipeline_trains_both_arms_equal_steps_and_records_each_pools_difference(dataset: str) -> None:
+    """Every pool's balanced and unbalanced students train the same number of steps, whatever the balanced set's
+    size; the record of ``--seeds 3`` holds balanced minus unbalanced per seed and the selection's size, and splits
+    into one row per pool (``stage_records(prefix=True)``) whose command runs that pool with its teacher."""
+    import yaml
+
+    from cvlab.records import record_from_seeds, stage_records
+
+    path = f"experiments/transfer_sets/{dataset}/pipeline.yaml"
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
+    students = [s for s in spec["stages"] if s["name"].endswith("balanced")]
+    pools = sorted({s["name"].rsplit("_", 1)[0] for s in students})
+    assert len(students) == 2 * len(pools) == 8
+    assert {(s["args"]["trainer.max_steps"], s["args"]["trainer.max_epochs"]) for s in students} == {(15700, -1)}
+    # validation by steps, not epochs: a balanced set of 2,000 images would otherwise validate every 16 steps
+    assert {(s["args"]["trainer.val_check_interval"], s["args"]["trainer.check_val_every_n_epoch"])
+            for s in students} == {(157, None)}
+    per_seed = {
+        seed: {"teacher": {"test/acc": 0.99},
+               **{f"{p}_unbalanced": {"test/acc": 0.5 + 0.01 * seed} for p in pools},
+               **{f"{p}_balanced": {"test/acc": 0.6 + 0.02 * seed} for p in pools},
+               **{f"{p}_select": {"data/transfer_size": 20000.0 - seed, "data/pool_classes_predicted": 10.0}
+                  for p in pools}}
+        for seed in range(3)}
+    rec = record_from_seeds(spec, per_seed, f"cvlab run {path} --seeds 3")
+    assert rec.section == "03-transfer-sets"
+    for p in pools:
+        assert rec.values[f"{p}:balanced-unbalanced"] == pytest.approx([0.1, 0.11, 0.12])
+        assert rec.values[f"{p}_select:data/transfer_size"] == [20000.0, 19999.0, 19998.0]
+    rows = stage_records(rec, {"natural": "natural pool"}, [], prefix=True, needs=("teacher",))
+    assert set(rows[0].values) == {"unbalanced:test/acc", "balanced:test/acc", "balanced-unbalanced",
+                                   "select:data/transfer_size", "select:data/pool_classes_predicted"}
+    only = rows[0].command.split(" --only ")[1].split()
+    assert only[0] == "teacher" and sorted(only[1:]) == ["natural_balanced", "natural_select", "natural_unbalanced"]
