@@ -24,7 +24,7 @@ import platform
 import re
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +146,15 @@ def stage_records(record: Record, settings: dict[str, str], report: list[Metric]
                 values[metric] = v
             elif prefix and stage.startswith(f"{name}_"):
                 values[f"{stage[len(name) + 1:]}:{metric}"] = v
-                stages += [stage] if stage not in stages else []
+                if stage not in stages:
+                    stages.append(stage)
         if not values:
             stages = sorted({k.split(":", 1)[0] for k in record.values})
             raise CvlabError(f"record {record.setting!r} has no stage {name!r} (has: {', '.join(stages)})")
         only = " ".join([*needs, *stages]) if prefix else name
         command = f"{_ONLY.sub('', record.command)} --only {only}"
-        out.append(Record(section=record.section, setting=setting, values=values, report=list(report),
-                          command=command, seeds=list(record.seeds), group=group,
-                          protocol=record.protocol, budget=record.budget, hardware=record.hardware, wall=record.wall,
-                          commit=record.commit, config_hash=record.config_hash, date=record.date,
-                          source=record.source))
+        out.append(replace(record, setting=setting, values=values, report=list(report), command=command,
+                           seeds=list(record.seeds), group=group, note=""))
     return out
 
 

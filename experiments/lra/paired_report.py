@@ -56,7 +56,7 @@ def paired_table(metrics: dict[int, dict[str, dict[str, float]]]) -> str:
     summary = []
     for c in cols:
         vs = [v for v in c if v is not None]
-        summary.append(f"{mean_sd(vs)[0]:.2f} +- {mean_sd(vs)[1]:.2f}" if vs else "-")
+        summary.append("{:.2f} +- {:.2f}".format(*mean_sd(vs)) if vs else "-")
     rows.append("| mean +- sd | " + " | ".join(summary) + " |")
     return "\n".join(rows)
 
