@@ -170,3 +170,24 @@ def test_portable_drops_this_machines_folders(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.chdir(tmp_path)
     assert portable(f"cvlab run {tmp_path}/p.yaml --root {tmp_path}", data_root="/d") == "cvlab run p.yaml --root ."
     assert portable("x /d/MNIST", data_root="/d") == "x <data>/MNIST"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/RESULTS.md", "docs/PERFORMANCE.md"])
+def test_markdown_tables_are_unbroken(page: str) -> None:
+    """Every table of the user-facing pages is one block: a row that starts a block is a header followed by its
+    separator (a blank line inside a table would start a headerless block, which renders as text), and each row
+    has the header's number of cells."""
+    import re
+
+    lines = (ROOT / page).read_text().splitlines()
+    cells = None
+    for i, line in enumerate(lines):
+        if not line.startswith("|"):
+            cells = None
+            continue
+        n = len(re.split(r"(?<!\\)\|", line.strip())) - 2
+        if cells is None:
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            assert re.fullmatch(r"\|( *:?-+:? *\|)+", nxt.strip()), f"{page}:{i + 1}: a table row without a header"
+            cells = n
+        assert n == cells, f"{page}:{i + 1}: {n} cells, the header has {cells}"

@@ -167,3 +167,35 @@ def test_pipeline_trains_both_arms_equal_steps_and_records_each_pools_difference
                                    "select:data/transfer_size", "select:data/pool_classes_predicted"}
     only = rows[0].command.split(" --only ")[1].split()
     assert only[0] == "teacher" and sorted(only[1:]) == ["natural_balanced", "natural_select", "natural_unbalanced"]
+
+
+def test_grey_cifar10_pool_pipeline_trains_equal_steps_and_records_each_teachers_difference() -> None:
+    """The grey CIFAR-10 pool pipeline: each teacher's balanced and unbalanced students train the same steps and
+    validate by steps; its record holds balanced minus unbalanced per teacher and splits into one row per teacher
+    whose command runs that teacher's four stages."""
+    import yaml
+
+    from cvlab.records import record_from_seeds, stage_records
+
+    path = "experiments/transfer_sets/cifar10/pipeline_grey_pool.yaml"
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
+    students = [s for s in spec["stages"] if s["name"].endswith("balanced")]
+    assert len(students) == 4
+    assert {(s["args"]["trainer.max_steps"], s["args"]["trainer.max_epochs"], s["args"]["trainer.val_check_interval"],
+             s["args"]["trainer.check_val_every_n_epoch"]) for s in students} == {(15700, -1, 157, None)}
+    per_seed = {
+        seed: {**{f"{t}_teacher": {"test/acc": 0.9} for t in ("mnist", "fashion")},
+               **{f"{t}_unbalanced": {"test/acc": 0.5 + 0.01 * seed} for t in ("mnist", "fashion")},
+               "mnist_balanced": {"test/acc": 0.7}, "fashion_balanced": {"test/acc": 0.4},
+               **{f"{t}_select": {"data/transfer_size": 15000.0, "data/pool_classes_predicted": 9.0}
+                  for t in ("mnist", "fashion")}}
+        for seed in range(2)}
+    rec = record_from_seeds(spec, per_seed, f"cvlab run {path} --seeds 2")
+    assert rec.section == "03-transfer-sets"
+    assert rec.values["mnist:balanced-unbalanced"] == pytest.approx([0.2, 0.19])
+    assert rec.values["fashion:balanced-unbalanced"] == pytest.approx([-0.1, -0.11])
+    rows = stage_records(rec, {"mnist": "MNIST teacher", "fashion": "Fashion-MNIST teacher"}, [], prefix=True)
+    assert rows[1].values["balanced-unbalanced"] == pytest.approx([-0.1, -0.11])
+    assert rows[1].values["teacher:test/acc"] == [0.9, 0.9]
+    assert sorted(rows[0].command.split(" --only ")[1].split()) == [
+        "mnist_balanced", "mnist_select", "mnist_teacher", "mnist_unbalanced"]

@@ -336,3 +336,25 @@ def test_two_process_ddp_synthesis_writes_disjoint_shards_covering_all_targets(t
     one, two = load_shards(runs[1] / "shards"), load_shards(runs[2] / "shards")  # repeats from DDP padding dropped
     assert torch.equal(one["index"], two["index"])
     torch.testing.assert_close(one["image"], two["image"], rtol=1e-4, atol=1e-5)
+
+
+def test_mnist_recipe_candidates_share_the_teacher_and_each_change_one_thing() -> None:
+    """experiments/zskd/mnist/pipeline_recipes.yaml: every candidate student distils from the same teacher stage,
+    every candidate synthesis is the default one plus exactly one argument, and the record reports each candidate's
+    validation difference to the default student."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "experiments/zskd/mnist/pipeline_recipes.yaml"
+    spec = yaml.safe_load(path.read_text())
+    stages = {s["name"]: s for s in spec["stages"]}
+    base = stages["synthesize"]
+    for name, s in stages.items():
+        if name.startswith("synthesize_"):
+            assert s["config"] == base["config"]
+            assert len([k for k, v in s["args"].items() if base["args"].get(k) != v]) == 1, name
+        if name.startswith("student"):
+            assert s["args"]["model.init_args.teacher"] == "${teacher}/checkpoints/last.ckpt"
+    assert stages["student_48k"]["args"]["trainer.max_epochs"] * 2 == 200  # twice the impressions, equal steps
+    pairs = spec["record"]["differences"]
+    assert {b for _, b in pairs.values()} == {"student:val/acc"}
+    assert {a.split(":")[0] for a, _ in pairs.values()} == {n for n in stages if n.startswith("student_")}
