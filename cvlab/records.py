@@ -270,15 +270,17 @@ _PLACEHOLDER = re.compile(r"^\{\{(table|arms)(?::([\w-]+))?\}\}$", re.M)
 
 def render_section(prose_path: Path) -> str:
     """One section: its prose with each ``{{table}}`` / ``{{table:GROUP}}`` replaced by its records' table
-    (``{{arms:GROUP}}``: the compact one-row-per-record table of :func:`render_arms`)."""
+    (``{{arms:GROUP}}``: the compact one-row-per-record table of :func:`render_arms`). A placeholder without a group
+    takes the records whose group no placeholder of the section names."""
     folder = prose_path.with_suffix("")
     records = [load_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     text = prose_path.read_text()
+    named = {m.group(2) for m in _PLACEHOLDER.finditer(text) if m.group(2) is not None}
     used: set[int] = set()
 
     def table(match: re.Match[str]) -> str:
         layout, group = match.group(1), match.group(2)
-        chosen = [i for i, r in enumerate(records) if group is None or r.group == group]
+        chosen = [i for i, r in enumerate(records) if r.group == group or (group is None and r.group not in named)]
         if not chosen:
             raise CvlabError(f"{prose_path}: {match.group(0)} has no records in {folder}/")
         used.update(chosen)

@@ -137,6 +137,15 @@ def test_sections_render_placeholders_and_refuse_orphans(tmp_path: Path) -> None
     (tmp_path / "01-a.md").write_text("## A\n\n{{table:other}}\n")
     with pytest.raises(CvlabError, match="has no records"):
         render_results(tmp_path)
+    # an ungrouped placeholder takes the records no named group of the section takes
+    save_record(Record(section="01-a", setting="two", values={"k": [2.0]}, report=[Metric(key="k")], command="c"),
+                tmp_path / "01-a" / "y.json")
+    (tmp_path / "01-a.md").write_text("## A\n\n{{table}}\n\n### G\n\n{{table:g}}\n")
+    page = render_results(tmp_path)
+    first, second = page.split("### G")
+    assert "| two |" in first and "| one |" not in first and "| one |" in second and "| two |" not in second
+    (tmp_path / "01-a.md").write_text("## A\n\n{{table}}\n")
+    assert "| one |" in render_results(tmp_path) and "| two |" in render_results(tmp_path)
 
 
 def test_check_fails_on_a_stale_page(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
