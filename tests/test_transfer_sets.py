@@ -132,24 +132,30 @@ def test_kd_with_real_data_and_hard_labels(tmp_path: Path) -> None:
     assert m["train/ce"] > 0 and 0 <= m["test/acc"] <= 1
 
 
+def _pipeline_students(path: str) -> tuple[dict, list[dict]]:
+    """A transfer-set pipeline's spec and its student stages, after checking that every student trains the configs'
+    15,700 steps whatever its set's size and validates every 157 steps (a balanced set of 2,000 images would
+    otherwise validate every 16 steps)."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
+    students = [s for s in spec["stages"] if s["name"].endswith("balanced")]
+    assert {(s["args"]["trainer.max_steps"], s["args"]["trainer.max_epochs"], s["args"]["trainer.val_check_interval"],
+             s["args"]["trainer.check_val_every_n_epoch"]) for s in students} == {(15700, -1, 157, None)}
+    return spec, students
+
+
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 def test_pipeline_trains_both_arms_equal_steps_and_records_each_pools_difference(dataset: str) -> None:
     """Every pool's balanced and unbalanced students train the same number of steps, whatever the balanced set's
     size; the record of ``--seeds 3`` holds balanced minus unbalanced per seed and the selection's size, and splits
     into one row per pool (``stage_records(prefix=True)``) whose command runs that pool with its teacher."""
-    import yaml
-
     from cvlab.records import record_from_seeds, stage_records
 
     path = f"experiments/transfer_sets/{dataset}/pipeline.yaml"
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
-    students = [s for s in spec["stages"] if s["name"].endswith("balanced")]
+    spec, students = _pipeline_students(path)
     pools = sorted({s["name"].rsplit("_", 1)[0] for s in students})
     assert len(students) == 2 * len(pools) == 8
-    assert {(s["args"]["trainer.max_steps"], s["args"]["trainer.max_epochs"]) for s in students} == {(15700, -1)}
-    # validation by steps, not epochs: a balanced set of 2,000 images would otherwise validate every 16 steps
-    assert {(s["args"]["trainer.val_check_interval"], s["args"]["trainer.check_val_every_n_epoch"])
-            for s in students} == {(157, None)}
     per_seed = {
         seed: {"teacher": {"test/acc": 0.99},
                **{f"{p}_unbalanced": {"test/acc": 0.5 + 0.01 * seed} for p in pools},
@@ -173,16 +179,11 @@ def test_grey_cifar10_pool_pipeline_trains_equal_steps_and_records_each_teachers
     """The grey CIFAR-10 pool pipeline: each teacher's balanced and unbalanced students train the same steps and
     validate by steps; its record holds balanced minus unbalanced per teacher and splits into one row per teacher
     whose command runs that teacher's four stages."""
-    import yaml
-
     from cvlab.records import record_from_seeds, stage_records
 
     path = "experiments/transfer_sets/cifar10/pipeline_grey_pool.yaml"
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
-    students = [s for s in spec["stages"] if s["name"].endswith("balanced")]
+    spec, students = _pipeline_students(path)
     assert len(students) == 4
-    assert {(s["args"]["trainer.max_steps"], s["args"]["trainer.max_epochs"], s["args"]["trainer.val_check_interval"],
-             s["args"]["trainer.check_val_every_n_epoch"]) for s in students} == {(15700, -1, 157, None)}
     per_seed = {
         seed: {**{f"{t}_teacher": {"test/acc": 0.9} for t in ("mnist", "fashion")},
                **{f"{t}_unbalanced": {"test/acc": 0.5 + 0.01 * seed} for t in ("mnist", "fashion")},
