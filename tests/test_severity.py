@@ -257,7 +257,10 @@ def test_report_stage_writes_table_csv_histograms(tmp_path: Path, monkeypatch: p
     md = (run / "severity_report.md").read_text()
     assert md.count("\n| lenet5 |") == 10 and "LCA height (own mistakes)" in md
     assert all((run / "images" / f"severity_hist_{a}.png").is_file() for a in ("fgsm", "pgd", "noise"))
-    assert "test/lenet5/pgd/eps0.1/fooling_rate" in read_metrics(run)
+    logged = read_metrics(run)
+    assert "test/lenet5/pgd/eps0.1/fooling_rate" in logged
+    pgd = next(r for r in rows if (r["model"], r["attack"], r["eps"]) == ("lenet5_half", "pgd", "0.3"))
+    assert logged["test/lenet5_half/pgd/eps0.3/adv_accuracy"] == pytest.approx(float(pgd["adv_accuracy"]), abs=1e-6)
 
 
 # --- the universal perturbation in the report -------------------------------------------------------------------

@@ -70,6 +70,8 @@ def severity_attacks(names: list[str], eps: float, steps: int, generator: torch.
 COLUMNS = ["model", "attack", "eps", "images", "clean_accuracy", "adv_accuracy", "fooling_rate", "severity_lca",
            "severity_distance", "weighted_fooling_rate", "rank_after", "confidence_drop", "mistake_rate",
            "mistake_lca", "hist_lca"]
+#: the columns also logged as ``test/<model>/<attack>/eps<eps>/<column>``
+LOGGED = ("fooling_rate", "adv_accuracy", "severity_lca", "weighted_fooling_rate", "confidence_drop")
 
 
 class SeverityReport(L.LightningModule):
@@ -203,7 +205,7 @@ class SeverityReport(L.LightningModule):
                     row.update({k: float(out[k]) for k in COLUMNS[4:-1]})
                     row["hist_lca"] = [int(v) for v in out["hist_lca"].tolist()]
                     rows.append(row)
-                    for k in ("fooling_rate", "severity_lca", "weighted_fooling_rate", "confidence_drop"):
+                    for k in LOGGED:
                         self.log(f"test/{name}/{a}/eps{eps:g}/{k}", row[k], sync_dist=False)
             self.log(f"test/{name}/clean_accuracy", rows[-1]["clean_accuracy"], sync_dist=False)
             self.log(f"test/{name}/mistake_lca", rows[-1]["mistake_lca"], sync_dist=False)
