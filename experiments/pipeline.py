@@ -515,7 +515,8 @@ def run_seeds(
     wall_s = {}
     for seed in seeds:
         print(f"=== seed {seed} ===", flush=True)
-        extra = seed_overrides([s for s in stages if not only or s.name in only], sets, seed)
+        # every stage, not just those in --only: a finished stage that --only's stages read keeps its seed's folder
+        extra = seed_overrides(stages, sets, seed)
         start = time.monotonic()
         per_seed[seed] = run_pipeline(path, root, sets + extra, dry_run, None, only, subdir=f"seed-{seed}")
         # the stages' own wall times (a stage done before costs nothing now but did then); else this call's

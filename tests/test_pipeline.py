@@ -95,6 +95,25 @@ def test_pipeline_only_runs_the_named_stages(tmp_path: Path, capsys: pytest.Capt
         run_pipeline(path, root=tmp_path / "runs", dry_run=True, only=["nope"])
 
 
+def test_seeds_with_only_reads_the_finished_stages_of_that_seed(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """`--seeds N --only B`: the stage B reads (finished by an earlier `--seeds N` run) is found in its seed's
+    folder, not asked for again (the seed's overrides give every stage the folder a full run gives it)."""
+    from experiments.pipeline import run_seeds
+
+    path = _write(tmp_path)
+    run_seeds(path, [3], root=tmp_path / "runs", dry_run=True, only=["teacher"])
+    (teacher,) = [w.split("=", 1)[1] for w in capsys.readouterr().out.split() if w.startswith("--run.dir=")]
+    assert "/seed-3/teacher-" in teacher and "--seed_everything=3" not in teacher
+    Path(teacher).mkdir(parents=True)
+    (Path(teacher) / "stage.json").write_text("{}")
+    run_seeds(path, [3], root=tmp_path / "runs", dry_run=True, only=["evaluate"])
+    out = capsys.readouterr().out
+    assert f"[teacher] done before, skipping: {teacher}" in out and f"--ckpt_path={teacher}/checkpoints" in out
+    with pytest.raises(CvlabError, match="stage 'teacher' is needed by --only"):  # another seed: not finished
+        run_seeds(path, [4], root=tmp_path / "runs", dry_run=True, only=["evaluate"])
+
+
 def test_a_misspelled_override_fails_before_any_stage_runs(tmp_path: Path) -> None:
     from cvlab.errors import CvlabError
     from experiments.pipeline import run_pipeline
