@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n")[0])
     p.add_argument("folder", help="<root>/<pipeline name> of a `cvlab run ... --seeds N`")
     p.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), help="<attack>@<eps> columns")
-    p.add_argument("--levels", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7],
+    p.add_argument("--levels", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6],
                    help="clean accuracies (fractions) at which the arms are compared")
     p.add_argument("--out", default=None, help="the picture (PNG); default <folder>/robust_curve.png")
     a = p.parse_args(argv)
