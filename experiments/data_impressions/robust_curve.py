@@ -9,7 +9,8 @@ severity report (``<folder>/seed-<s>/robustness-<hash>/severity_report.csv``; mo
 - compares the arms at matched clean accuracy: per seed, each arm's (clean, robust) points are joined in order of
   clean accuracy and read at the given clean levels (linear interpolation, never extrapolated: an arm whose points do
   not span a level has no value there); mean +- sd over the seeds that have one;
-- draws robust against clean accuracy, one panel per attack and eps, one colour per arm, one line per seed.
+- draws robust against clean accuracy, one panel per attack and eps (not the noise control), one colour per arm,
+  one line per seed.
 
     uv run python -m experiments.data_impressions.robust_curve runs/data_impressions_robust_curve_mnist \\
         --out docs/img/data_impressions/robust_curve_mnist.png
@@ -166,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     attacks = parse_attacks(a.attacks)
     print(f"{len(reports)} seeds: {sorted(reports)}\n")
     print(student_table(reports, attacks) + "\n")
-    print(matched_table(reports, [t for t in attacks if t[0] != "noise"], a.levels) + "\n")
-    out = plot(reports, [t for t in attacks if t[0] == "pgd"] or attacks[:1],
-               Path(a.out) if a.out else folder / "robust_curve.png")
+    crafted = [t for t in attacks if t[0] != "noise"] or attacks  # the noise control is no attack to match on
+    print(matched_table(reports, crafted, a.levels) + "\n")
+    out = plot(reports, crafted, Path(a.out) if a.out else folder / "robust_curve.png")
     print(f"picture: {out}")
     return 0
 
