@@ -437,6 +437,17 @@ def results_table(spec: dict[str, Any], metrics: dict[str, dict[str, float]], di
     return "\n".join(rows)
 
 
+def finished_stages(folder: str | Path, stage: str) -> dict[int, Path]:
+    """``{seed: stage folder}`` of ``stage`` finished (``stage.json`` written) in each ``<folder>/seed-<s>/`` of a
+    ``cvlab run ... --seeds N``; of several finished folders of a stage (runs with other configs) the last by name."""
+    out = {}
+    for seed_dir in Path(folder).glob("seed-*"):
+        done = sorted(p.parent for p in seed_dir.glob(f"{stage}-*/stage.json"))
+        if done:
+            out[int(seed_dir.name.split("-", 1)[1])] = done[-1]
+    return dict(sorted(out.items()))
+
+
 def seed_overrides(stages: list[Stage], sets: list[str], seed: int) -> list[str]:
     """``--set`` overrides giving every CLI stage ``seed``: ``seed_everything`` always, and the model's and
     the datamodule's own ``seed`` argument where the stage's classes have one (found by parsing), and that of

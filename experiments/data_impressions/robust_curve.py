@@ -40,12 +40,13 @@ def split_name(model: str) -> tuple[str, str]:
 
 def read_reports(folder: Path) -> dict[int, list[dict[str, str]]]:
     """``{seed: severity_report.csv rows}`` of every finished robustness stage under ``folder``."""
+    from experiments.pipeline import finished_stages
+
     out = {}
-    for seed_dir in sorted(folder.glob("seed-*")):
-        done = sorted(p.parent for p in seed_dir.glob("robustness-*/stage.json"))
-        if done and (done[-1] / "severity_report.csv").is_file():
-            with open(done[-1] / "severity_report.csv", newline="") as f:
-                out[int(seed_dir.name.split("-", 1)[1])] = list(csv.DictReader(f))
+    for seed, stage_dir in finished_stages(folder, "robustness").items():
+        if (stage_dir / "severity_report.csv").is_file():
+            with open(stage_dir / "severity_report.csv", newline="") as f:
+                out[seed] = list(csv.DictReader(f))
     return out
 
 

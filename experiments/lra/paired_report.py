@@ -27,14 +27,13 @@ COLUMNS = (("test/acc", "test acc %", 100.0), ("retention/probe_acc", "probe acc
 
 def arm_folders(folder: Path) -> dict[int, dict[str, Path]]:
     """``{seed: {arm: stage folder}}`` of the finished arm stages (``stage.json`` present) under ``folder``."""
+    from experiments.pipeline import finished_stages
+
     out: dict[int, dict[str, Path]] = {}
-    for seed_dir in sorted(folder.glob("seed-*")):
-        seed = int(seed_dir.name.split("-", 1)[1])
-        for arm in ARMS:
-            done = sorted(p.parent for p in seed_dir.glob(f"{arm}-*/stage.json"))
-            if done:
-                out.setdefault(seed, {})[arm] = done[-1]
-    return {s: arms for s, arms in out.items() if set(arms) == set(ARMS)}
+    for arm in ARMS:
+        for seed, stage_dir in finished_stages(folder, arm).items():
+            out.setdefault(seed, {})[arm] = stage_dir
+    return {s: arms for s, arms in sorted(out.items()) if set(arms) == set(ARMS)}
 
 
 def paired_table(metrics: dict[int, dict[str, dict[str, float]]]) -> str:
