@@ -60,6 +60,12 @@ def test_matched_comparison_reads_each_arm_at_the_same_clean_accuracy(tmp_path: 
     assert "| pgd 0.1 | 45 | 22.5 +- 7.1 (n=2) | 37.0 +- 7.1 (n=2) |" in table
     # at clean 60% the impressions' curve ends at 50%: no value, never extrapolated
     assert "| pgd 0.1 | 60 | - | 43.0 +- 7.1 (n=2) |" in table
+    # paired per seed: impressions minus real at 45% is 0.175 - 0.32 and 0.275 - 0.42 -> -14.5 +- 0.0 points
+    paired = matched_table(reports, [("pgd", 0.1)], [0.45, 0.6], baseline="real")
+    assert "| pgd 0.1 | 45 | 22.5 +- 7.1 (n=2) | 37.0 +- 7.1 (n=2) | -14.5 +- 0.0 (n=2) |" in paired
+    assert "| pgd 0.1 | 60 | - | 43.0 +- 7.1 (n=2) | - |" in paired
+    with pytest.raises(CvlabError, match="--baseline 'teacher': no such arm"):
+        matched_table(reports, [("pgd", 0.1)], [0.45], baseline="teacher")
 
 
 def test_report_command_prints_tables_and_draws(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,8 @@ severity report (``<folder>/seed-<s>/robustness-<hash>/severity_report.csv``; mo
 - prints per student the mean +- sd over seeds of clean accuracy and adversarial accuracy under each attack and eps;
 - compares the arms at matched clean accuracy: per seed, each arm's (clean, robust) points are joined in order of
   clean accuracy and read at the given clean levels (linear interpolation, never extrapolated: an arm whose points do
-  not span a level has no value there); mean +- sd over the seeds that have one;
+  not span a level has no value there); mean +- sd over the seeds that have one, and with ``--baseline ARM`` every
+  other arm's per-seed difference to that arm;
 - draws robust against clean accuracy, one panel per attack and eps (not the noise control), one colour per arm,
   one line per seed.
 
@@ -97,18 +98,24 @@ def student_table(reports: dict[int, list[dict[str, str]]], attacks: list[tuple[
 
 
 def matched_table(reports: dict[int, list[dict[str, str]]], attacks: list[tuple[str, float]],
-                  levels: list[float]) -> str:
+                  levels: list[float], baseline: str | None = None) -> str:
     """Per attack, eps and clean level, each arm's adversarial accuracy read off its curve, mean +- sd over the seeds
-    whose curve spans the level (n)."""
+    whose curve spans the level (n); with ``baseline`` (an arm) also every other arm minus it, paired per seed (the
+    seeds where both curves span the level), in points."""
     arms = list(dict.fromkeys(split_name(r["model"])[0] for rows in reports.values() for r in rows))
-    head = ["attack, eps", "clean acc %"] + [f"{arm} %" for arm in arms]
+    if baseline is not None and baseline not in arms:
+        raise CvlabError(f"--baseline {baseline!r}: no such arm (arms: {', '.join(arms)})")
+    others = [arm for arm in arms if baseline is not None and arm != baseline]
+    head = (["attack, eps", "clean acc %"] + [f"{arm} %" for arm in arms]
+            + [f"{arm} minus {baseline}, points" for arm in others])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for a, e in attacks:
         for level in levels:
-            cells = []
-            for arm in arms:
-                vs = [at_clean(list(points(rows, a, e).get(arm, {}).values()), level) for rows in reports.values()]
-                cells.append(_fmt([v for v in vs if v is not None]))
+            read = {arm: [at_clean(list(points(rows, a, e).get(arm, {}).values()), level) for rows in reports.values()]
+                    for arm in arms}
+            cells = [_fmt([v for v in read[arm] if v is not None]) for arm in arms]
+            cells += [_fmt([x - y for x, y in zip(read[arm], read[baseline]) if x is not None and y is not None])
+                      for arm in others]
             lines.append("| " + " | ".join([f"{a} {e:g}", f"{100 * level:g}"] + cells) + " |")
     return "\n".join(lines)
 
@@ -159,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), help="<attack>@<eps> columns")
     p.add_argument("--levels", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6],
                    help="clean accuracies (fractions) at which the arms are compared")
+    p.add_argument("--baseline", default=None, help="an arm: every other arm's paired difference to it as well")
     p.add_argument("--out", default=None, help="the picture (PNG); default <folder>/robust_curve.png")
     a = p.parse_args(argv)
     folder = Path(a.folder)
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(reports)} seeds: {sorted(reports)}\n")
     print(student_table(reports, attacks) + "\n")
     crafted = [t for t in attacks if t[0] != "noise"] or attacks  # the noise control is no attack to match on
-    print(matched_table(reports, crafted, a.levels) + "\n")
+    print(matched_table(reports, crafted, a.levels, a.baseline) + "\n")
     out = plot(reports, crafted, Path(a.out) if a.out else folder / "robust_curve.png")
     print(f"picture: {out}")
     return 0
