@@ -358,3 +358,5 @@ def test_mnist_recipe_candidates_share_the_teacher_and_each_change_one_thing() -
     pairs = spec["record"]["differences"]
     assert {b for _, b in pairs.values()} == {"student:val/acc"}
     assert {a.split(":")[0] for a, _ in pairs.values()} == {n for n in stages if n.startswith("student_")}
+    reported = {m["key"] for m in spec["record"]["report"]}
+    assert set(pairs) <= reported and {f"{n}:test/acc" for n in stages if n.startswith("student")} <= reported
