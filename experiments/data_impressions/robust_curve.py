@@ -73,11 +73,17 @@ def at_clean(pts: list[Point], level: float) -> float | None:
     return pts[0][1]  # a single point exactly at the level
 
 
-def _fmt(vs: list[float], scale: float = 100.0) -> str:
+def _fmt(vs: list[float]) -> str:
+    """Fractions as ``mean +- sd (n=...)`` in % (or points, for differences); ``-`` when there is none."""
     if not vs:
         return "-"
-    m, s = mean_sd([v * scale for v in vs])
-    return f"{m:.1f} +- {s:.1f}" + (f" (n={len(vs)})" if len(vs) else "")
+    m, s = mean_sd([100 * v for v in vs])
+    return f"{m:.1f} +- {s:.1f} (n={len(vs)})"
+
+
+def arm_names(reports: dict[int, list[dict[str, str]]]) -> list[str]:
+    """The arms of the reports' models, in order of first appearance."""
+    return list(dict.fromkeys(split_name(r["model"])[0] for rows in reports.values() for r in rows))
 
 
 def student_table(reports: dict[int, list[dict[str, str]]], attacks: list[tuple[str, float]]) -> str:
@@ -85,11 +91,12 @@ def student_table(reports: dict[int, list[dict[str, str]]], attacks: list[tuple[
     head = ["student", "clean acc %"] + [f"{a} eps {e:g} acc %" for a, e in attacks]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     models = list(dict.fromkeys(r["model"] for rows in reports.values() for r in rows))
+    by_attack = {(a, e): [points(rows, a, e) for rows in reports.values()] for a, e in attacks}  # read once
     for m in models:
         arm, budget = split_name(m)
         clean, cols = [], []
         for a, e in attacks:
-            per_seed = [points(rows, a, e).get(arm, {}).get(budget) for rows in reports.values()]
+            per_seed = [pts.get(arm, {}).get(budget) for pts in by_attack[a, e]]
             cols.append(_fmt([p[1] for p in per_seed if p is not None]))
             if not clean:
                 clean = [p[0] for p in per_seed if p is not None]
@@ -102,7 +109,7 @@ def matched_table(reports: dict[int, list[dict[str, str]]], attacks: list[tuple[
     """Per attack, eps and clean level, each arm's adversarial accuracy read off its curve, mean +- sd over the seeds
     whose curve spans the level (n); with ``baseline`` (an arm) also every other arm minus it, paired per seed (the
     seeds where both curves span the level), in points."""
-    arms = list(dict.fromkeys(split_name(r["model"])[0] for rows in reports.values() for r in rows))
+    arms = arm_names(reports)
     if baseline is not None and baseline not in arms:
         raise CvlabError(f"--baseline {baseline!r}: no such arm (arms: {', '.join(arms)})")
     others = [arm for arm in arms if baseline is not None and arm != baseline]
@@ -110,9 +117,9 @@ def matched_table(reports: dict[int, list[dict[str, str]]], attacks: list[tuple[
             + [f"{arm} minus {baseline}, points" for arm in others])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for a, e in attacks:
+        curves = [points(rows, a, e) for rows in reports.values()]  # per seed, read once for every level
         for level in levels:
-            read = {arm: [at_clean(list(points(rows, a, e).get(arm, {}).values()), level) for rows in reports.values()]
-                    for arm in arms}
+            read = {arm: [at_clean(list(c.get(arm, {}).values()), level) for c in curves] for arm in arms}
             cells = [_fmt([v for v in read[arm] if v is not None]) for arm in arms]
             cells += [_fmt([x - y for x, y in zip(read[arm], read[baseline]) if x is not None and y is not None])
                       for arm in others]
@@ -126,8 +133,7 @@ def plot(reports: dict[int, list[dict[str, str]]], attacks: list[tuple[str, floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = list(dict.fromkeys(split_name(r["model"])[0] for rows in reports.values() for r in rows))
-    colours = dict(zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colours = dict(zip(arm_names(reports), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 4), squeeze=False)
     for ax, (a, e) in zip(axes[0], attacks):
         for i, (seed, rows) in enumerate(sorted(reports.items())):
@@ -149,13 +155,11 @@ def plot(reports: dict[int, list[dict[str, str]]], attacks: list[tuple[str, floa
 def parse_attacks(specs: list[str]) -> list[tuple[str, float]]:
     out = []
     for s in specs:
-        name, sep, eps = s.partition("@")
+        name, _, eps = s.partition("@")
         try:
-            out.append((name, float(eps)))
+            out.append((name, float(eps)))  # no "@" leaves eps empty: not a number
         except ValueError:
             raise CvlabError(f"attack {s!r}: give <attack>@<eps>, e.g. pgd@0.1") from None
-        if not sep:
-            raise CvlabError(f"attack {s!r}: give <attack>@<eps>, e.g. pgd@0.1")
     return out
 
 
