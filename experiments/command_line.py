@@ -6,6 +6,8 @@ of them (nor torch or Lightning), so the commands import one another one way onl
 
 - :func:`format_value` / :func:`as_overrides`: a value, a mapping of dotted keys, as ``--key=value`` arguments;
 - :func:`check_config_files`: every ``--config`` file exists and is a YAML mapping, checked before any heavy import;
+- :func:`load_yaml_file`: a user's YAML file (config, pipeline, sweep), with one-line errors for invalid YAML and
+  for a key written twice in one mapping (which YAML parsers otherwise settle silently: the last one wins);
 - :class:`OneLineArgumentParser`: argparse whose errors are one :class:`~cvlab.errors.CvlabError` line;
 - :func:`user_error_line`: the one line to print for a user's mistake (None for a bug, which keeps its traceback);
 - :func:`one_line_warning`: a warning as one ``cvlab: warning: ...`` line (a ``warnings.formatwarning``).
@@ -50,12 +52,48 @@ def config_files(argv: list[str]) -> list[str]:
     return out
 
 
+def load_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The parsed content of the YAML file ``path``; a :class:`~cvlab.errors.CvlabError` naming ``what``, the file and
+    the line when it is not valid YAML, cannot be read, or writes one key twice in a mapping (a plain YAML load
+    keeps the last and silently drops the first, e.g. a second ``report:`` block of a pipeline record)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:  # the keys as written: overriding a merged (<<) key is no duplicate
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise CvlabError(f"{what} {path}: key {key!r} is written twice in one mapping (lines "
+                                             f"{seen[key]} and {line}); YAML would keep only the last: merge or "
+                                             "rename one")
+                        seen[key] = line
+                    except TypeError:  # an unhashable key: the constructor below reports it
+                        continue
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CvlabError(f"cannot read {what} {path}: {e}") from None
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise CvlabError(f"{what} {path} is not valid YAML: {problem}{at}") from None
+
+
 def check_config_files(argv: list[str]) -> None:
     """Every ``--config`` file exists and is a non-empty YAML mapping; else one line naming the file (before
     any heavy import). A value that is not a file name (inline YAML such as ``{trainer: ...}``) is left to
     the parser."""
-    import yaml
-
     for value in config_files(argv):
         path = Path(value)
         if not path.is_file():
@@ -63,15 +101,7 @@ def check_config_files(argv: list[str]) -> None:
                 continue
             where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
             raise CvlabError(f"config file not found: {value}{where}")
-        try:
-            content = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise CvlabError(f"config file {value} is not valid YAML: {problem}{at}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise CvlabError(f"cannot read config file {value}: {e}") from None
+        content = load_yaml_file(value)
         if content is None:
             raise CvlabError(f"config file {value} is empty; a config names at least model: and data: "
                              "(see experiments/quickstart.yaml)")

@@ -62,7 +62,7 @@ import yaml
 
 from cvlab.errors import CvlabError
 from cvlab.records import mean_sd, paired_differences, record_from_seeds, save_record
-from experiments.command_line import OneLineArgumentParser, as_overrides
+from experiments.command_line import OneLineArgumentParser, as_overrides, load_yaml_file
 
 _COMMANDS = ("fit", "validate", "test", "predict")
 #: set by SIGTERM (a SLURM requeue or preemption): the stage running then stopped early, even when it exits 0
@@ -99,12 +99,7 @@ def load_pipeline(path: str | Path) -> tuple[dict[str, Any], list[Stage]]:
     path = Path(path)
     if not path.is_file():
         raise CvlabError(f"pipeline file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise CvlabError(f"pipeline file {path} is not valid YAML: {getattr(e, 'problem', None) or e}{at}") from None
+    spec = load_yaml_file(path, "pipeline file") or {}
     if not isinstance(spec, dict):
         raise CvlabError(f"{path}: a pipeline is a mapping with 'name' and 'stages', got a {type(spec).__name__}")
     unknown = set(spec) - {"name", "stages", "paper", "record", "results_md", "description"}
@@ -162,10 +157,7 @@ def stage_hash(stage: Stage, args: list[str]) -> str:
         if weights.is_file():
             h.update(weights.read_bytes())
     for c in stage.config:  # the parsed content: editing a comment or the layout must not re-run a finished stage
-        try:
-            content = yaml.safe_load(Path(c).read_text())
-        except yaml.YAMLError as e:
-            raise CvlabError(f"stage {stage.name!r}: config {c} is not valid YAML: {e}") from None
+        content = load_yaml_file(c, f"stage {stage.name!r}: config")
         h.update(json.dumps(content, sort_keys=True, default=str).encode())
     for a in args:
         h.update(b"\0" + a.encode())

@@ -59,7 +59,7 @@ import yaml
 
 from cvlab.artifacts import atomic_write_json, read_json
 from cvlab.errors import CvlabError
-from experiments.command_line import OneLineArgumentParser, as_overrides, format_value
+from experiments.command_line import OneLineArgumentParser, as_overrides, format_value, load_yaml_file
 
 REPO = Path(__file__).resolve().parents[1]
 _CLI_COMMANDS = ("fit", "validate", "test", "predict")
@@ -91,7 +91,7 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise CvlabError(f"sweep file not found: {path}")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = load_yaml_file(path, "sweep file") or {}
     where = str(path)
     method = cfg.get("method")
     if method not in ("grid", "random", "bayes"):

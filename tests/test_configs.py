@@ -34,7 +34,8 @@ from typing import Any
 import pytest
 import yaml
 
-from experiments.command_line import as_overrides
+from cvlab.errors import CvlabError
+from experiments.command_line import as_overrides, load_yaml_file
 from experiments.pipeline import run_pipeline
 from experiments.sweep import expand_trials, load_sweep, validate
 from tests.cli_runs import REPO, run_cli
@@ -270,4 +271,17 @@ def test_no_config_comment_states_a_result() -> None:
             comment = line.split("#", 1)[1] if "#" in line else ""
             if comment and _RESULT_IN_COMMENT.search(comment) and "Paper" not in comment and "paper" not in comment:
                 bad.append(f"{config}:{n}: {comment.strip()[:80]}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_shipped_yaml_writes_a_key_twice() -> None:
+    """A key written twice in one mapping is silently settled by YAML (the last wins): the recipes pipeline once
+    carried two ``report:`` blocks, of which only the second was read. Every shipped config, pipeline and sweep
+    loads through the strict loader the commands use."""
+    bad = []
+    for config in CONFIGS:
+        try:
+            load_yaml_file(REPO / config)
+        except CvlabError as e:
+            bad.append(str(e))
     assert not bad, "\n".join(bad)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from cvlab.errors import CvlabError
+from experiments.command_line import load_yaml_file
 from experiments.pipeline import load_pipeline, run_pipeline
 from tests.cli_runs import QUICKSTART, TINY_SHAPES
 
@@ -148,3 +149,28 @@ def test_stage_hash_follows_config_content_not_comments(tmp_path: Path) -> None:
     cfg.write_text("trainer: [unclosed\n")
     with pytest.raises(CvlabError, match="not valid YAML"):
         stage_hash(stage, [])
+    cfg.write_text("trainer:\n  max_epochs: 2\nmodel: {lr: 0.1}\ntrainer:\n  max_epochs: 3\n")
+    with pytest.raises(CvlabError, match=r"config .*: key 'trainer' is written twice .*lines 1 and 4"):
+        stage_hash(stage, [])
+
+
+def test_yaml_files_reject_a_key_written_twice(tmp_path: Path) -> None:
+    """``load_yaml_file``: a duplicate key (block or flow style, at any depth) is an error naming both lines; an
+    override of a merged (<<) key and equal list items are not duplicates; a pipeline file with two ``record:``
+    blocks stops ``cvlab run`` before anything runs."""
+    f = tmp_path / "x.yaml"
+    f.write_text("a: 1\nb:\n  c: 2\n  d: 3\n  c: 4\n")
+    with pytest.raises(CvlabError, match=r"^sweep file .*x.yaml: key 'c' is written twice .*lines 3 and 5"):
+        load_yaml_file(f, "sweep file")
+    f.write_text("x: {a: 1, a: 2}\n")
+    with pytest.raises(CvlabError, match="key 'a' is written twice"):
+        load_yaml_file(f)
+    f.write_text("base: &b {a: 1, k: 0}\nd:\n  <<: *b\n  a: 2\nr: [{k: 1}, {k: 1}]\n")
+    assert load_yaml_file(f) == {"base": {"a": 1, "k": 0}, "d": {"a": 2, "k": 0}, "r": [{"k": 1}, {"k": 1}]}
+    with pytest.raises(CvlabError, match="cannot read config file"):
+        load_yaml_file(tmp_path / "missing.yaml")
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("name: p\nstages:\n  - {name: a, command: fit, config: []}\nrecord: {section: s}\n"
+                    "record: {section: t}\n")
+    with pytest.raises(CvlabError, match=r"^pipeline file .*p.yaml: key 'record' is written twice .*lines 4 and 5"):
+        load_pipeline(pipe)
