@@ -126,7 +126,7 @@ BENCHMARKS = {
     "dc-eval": ["--ipc", "1", "--nets", "1", "--epochs", "1", "--test-images", "200"],
     "idlg": ["--trials", "8", "--batch", "8", "--sequential-trials", "2", "--iterations", "2"],
     "lra": ["--iters", "1", "--batch", "64", "--bf16-generator"],
-    "zskd": ["--iterations", "3", "--per-class", "2", "--bf16"],
+    "zskd": ["--iterations", "3", "--per-class", "2", "--bf16", "--student-steps", "3"],
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cvlab.errors import CvlabError
@@ -130,7 +131,7 @@ def test_convnet_variants(norm: str, pooling: str, in_channels: int, image_size:
 @pytest.mark.parametrize("compiled_form", [False, True], ids=["eager", "compiled-form"])
 @pytest.mark.parametrize("side", [8, 7])  # even; odd (floor mode drops the last row/column)
 def test_convnet_avgpool_equals_avg_pool2d_with_gradients(side: int, compiled_form: bool, monkeypatch) -> None:
-    from lit_modules.nets.convnet import AvgPool2x2
+    from lit_modules.nets.pooling import AvgPool2x2
 
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiled_form)
     x = torch.randn(3, 5, side, side + 1, requires_grad=True)
@@ -141,6 +142,44 @@ def test_convnet_avgpool_equals_avg_pool2d_with_gradients(side: int, compiled_fo
     (got,) = torch.autograd.grad(out, x, g)
     (want,) = torch.autograd.grad(ref, x, g)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("side", [8, 7])  # even; odd (floor mode drops the last row/column)
+def test_maxpool2x2_equals_max_pool2d_values_and_gradients(side: int) -> None:
+    """The fast no-grad path gives max_pool2d's values (ties, NaN, 3-D input); with grad it is the stock layer, whose
+    gradient sends a tie to the first maximum; LeNet-5, the Madry net and ConvNet(maxpooling) use it, with the stock
+    layer's outputs."""
+    from lit_modules.nets.pooling import MaxPool2x2
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, side, side + 1).relu()  # many ties at 0
+    x[0, 0, :2, :2] = 0.5  # a positive tie
+    x[1, 2, 2, 3] = float("nan")
+    pool = MaxPool2x2()
+    with torch.no_grad():
+        fast = pool(x)
+    assert torch.equal(fast.isnan(), F.max_pool2d(x, 2).isnan()) and fast.isnan().sum() == 1
+    assert torch.equal(fast.nan_to_num(), F.max_pool2d(x, 2).nan_to_num())
+    assert torch.equal(pool(x[0]), F.max_pool2d(x[0], 2))  # (C, H, W) and an input without grad, grad mode on
+    xg = x.nan_to_num().requires_grad_(True)
+    out = pool(xg)
+    (got,) = torch.autograd.grad(out, xg, torch.ones_like(out))
+    assert got[0, 0, :2, :2].tolist() == [[1.0, 0.0], [0.0, 0.0]]  # the first maximum takes a tie's gradient
+    (want,) = torch.autograd.grad(F.max_pool2d(xg, 2), xg, torch.ones_like(out))
+    assert torch.equal(got, want)
+    images = torch.rand(4, 1, 28, 28)
+    for name in ("lenet5", "lenet5_half", "madry_mnist"):
+        net = create_net(name, in_channels=1, image_size=28)
+        assert sum(isinstance(m, MaxPool2x2) for m in net.modules()) == 2, name
+        with torch.no_grad():
+            a = net(images)
+        for m in net.modules():
+            if isinstance(m, MaxPool2x2):
+                m.forward = lambda t: F.max_pool2d(t, 2, 2)  # the stock layer
+        with torch.no_grad():
+            assert torch.equal(a, net(images)), name
+    net = create_net("convnet", in_channels=1, image_size=28, pooling="maxpooling")
+    assert any(isinstance(m, MaxPool2x2) for m in net.modules())
 
 
 @pytest.mark.parametrize("compiled_form", [False, True], ids=["eager", "compiled-form"])

@@ -360,3 +360,24 @@ def test_mnist_recipe_candidates_share_the_teacher_and_each_change_one_thing() -
     assert {a.split(":")[0] for a, _ in pairs.values()} == {n for n in stages if n.startswith("student_")}
     reported = {m["key"] for m in spec["record"]["report"]}
     assert set(pairs) <= reported and {f"{n}:test/acc" for n in stages if n.startswith("student")} <= reported
+
+
+def test_benchmark_runs_both_synthesis_paths_and_both_student_poolings(capsys: pytest.CaptureFixture[str]) -> None:
+    """`cvlab bench zskd` (not timed here): the synthesis paths and the KD student steps with cvlab's pooling and
+    with the stock nn.MaxPool2d, which the reference swaps in for every MaxPool2x2."""
+    from torch import nn
+
+    from experiments.benchmarks.zskd import main as bench_zskd
+    from experiments.benchmarks.zskd import stock_pooling
+    from lit_modules.nets import create_net
+    from lit_modules.nets.pooling import MaxPool2x2
+
+    net = stock_pooling(create_net("lenet5", 10, 1, 32))
+    assert not any(isinstance(m, MaxPool2x2) for m in net.modules())
+    assert sum(type(m) is nn.MaxPool2d and m.kernel_size == 2 for m in net.modules()) == 2
+    assert bench_zskd(["--task", "mnist", "--iterations", "1", "--per-class", "1", "--student-steps", "2",
+                       "--student-batch", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for label in ("KD student steps, lenet5 -> lenet5_half, batch 8: cvlab pooling", "stock nn.MaxPool2d",
+                  "batched (1 batch of 10)", "per-class loop"):
+        assert label in out

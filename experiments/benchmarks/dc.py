@@ -29,7 +29,8 @@ from lit_modules.condensation.dc import PAPER_LOOPS, train_on_set
 from lit_modules.condensation.dc_eval import EvalRecipe, train_and_test
 from lit_modules.condensation.gradient_matching import RealGradients, gradient_match_distance, match_loss
 from lit_modules.nets import create_net
-from lit_modules.nets.convnet import AvgPool2x2, FewChannelConv2d
+from lit_modules.nets.convnet import FewChannelConv2d
+from lit_modules.nets.pooling import AvgPool2x2
 
 
 def _match_step(net, real_grads: RealGradients, mode: str, images, x_real, ipc: int, opt) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from cvlab.errors import CvlabError
 from lit_modules.nets.base import ClassifierNet
+from lit_modules.nets.pooling import AvgPool2x2, MaxPool2x2
 from lit_modules.nets.registry import register_net
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
@@ -73,25 +74,6 @@ class FewChannelConv2d(nn.Conv2d):
         return out.view(n, self.out_channels, ho, wo)
 
 
-class AvgPool2x2(nn.Module):
-    """``nn.AvgPool2d(2, 2)`` (floor mode: an odd last row/column is dropped) as a reshape and a mean.
-
-    The same numbers; its backward is a broadcast, which ``torch.compile`` fuses into the norm's
-    backward as plain vector code, where ``avg_pool2d_backward``'s index arithmetic made the fused
-    layer-1 kernel of the DC real gradients 3x slower (docs/PERFORMANCE.md, Dataset Condensation).
-    Outside ``torch.compile`` it calls ``F.avg_pool2d``: in eager mode a reduction over the strided
-    view is ~3x slower than the stock kernel.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling() and x.dim() in (3, 4):
-            return F.avg_pool2d(x, 2)  # eager: the stock kernel is ~3x faster than the reduction below
-        *lead, h, w = x.shape
-        h2, w2 = h // 2, w // 2
-        x = x[..., : 2 * h2, : 2 * w2]
-        return x.reshape(*lead, h2, 2, w2, 2).mean((-3, -1))
-
-
 class ConvNet(ClassifierNet):
     def __init__(
         self,
@@ -121,7 +103,7 @@ class ConvNet(ClassifierNet):
                 layers.append(_norm(norm, c, s, s))
             layers.append(_act(act))
             if pooling != "none":
-                layers.append(AvgPool2x2() if pooling == "avgpooling" else nn.MaxPool2d(2, 2))
+                layers.append(AvgPool2x2() if pooling == "avgpooling" else MaxPool2x2())
                 s //= 2
             if s < 1:
                 raise CvlabError(f"convnet depth {depth} pools a {image_size}px image to nothing")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lit_modules.nets.base import ClassifierNet
+from lit_modules.nets.pooling import MaxPool2x2
 from lit_modules.nets.registry import register_net
 
 
@@ -38,10 +39,10 @@ class LeNet5(ClassifierNet):
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, kernel_size=5),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Conv2d(c1, c2, kernel_size=5),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Flatten(),  # (B, c2 * s * s): 400 for 32x32
         )
         self.head = nn.Sequential(

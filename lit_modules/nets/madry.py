@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lit_modules.nets.base import ClassifierNet
+from lit_modules.nets.pooling import MaxPool2x2
 from lit_modules.nets.registry import register_net
 
 
@@ -25,10 +26,10 @@ class MadryMNISTNet(ClassifierNet):
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, kernel_size=5, padding=2),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Conv2d(width, 2 * width, kernel_size=5, padding=2),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Flatten(),  # (B, 2 * width * s * s)
             nn.Linear(2 * width * s * s, hidden),
             nn.ReLU(inplace=True),
