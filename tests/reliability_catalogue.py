@@ -134,7 +134,7 @@ def _issue35_workspace(w: Path, p: dict[str, Path]) -> None:
     for name, text in {"typo_key.yaml": qs.replace("max_epochs:", "max_epoch:"),
                        "bad_yaml.yaml": "trainer:\n  max_epochs: 2\n bad: [\n",
                        "empty.yaml": "", "list.yaml": "- model\n- data\n", "bad_pipeline.yaml": "name: p\nstages: [\n",
-                       "empty_pipeline.yaml": ""}.items():
+                       "empty_pipeline.yaml": "", "twice.yaml": qs + "trainer:\n  max_epochs: 1\n"}.items():
         (w / name).write_text(text)
         p[name.replace(".", "_")] = w / name
     p["unfinished"] = w / "runs" / "unfinished"

@@ -338,6 +338,11 @@ def test_config_files_that_cannot_be_read_name_the_file(ws) -> None:
     assert fails(["fit", "--config={empty_yaml}"], ws) == (
         f"{ERR}config file {ws['empty_yaml']} is empty; "
         "a config names at least model: and data: (see experiments/quickstart.yaml)")
+    lines = ws["twice_yaml"].read_text().splitlines()
+    first, last = (n for n, line in enumerate(lines, 1) if line.startswith("trainer:"))
+    assert fails(["fit", "--config={twice_yaml}"], ws) == (
+        f"{ERR}config file {ws['twice_yaml']}: key 'trainer' is written twice in one mapping (lines {first} and "
+        f"{last}); YAML would keep only the last: merge or rename one")
 
 
 @pytest.mark.parametrize(
