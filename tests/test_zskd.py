@@ -367,12 +367,12 @@ def test_benchmark_runs_both_synthesis_paths_and_both_student_poolings(capsys: p
     with the stock nn.MaxPool2d, which the reference swaps in for every MaxPool2x2."""
     from torch import nn
 
+    from experiments.benchmarks._measure import stock_layers
     from experiments.benchmarks.zskd import main as bench_zskd
-    from experiments.benchmarks.zskd import stock_pooling
     from lit_modules.nets import create_net
     from lit_modules.nets.pooling import MaxPool2x2
 
-    net = stock_pooling(create_net("lenet5", 10, 1, 32))
+    net = stock_layers(create_net("lenet5", 10, 1, 32))
     assert not any(isinstance(m, MaxPool2x2) for m in net.modules())
     assert sum(type(m) is nn.MaxPool2d and m.kernel_size == 2 for m in net.modules()) == 2
     assert bench_zskd(["--task", "mnist", "--iterations", "1", "--per-class", "1", "--student-steps", "2",

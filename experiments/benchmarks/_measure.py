@@ -1,7 +1,8 @@
-"""Timing and peak-memory measurement shared by the benchmarks."""
+"""Timing and peak-memory measurement shared by the benchmarks, and the stock-layer reference of a cvlab net."""
 
 from __future__ import annotations
 
+import copy
 import platform
 import resource
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -69,3 +71,24 @@ def device_from_args(args) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     return torch.device(args.device)
+
+
+def stock_layers(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with cvlab's CPU-fast layers swapped for the stock ones they equal (same weights), as the
+    papers' public code and plain PyTorch build it: ``FewChannelConv2d`` -> ``nn.Conv2d``, ``AvgPool2x2`` ->
+    ``nn.AvgPool2d(2, 2)``, ``MaxPool2x2`` -> ``nn.MaxPool2d(2)``."""
+    from lit_modules.nets.convnet import FewChannelConv2d
+    from lit_modules.nets.pooling import AvgPool2x2, MaxPool2x2
+
+    ref = copy.deepcopy(net)
+    for parent in list(ref.modules()):
+        for name, m in parent.named_children():
+            if isinstance(m, FewChannelConv2d):
+                conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding)
+                conv.load_state_dict(m.state_dict())
+                setattr(parent, name, conv)
+            elif isinstance(m, AvgPool2x2):
+                setattr(parent, name, nn.AvgPool2d(2, 2))
+            elif isinstance(m, MaxPool2x2):
+                setattr(parent, name, nn.MaxPool2d(2))
+    return ref

@@ -16,7 +16,6 @@ other row times the inner epoch as the public code runs it (fp32, eager).
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -24,13 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.benchmarks import register_benchmark
-from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
+from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure, stock_layers
 from lit_modules.condensation.dc import PAPER_LOOPS, train_on_set
 from lit_modules.condensation.dc_eval import EvalRecipe, train_and_test
 from lit_modules.condensation.gradient_matching import RealGradients, gradient_match_distance, match_loss
 from lit_modules.nets import create_net
-from lit_modules.nets.convnet import FewChannelConv2d
-from lit_modules.nets.pooling import AvgPool2x2
 
 
 def _match_step(net, real_grads: RealGradients, mode: str, images, x_real, ipc: int, opt) -> None:
@@ -44,20 +41,6 @@ def _match_step(net, real_grads: RealGradients, mode: str, images, x_real, ipc: 
     loss = match_loss(net, params, buffers, g_real, images.view(k, ipc, *images.shape[1:]), y_syn, mode=mode)
     (images.grad,) = torch.autograd.grad(loss, images)
     opt.step()
-
-
-def _reference_net(net: nn.Module) -> nn.Module:
-    """``net`` as the public DC code builds it: stock ``nn.Conv2d`` / ``nn.AvgPool2d`` (same weights)."""
-    ref = copy.deepcopy(net)
-    for parent in ref.modules():
-        for name, m in parent.named_children():
-            if isinstance(m, FewChannelConv2d):
-                conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding)
-                conv.load_state_dict(m.state_dict())
-                setattr(parent, name, conv)
-            elif isinstance(m, AvgPool2x2):
-                setattr(parent, name, nn.AvgPool2d(2, 2))
-    return ref
 
 
 def _reference_step(net: nn.Module, images, x_real, ipc: int, opt) -> None:
@@ -131,7 +114,7 @@ def main(argv: list[str]) -> int:
             mode = variant.split("+")[0]
             t_epoch = epoch_s.get(variant.endswith("+inner16"), 0.0)
             if variant == "reference":
-                ref = _reference_net(net)
+                ref = stock_layers(net)  # the public DC code's stock nn.Conv2d / nn.AvgPool2d
                 step = lambda: _reference_step(ref, images, x_real, ipc, opt)  # noqa: E731
             else:
                 rg = RealGradients(net, mode, bf16="bf16" in variant, compile="compile" in variant, chunk=args.chunk)

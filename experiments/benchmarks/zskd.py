@@ -13,29 +13,18 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch import nn
 
 from cvlab.image_ops import random_affine
 from experiments.benchmarks import register_benchmark
-from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure
+from experiments.benchmarks._measure import add_device_args, device_from_args, hardware, measure, stock_layers
 from lit_modules.distillation.data_impressions import class_similarity, dirichlet_targets, final_linear
 from lit_modules.distillation.kd_loss import distillation_loss
 from lit_modules.distillation.zskd import initial_images, synthesize
 from lit_modules.nets import create_net
-from lit_modules.nets.pooling import MaxPool2x2
 from lit_modules.teacher import FrozenTeacher
 
 SETTINGS = {"mnist": ("lenet5", 1), "cifar10": ("alexnet_cifar", 3)}
 STUDENTS = {"mnist": "lenet5_half", "cifar10": "alexnet_cifar_half"}
-
-
-def stock_pooling(net: nn.Module) -> nn.Module:
-    """``net`` with every :class:`MaxPool2x2` swapped for the stock ``nn.MaxPool2d(2)`` (the reference)."""
-    for module in list(net.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, MaxPool2x2):
-                setattr(module, name, nn.MaxPool2d(2))
-    return net
 
 
 def student_steps(task: str, batch: int, steps: int, stock: bool, dev: torch.device):
@@ -44,7 +33,7 @@ def student_steps(task: str, batch: int, steps: int, stock: bool, dev: torch.dev
     torch.manual_seed(0)
     teacher, student = create_net(arch, 10, ch, 32), create_net(STUDENTS[task], 10, ch, 32)
     if stock:
-        teacher, student = stock_pooling(teacher), stock_pooling(student)
+        teacher, student = stock_layers(teacher), stock_layers(student)
     teacher, student = FrozenTeacher(teacher).to(dev), student.to(dev)
     opt = torch.optim.Adam(student.parameters(), 1e-3)
     x = torch.rand(batch, ch, 32, 32, device=dev)
